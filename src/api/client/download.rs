@@ -1,0 +1,448 @@
+//! `GET/HEAD /download` and `GET /download-archive`: files with ranges and conditional requests,
+//! directories and selections as streaming zips.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::Deserialize;
+
+use super::archive::{self, Root};
+use super::ranges::{self, RangeRequest};
+use crate::api::AppState;
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::extract::{ApiQuery, query_bool};
+use crate::api::manager::check_archive_filename;
+use crate::api::token::{ArchiveClaims, DownloadClaims, TokenError};
+use crate::volume::{EntryKind, EntryStat, ReadHandle, RelPath, VolumeError};
+
+#[derive(Deserialize)]
+pub struct DownloadQuery {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    dst_dir: Option<String>,
+    #[serde(default, with = "query_bool")]
+    archive: bool,
+    #[serde(default, with = "query_bool")]
+    no_cache: bool,
+}
+
+#[derive(Deserialize)]
+pub struct ArchiveQuery {
+    #[serde(default)]
+    token: Option<String>,
+}
+
+fn file_not_found(what: &str) -> ApiError {
+    ApiError::problem(StatusCode::NOT_FOUND, "storage/file-not-found", "File not found")
+        .msg(format!("File not found: {what}"))
+}
+
+/// Anything that means "there is no such file for you" (missing, outside the vfolder, a
+/// symlink escaping it) is a 404, as in Backend.AI.
+fn not_found_or(e: VolumeError, what: &str) -> ApiError {
+    match &e {
+        VolumeError::VFolderNotFound(_) | VolumeError::Escapes(_) => file_not_found(what),
+        VolumeError::Io { source, .. }
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP)
+            ) =>
+        {
+            file_not_found(what)
+        }
+        _ => e.into(),
+    }
+}
+
+/// RFC 5987 attr-char: everything else is percent-encoded in `filename*`.
+const ATTR_CHAR: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'!')
+    .remove(b'#')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'+')
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'^')
+    .remove(b'_')
+    .remove(b'`')
+    .remove(b'|')
+    .remove(b'~');
+
+/// `attachment;filename="<ascii fallback>"; filename*=UTF-8''<percent-encoded>`.
+pub fn content_disposition(name: &str) -> String {
+    let ascii: String = name
+        .chars()
+        .filter(|c| c.is_ascii() && !c.is_ascii_control())
+        .collect::<String>()
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"");
+    let ascii = if ascii.trim().is_empty() {
+        "download".to_string()
+    } else {
+        ascii
+    };
+    format!(
+        "attachment;filename=\"{ascii}\"; filename*=UTF-8''{}",
+        utf8_percent_encode(name, ATTR_CHAR)
+    )
+}
+
+fn etag_of(stat: &EntryStat) -> String {
+    format!("\"{:x}-{:x}\"", stat.mtime_nanos, stat.size)
+}
+
+fn http_date_secs(t: SystemTime) -> SystemTime {
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+fn etag_matches(list: &str, etag: &str, weak: bool) -> bool {
+    list.split(',').map(str::trim).any(|t| {
+        t == "*" || t == etag || (weak && t.strip_prefix("W/") == Some(etag))
+    })
+}
+
+fn parse_date(h: &HeaderMap, name: header::HeaderName) -> Option<SystemTime> {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| httpdate::parse_http_date(s).ok())
+}
+
+/// Serves an opened regular file with conditional requests and ranges.
+pub fn serve_file(
+    req: &HeaderMap,
+    h: Box<dyn ReadHandle>,
+    filename: &str,
+    no_cache: bool,
+) -> Response {
+    let stat = h.stat().clone();
+    let size = stat.size;
+    let etag = etag_of(&stat);
+    let mtime = http_date_secs(stat.modified);
+    let last_modified = httpdate::fmt_http_date(mtime);
+
+    let mut headers = HeaderMap::new();
+    let mut put = |k: header::HeaderName, v: &str| {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            headers.insert(k, v);
+        }
+    };
+    put(header::ETAG, &etag);
+    put(header::LAST_MODIFIED, &last_modified);
+    put(header::ACCEPT_RANGES, "bytes");
+    put(header::CONTENT_DISPOSITION, &content_disposition(filename));
+    if no_cache {
+        put(header::CACHE_CONTROL, "no-store");
+    }
+
+    // Preconditions, in RFC 9110 §13.2.2 order.
+    let if_match = req.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
+    if let Some(list) = if_match {
+        if !etag_matches(list, &etag, false) {
+            return (StatusCode::PRECONDITION_FAILED, headers).into_response();
+        }
+    } else if let Some(t) = parse_date(req, header::IF_UNMODIFIED_SINCE)
+        && mtime > t
+    {
+        return (StatusCode::PRECONDITION_FAILED, headers).into_response();
+    }
+    let if_none_match = req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
+    if let Some(list) = if_none_match {
+        if etag_matches(list, &etag, true) {
+            return (StatusCode::NOT_MODIFIED, headers).into_response();
+        }
+    } else if let Some(t) = parse_date(req, header::IF_MODIFIED_SINCE)
+        && mtime <= t
+    {
+        return (StatusCode::NOT_MODIFIED, headers).into_response();
+    }
+
+    let range = req
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| if_range_holds(req, &etag, mtime))
+        .map(|r| ranges::parse(r, size))
+        .unwrap_or(RangeRequest::Full);
+
+    match range {
+        RangeRequest::Full => {
+            put_len(&mut headers, size);
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            (StatusCode::OK, headers, Body::from_stream(h.read_range(0, size))).into_response()
+        }
+        RangeRequest::Unsatisfiable => {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                headers.insert(header::CONTENT_RANGE, v);
+            }
+            (StatusCode::RANGE_NOT_SATISFIABLE, headers).into_response()
+        }
+        RangeRequest::Ranges(rs) if rs.len() == 1 => {
+            let (a, b) = rs[0];
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {a}-{}/{size}", b - 1)) {
+                headers.insert(header::CONTENT_RANGE, v);
+            }
+            put_len(&mut headers, b - a);
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            (
+                StatusCode::PARTIAL_CONTENT,
+                headers,
+                Body::from_stream(h.read_range(a, b)),
+            )
+                .into_response()
+        }
+        RangeRequest::Ranges(rs) => multipart(headers, h, &rs, size),
+    }
+}
+
+fn put_len(h: &mut HeaderMap, n: u64) {
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+}
+
+/// `If-Range`: the range applies only if the validator still matches (a strong ETag, or the
+/// exact Last-Modified date); otherwise the whole file is sent.
+fn if_range_holds(req: &HeaderMap, etag: &str, mtime: SystemTime) -> bool {
+    let Some(v) = req.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let v = v.trim();
+    if v.starts_with('"') || v.starts_with("W/") {
+        v == etag
+    } else {
+        httpdate::parse_http_date(v).is_ok_and(|t| t == mtime)
+    }
+}
+
+/// `multipart/byteranges` with an exact Content-Length, streamed part by part.
+fn multipart(mut headers: HeaderMap, h: Box<dyn ReadHandle>, rs: &[(u64, u64)], size: u64) -> Response {
+    let boundary = uuid::Uuid::new_v4().simple().to_string();
+    let mut total = 0u64;
+    let mut parts = Vec::new();
+    for &(a, b) in rs {
+        let head = format!(
+            "\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {a}-{}/{size}\r\n\r\n",
+            b - 1
+        );
+        total += head.len() as u64 + (b - a);
+        parts.push(futures::stream::once(futures::future::ready(Ok(Bytes::from(head)))).boxed());
+        parts.push(h.read_range(a, b));
+    }
+    let tail = format!("\r\n--{boundary}--\r\n");
+    total += tail.len() as u64;
+    parts.push(futures::stream::once(futures::future::ready(Ok(Bytes::from(tail)))).boxed());
+    put_len(&mut headers, total);
+    if let Ok(v) = HeaderValue::from_str(&format!("multipart/byteranges; boundary={boundary}")) {
+        headers.insert(header::CONTENT_TYPE, v);
+    }
+    let body = Body::from_stream(futures::stream::iter(parts).flatten());
+    (StatusCode::PARTIAL_CONTENT, headers, body).into_response()
+}
+
+fn zip_response(body: Body, filename: &str, no_cache: bool) -> Response {
+    let mut h = HeaderMap::new();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/zip"));
+    if let Ok(v) = HeaderValue::from_str(&content_disposition(filename)) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    if no_cache {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    (StatusCode::OK, h, body).into_response()
+}
+
+pub async fn download(
+    State(st): State<AppState>,
+    method: Method,
+    ApiQuery(q): ApiQuery<DownloadQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let token = q
+        .token
+        .as_deref()
+        .ok_or_else(|| ApiError::invalid_param("token", "is required"))?;
+    let c: DownloadClaims = st
+        .tokens
+        .decode(token)
+        .map_err(|e| ApiError::invalid_param("token", e.to_string()))?;
+    let path = match q.dst_dir.as_deref().filter(|d| !d.is_empty()) {
+        None => c.relpath.clone(),
+        Some(d) => RelPath::parse(d)
+            .map_err(|e| ApiError::invalid_param("dst_dir", format!("{e}: {d:?}")))?
+            .join(&c.relpath),
+    };
+    let v = st.volumes.get(&c.volume)?.clone();
+    let shown = path.as_str();
+    let stat = v
+        .stat(&c.vfid, &path)
+        .await
+        .map_err(|e| not_found_or(e, shown))?;
+    let no_cache = q.no_cache;
+    match stat.kind {
+        EntryKind::Directory if q.archive || c.archive => {
+            let name = format!(
+                "{}.zip",
+                path.file_name()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| c.vfid.folder.simple().to_string())
+            );
+            if method == Method::HEAD {
+                return Ok(zip_response(Body::empty(), &name, no_cache));
+            }
+            let body = archive::zip_body(
+                v,
+                c.vfid,
+                vec![Root {
+                    path,
+                    name: String::new(),
+                    stat,
+                }],
+            );
+            Ok(zip_response(body, &name, no_cache))
+        }
+        EntryKind::Directory => Err(ApiError::invalid_param(
+            "relpath",
+            "The file is not a regular file. (pass archive=true to download a directory as zip)",
+        )),
+        _ => {
+            let h = v
+                .open_read(&c.vfid, &path)
+                .await
+                .map_err(|e| not_found_or(e, shown))?;
+            let name = path.file_name().unwrap_or("download").to_string();
+            Ok(serve_file(&headers, h, &name, no_cache))
+        }
+    }
+}
+
+fn jwt_error(e: TokenError) -> ApiError {
+    let status = match e {
+        TokenError::Expired(_) | TokenError::BadSignature => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    ApiError::problem(status, "jwt-decode-error", "Invalid token").msg(e.to_string())
+}
+
+pub async fn download_archive(
+    State(st): State<AppState>,
+    ApiQuery(q): ApiQuery<ArchiveQuery>,
+) -> ApiResult<Response> {
+    let token = q
+        .token
+        .as_deref()
+        .ok_or_else(|| ApiError::invalid_param("token", "is required"))?;
+    let c: ArchiveClaims = st.tokens.decode(token).map_err(jwt_error)?;
+    if c.files.is_empty() {
+        return Err(jwt_error(TokenError::Claims("files must not be empty".into())));
+    }
+    if let Some(name) = &c.filename {
+        check_archive_filename(name).map_err(|e| ApiError::invalid_param("filename", e))?;
+    }
+    let v = st.volumes.get(&c.volume)?.clone();
+    let vf = c.virtual_folder_id;
+    if !v.vfolder_exists(&vf).await? {
+        return Err(VolumeError::VFolderNotFound(vf).into());
+    }
+    // Every entry is resolved before the first byte goes out: a bad one fails the request.
+    let mut roots = Vec::with_capacity(c.files.len());
+    for f in &c.files {
+        let path = RelPath::parse(f).map_err(|_| ApiError::subpath_invalid(f))?;
+        let stat = match v.stat(&vf, &path).await {
+            Ok(s) => s,
+            Err(VolumeError::Escapes(_)) => return Err(ApiError::subpath_invalid(f)),
+            Err(e) => return Err(not_found_or(e, f)),
+        };
+        let name = if path.is_root() {
+            String::new()
+        } else {
+            path.as_str().to_string()
+        };
+        roots.push(Root { path, name, stat });
+    }
+    let filename = c.filename.unwrap_or_else(|| "archive.zip".to_string());
+    let body = archive::zip_body(v, vf, roots);
+    Ok(zip_response(body, &filename, false))
+}
+
+/// CORS for the download routes: the requesting origin is echoed with credentials allowed, as
+/// aiohttp_cors does for Backend.AI; no Origin, no CORS headers.
+pub async fn cors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let preflight_headers = req
+        .headers()
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .cloned();
+    let is_preflight = req.method() == Method::OPTIONS;
+    let mut resp = if is_preflight {
+        StatusCode::OK.into_response()
+    } else {
+        next.run(req).await
+    };
+    if let Some(origin) = origin {
+        let h = resp.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(
+                "Content-Disposition, Content-Length, Content-Range, Content-Type, Accept-Ranges, ETag, Last-Modified, Date, Server",
+            ),
+        );
+        h.append(header::VARY, HeaderValue::from_static("Origin"));
+        if is_preflight {
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, HEAD, OPTIONS"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                preflight_headers.unwrap_or(HeaderValue::from_static(
+                    "Range, If-Range, If-None-Match, If-Modified-Since",
+                )),
+            );
+            h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("86400"));
+        }
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_disposition_has_ascii_fallback_and_utf8() {
+        assert_eq!(
+            content_disposition("blob.bin"),
+            "attachment;filename=\"blob.bin\"; filename*=UTF-8''blob.bin"
+        );
+        assert_eq!(
+            content_disposition("résumé \"x\".pdf"),
+            "attachment;filename=\"rsum \\\"x\\\".pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%22x%22.pdf"
+        );
+        assert!(content_disposition("데이터").starts_with("attachment;filename=\"download\""));
+    }
+
+    #[test]
+    fn etags_compare() {
+        assert!(etag_matches("\"a\", \"b\"", "\"b\"", false));
+        assert!(etag_matches("W/\"b\"", "\"b\"", true));
+        assert!(!etag_matches("W/\"b\"", "\"b\"", false));
+        assert!(etag_matches("*", "\"b\"", false));
+    }
+}

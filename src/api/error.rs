@@ -1,0 +1,353 @@
+//! The one place where errors become HTTP responses.
+//!
+//! Bodies follow the Backend.AI storage proxy: RFC 7807 `application/problem+json` with `type`,
+//! `title`, `error_code`, `msg` (and `data` for validation errors), except the two plain JSON
+//! shapes its manager parses (`{"msg","errno","paths"}` for OS errors and the quota-scope conflict).
+//! Lower-layer errors are 500 unless a mapping here says otherwise.
+
+use std::collections::BTreeMap;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::state::StateError;
+use crate::upload::UploadError;
+use crate::volume::VolumeError;
+
+const PROBLEM_BASE: &str = "https://api.backend.ai/probs/";
+
+#[derive(Debug, Serialize)]
+struct Problem {
+    #[serde(rename = "type")]
+    type_: String,
+    title: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    msg: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Value>,
+}
+
+#[derive(Debug)]
+enum Body {
+    Problem(Problem),
+    Json(Value),
+    Text(String),
+    Empty,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: Body,
+    headers: HeaderMap,
+}
+
+impl ApiError {
+    /// A problem+json error. `kind` is the part after `https://api.backend.ai/probs/`.
+    pub fn problem(status: StatusCode, kind: &str, title: &str) -> Self {
+        ApiError {
+            status,
+            body: Body::Problem(Problem {
+                type_: format!("{PROBLEM_BASE}{kind}"),
+                title: title.to_string(),
+                error_code: None,
+                msg: None,
+                data: None,
+            }),
+            headers: HeaderMap::new(),
+        }
+    }
+
+    pub fn code(mut self, code: &str) -> Self {
+        if let Body::Problem(p) = &mut self.body {
+            p.error_code = Some(code.to_string());
+        }
+        self
+    }
+
+    pub fn msg(mut self, msg: impl Into<String>) -> Self {
+        if let Body::Problem(p) = &mut self.body {
+            p.msg = Some(msg.into());
+        }
+        self
+    }
+
+    pub fn data(mut self, data: Value) -> Self {
+        if let Body::Problem(p) = &mut self.body {
+            p.data = Some(data);
+        }
+        self
+    }
+
+    pub fn header(mut self, name: HeaderName, value: impl AsRef<str>) -> Self {
+        if let Ok(v) = HeaderValue::from_str(value.as_ref()) {
+            self.headers.insert(name, v);
+        }
+        self
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// Plain JSON, for the few error shapes Backend.AI's manager reads as such.
+    pub fn plain_json(status: StatusCode, body: Value) -> Self {
+        ApiError {
+            status,
+            body: Body::Json(body),
+            headers: HeaderMap::new(),
+        }
+    }
+
+    pub fn text(status: StatusCode, text: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            body: Body::Text(text.into()),
+            headers: HeaderMap::new(),
+        }
+    }
+
+    pub fn empty(status: StatusCode) -> Self {
+        ApiError {
+            status,
+            body: Body::Empty,
+            headers: HeaderMap::new(),
+        }
+    }
+
+    pub fn forbidden(missing: bool) -> Self {
+        let title = if missing {
+            "Forbidden (missing auth token)"
+        } else {
+            "Forbidden (invalid auth token)"
+        };
+        Self::problem(StatusCode::FORBIDDEN, "storage/forbidden", title)
+    }
+
+    pub fn malformed(detail: &str) -> Self {
+        Self::problem(
+            StatusCode::BAD_REQUEST,
+            "storage/malformed-request",
+            &format!("Malformed request ({detail})"),
+        )
+    }
+
+    pub fn invalid_params(data: BTreeMap<String, String>) -> Self {
+        let msg = data
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Self::problem(
+            StatusCode::BAD_REQUEST,
+            "storage/invalid-api-params",
+            "Invalid API parameters",
+        )
+        .code("storage-proxy_request_invalid-parameters")
+        .msg(msg)
+        .data(json!(data))
+    }
+
+    pub fn invalid_param(field: &str, msg: impl Into<String>) -> Self {
+        Self::invalid_params(BTreeMap::from([(field.to_string(), msg.into())]))
+    }
+
+    pub fn payload_too_large() -> Self {
+        Self::problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "storage/payload-too-large",
+            "Request body too large",
+        )
+        .msg("the request body exceeds [storage-agent] max-json-body")
+    }
+
+    pub fn unsupported(msg: impl Into<String>) -> Self {
+        Self::problem(
+            StatusCode::BAD_REQUEST,
+            "storage/unsupported-operation",
+            "Unsupported operation by the storage backend",
+        )
+        .code("storage-proxy_request_not-implemented")
+        .msg(msg)
+    }
+
+    pub fn not_found_route() -> Self {
+        Self::problem(StatusCode::NOT_FOUND, "storage/not-found", "Not Found")
+            .msg("no such API route")
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::problem(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "storage/method-not-allowed",
+            "Method Not Allowed",
+        )
+    }
+
+    pub fn internal(msg: impl Into<String>) -> Self {
+        Self::problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "storage/generic",
+            "Internal server error",
+        )
+        .code("storage-proxy_unknown_internal-error")
+        .msg(msg)
+    }
+
+    pub fn unavailable(msg: impl Into<String>) -> Self {
+        Self::problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage/unavailable",
+            "Service Unavailable",
+        )
+        .msg(msg)
+    }
+
+    pub fn subpath_invalid(path: &str) -> Self {
+        Self::problem(
+            StatusCode::BAD_REQUEST,
+            "storage/subpath/invalid",
+            "Invalid Subpath",
+        )
+        .code("vfolder_access_invalid-parameters")
+        .msg(format!("Path escapes vfolder boundary: {path}"))
+    }
+}
+
+/// Python's exception class for an errno, so `repr(exc)`-style messages look like Backend.AI's.
+pub fn python_exc_name(errno: i32) -> &'static str {
+    match errno {
+        libc::EEXIST => "FileExistsError",
+        libc::ENOENT => "FileNotFoundError",
+        libc::ENOTDIR => "NotADirectoryError",
+        libc::EISDIR => "IsADirectoryError",
+        libc::EACCES | libc::EPERM => "PermissionError",
+        _ => "OSError",
+    }
+}
+
+pub fn strerror(errno: i32) -> &'static str {
+    nix::errno::Errno::from_raw(errno).desc()
+}
+
+impl From<VolumeError> for ApiError {
+    fn from(e: VolumeError) -> Self {
+        use VolumeError as V;
+        match e {
+            V::UnknownVolume(name) => {
+                Self::problem(StatusCode::BAD_REQUEST, "storage/volume/invalid", "Invalid Volume")
+                    .code("storage_access_invalid-parameters")
+                    .msg(name)
+            }
+            V::VFolderNotFound(vf) => Self::problem(
+                StatusCode::NOT_FOUND,
+                "storage/vfolder/not-found",
+                "VFolder Not Found",
+            )
+            .code("vfolder_read_not-found")
+            .msg(format!("VFolder not found or not a directory: {vf}")),
+            V::VFolderExists(vf) => Self::problem(
+                StatusCode::CONFLICT,
+                "storage/vfolder/already-exists",
+                "VFolder Already Exists",
+            )
+            .code("vfolder_create_already-exists")
+            .msg(format!("VFolder already exists: {vf}")),
+            V::QuotaScopeNotFound(qs) => Self::problem(
+                StatusCode::NOT_FOUND,
+                "storage/quota/scope/not-found",
+                "Quota Scope Not Found",
+            )
+            .code("quota-scope_read_not-found")
+            .msg(format!("Quota scope not found: {qs}")),
+            V::QuotaScopeExists(_) => Self::plain_json(
+                StatusCode::CONFLICT,
+                json!({"msg": "Volume already exists with given quota scope."}),
+            ),
+            V::QuotaScopeRequired(vf) => Self::invalid_param(
+                "vfid",
+                format!("quota_scope_id is required for vfid {vf}"),
+            ),
+            V::InvalidPath { path, source } => {
+                Self::invalid_param("relpath", format!("{source}: {path:?}"))
+            }
+            V::Escapes(p) => Self::subpath_invalid(&p),
+            V::Io { path, source } => match source.raw_os_error() {
+                Some(errno) => Self::plain_json(
+                    StatusCode::BAD_REQUEST,
+                    json!({"msg": strerror(errno), "errno": errno, "paths": [path]}),
+                ),
+                None => Self::internal(format!("{source}: {path}")),
+            },
+            V::Unsupported { backend, op } => {
+                Self::unsupported(format!("{op} is not supported by the {backend} backend"))
+            }
+            V::NoSpace { .. } => Self::problem(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage/insufficient-storage",
+                "Insufficient Storage",
+            )
+            .msg(e.to_string()),
+            V::Cancelled => Self::unavailable("the operation was cancelled (server shutting down)"),
+            V::Internal(m) => Self::internal(m),
+        }
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> Self {
+        Self::internal(format!("state database: {e}"))
+    }
+}
+
+impl From<UploadError> for ApiError {
+    fn from(e: UploadError) -> Self {
+        match e {
+            UploadError::Volume(v) => v.into(),
+            UploadError::State(s) => s.into(),
+            UploadError::Corrupt(m) => Self::internal(m),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, body = ?self.body, "request failed");
+        } else {
+            tracing::debug!(status = %self.status, body = ?self.body, "request refused");
+        }
+        let mut resp = match self.body {
+            Body::Problem(p) => {
+                let body = serde_json::to_vec(&p).unwrap_or_default();
+                (
+                    self.status,
+                    [(header::CONTENT_TYPE, "application/problem+json")],
+                    body,
+                )
+                    .into_response()
+            }
+            Body::Json(v) => (
+                self.status,
+                [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+                serde_json::to_vec(&v).unwrap_or_default(),
+            )
+                .into_response(),
+            Body::Text(t) => (
+                self.status,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                t,
+            )
+                .into_response(),
+            Body::Empty => self.status.into_response(),
+        };
+        resp.headers_mut().extend(self.headers);
+        resp
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

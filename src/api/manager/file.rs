@@ -1,0 +1,287 @@
+//! File operations inside a vfolder: `/folder/file/mkdir|list|rename|move|delete|delete-async|
+//! fetch`.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::api::AppState;
+use crate::api::error::{ApiError, ApiResult, python_exc_name};
+use crate::bgtask::TaskSpec;
+use crate::ids::VFolderId;
+use crate::volume::{Progress, RelPath, VolumeError};
+
+use super::py_isoformat;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/folder/file/mkdir", post(mkdir))
+        .route("/folder/file/list", post(list))
+        .route("/folder/file/rename", post(rename))
+        .route("/folder/file/move", post(move_path))
+        .route("/folder/file/delete", post(delete))
+        .route("/folder/file/delete-async", post(delete_async))
+        .route("/folder/file/fetch", post(fetch))
+}
+
+use crate::api::extract::ApiJson;
+
+/// At most this many paths per mkdir call, as in Backend.AI.
+const MKDIR_MAX: usize = 50;
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+struct MkdirReq {
+    volume: String,
+    vfid: VFolderId,
+    relpath: Value,
+    #[serde(default = "default_true")]
+    parents: bool,
+    #[serde(default)]
+    exist_ok: bool,
+}
+
+/// `relpath` is a string or a list of up to 50 strings; all are validated before anything is
+/// created.
+fn mkdir_paths(v: &Value) -> ApiResult<Vec<RelPath>> {
+    let raw: Vec<&str> = match v {
+        Value::String(s) => vec![s.as_str()],
+        Value::Array(items) if items.len() <= MKDIR_MAX => items
+            .iter()
+            .map(|i| i.as_str())
+            .collect::<Option<_>>()
+            .ok_or_else(|| ApiError::invalid_param("relpath", "every item must be a string"))?,
+        Value::Array(items) => {
+            return Err(ApiError::invalid_param(
+                "relpath",
+                format!("at most {MKDIR_MAX} paths per call, got {}", items.len()),
+            ));
+        }
+        _ => {
+            return Err(ApiError::invalid_param(
+                "relpath",
+                "expected a string or a list of strings",
+            ));
+        }
+    };
+    raw.iter()
+        .map(|s| {
+            RelPath::parse(s)
+                .map_err(|e| ApiError::invalid_param("relpath", format!("{e}: {s:?}")))
+        })
+        .collect()
+}
+
+/// Python-style `repr(exc)` for the per-item `msg`, as the manager shows it.
+fn item_error(e: &VolumeError) -> String {
+    match e {
+        VolumeError::Io { source, .. } => match source.raw_os_error() {
+            Some(n) => format!(
+                "{}({n}, '{}')",
+                python_exc_name(n),
+                crate::api::error::strerror(n)
+            ),
+            None => format!("OSError('{source}')"),
+        },
+        VolumeError::Escapes(p) => format!("InvalidSubpathError('{p}')"),
+        VolumeError::VFolderNotFound(v) => format!("VFolderNotFoundError('{v}')"),
+        other => format!("StorageProxyError('{other}')"),
+    }
+}
+
+async fn mkdir(State(st): State<AppState>, ApiJson(r): ApiJson<MkdirReq>) -> ApiResult<Response> {
+    let paths = mkdir_paths(&r.relpath)?;
+    let v = st.volumes.get(&r.volume)?;
+    let (mut ok, mut failed) = (Vec::new(), Vec::new());
+    for p in &paths {
+        match v.mkdir(&r.vfid, p, r.parents, r.exist_ok).await {
+            Ok(()) => ok.push(json!({"msg": null, "item": p.as_str()})),
+            Err(e) => failed.push(json!({"msg": item_error(&e), "item": p.as_str()})),
+        }
+    }
+    let status = match (ok.is_empty(), failed.is_empty()) {
+        (_, true) => StatusCode::OK,
+        (false, false) => StatusCode::MULTI_STATUS,
+        (true, false) => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    Ok((
+        status,
+        Json(json!({"results": {"success": ok, "failed": failed}})),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct PathReq {
+    volume: String,
+    vfid: VFolderId,
+    relpath: RelPath,
+}
+
+/// Non-recursive listing. Unlike Backend.AI, a listing cut by `scandir-limit` says so in
+/// `truncated`.
+async fn list(State(st): State<AppState>, ApiJson(r): ApiJson<PathReq>) -> ApiResult<Json<Value>> {
+    let limit = st.config.proxy.scandir_limit;
+    let listing = st
+        .volumes
+        .get(&r.volume)?
+        .list(&r.vfid, &r.relpath, limit)
+        .await?;
+    let items: Vec<Value> = listing
+        .items
+        .iter()
+        .map(|e| {
+            json!({
+                "name": e.name,
+                "type": e.stat.kind.as_api_str(),
+                "stat": {
+                    "mode": e.stat.mode,
+                    "size": e.stat.size,
+                    "created": py_isoformat(e.stat.created),
+                    "modified": py_isoformat(e.stat.modified),
+                },
+                "symlink_target": e.symlink_target,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "items": items,
+        "truncated": listing.truncated,
+        "limit": limit,
+    })))
+}
+
+#[derive(Deserialize)]
+struct RenameReq {
+    volume: String,
+    vfid: VFolderId,
+    relpath: RelPath,
+    new_name: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    is_dir: Option<bool>,
+}
+
+async fn rename(State(st): State<AppState>, ApiJson(r): ApiJson<RenameReq>) -> ApiResult<StatusCode> {
+    let name = RelPath::parse_name(&r.new_name)
+        .map_err(|e| ApiError::invalid_param("new_name", e.to_string()))?;
+    if r.relpath.is_root() {
+        return Err(ApiError::invalid_param("relpath", "the vfolder root cannot be renamed"));
+    }
+    st.volumes
+        .get(&r.volume)?
+        .rename(&r.vfid, &r.relpath, &name)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct MoveReq {
+    volume: String,
+    vfid: VFolderId,
+    src_relpath: RelPath,
+    dst_relpath: RelPath,
+}
+
+async fn move_path(State(st): State<AppState>, ApiJson(r): ApiJson<MoveReq>) -> ApiResult<StatusCode> {
+    if r.src_relpath.is_root() {
+        return Err(ApiError::invalid_param("src_relpath", "the vfolder root cannot be moved"));
+    }
+    st.volumes
+        .get(&r.volume)?
+        .move_path(&r.vfid, &r.src_relpath, &r.dst_relpath)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct DeleteReq {
+    volume: String,
+    vfid: VFolderId,
+    relpaths: Vec<RelPath>,
+    #[serde(default)]
+    recursive: bool,
+}
+
+fn check_delete_paths(paths: &[RelPath]) -> ApiResult<()> {
+    if paths.iter().any(RelPath::is_root) {
+        return Err(ApiError::invalid_param(
+            "relpaths",
+            "the vfolder root cannot be deleted this way (use /folder/delete)",
+        ));
+    }
+    Ok(())
+}
+
+async fn delete(State(st): State<AppState>, ApiJson(r): ApiJson<DeleteReq>) -> ApiResult<Json<Value>> {
+    check_delete_paths(&r.relpaths)?;
+    st.volumes
+        .get(&r.volume)?
+        .delete_files(
+            &r.vfid,
+            &r.relpaths,
+            r.recursive,
+            Arc::new(Progress::default()),
+        )
+        .await?;
+    Ok(Json(json!({"status": "ok"})))
+}
+
+async fn delete_async(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<DeleteReq>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    check_delete_paths(&r.relpaths)?;
+    let v = st.volumes.get(&r.volume)?;
+    if !v.vfolder_exists(&r.vfid).await? {
+        return Err(VolumeError::VFolderNotFound(r.vfid).into());
+    }
+    let id = st
+        .bgtasks
+        .spawn(TaskSpec::DeleteFiles {
+            volume: r.volume,
+            vfid: r.vfid,
+            relpaths: r.relpaths,
+            recursive: r.recursive,
+        })
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"bgtask_id": id}))))
+}
+
+/// Streams a file to the manager (task logs). Missing → 404, escaping → 400; Backend.AI answered
+/// 200 with an empty body for both.
+async fn fetch(State(st): State<AppState>, ApiJson(r): ApiJson<PathReq>) -> ApiResult<Response> {
+    let v = st.volumes.get(&r.volume)?;
+    let h = match v.open_read(&r.vfid, &r.relpath).await {
+        Ok(h) => h,
+        Err(VolumeError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+            return Err(ApiError::problem(
+                StatusCode::NOT_FOUND,
+                "storage/file-not-found",
+                "File not found",
+            )
+            .msg(format!("no such file: {}", r.relpath)));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let size = h.stat().size;
+    let body = Body::from_stream(h.read_range(0, size));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, size.to_string()),
+        ],
+        body,
+    )
+        .into_response())
+}

@@ -1,0 +1,219 @@
+//! vfolder lifecycle and usage: `/folder/create|delete|clone|mount|metadata|usage|used-bytes|
+//! fs-usage`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::api::AppState;
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::extract::ApiJson;
+use crate::bgtask::TaskSpec;
+use crate::ids::VFolderId;
+use crate::volume::{RelPath, VolumeError};
+
+use super::volume::VolumeReq;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/folder/create", post(create))
+        .route("/folder/delete", post(delete))
+        .route("/folder/clone", post(clone))
+        .route("/folder/mount", get(mount))
+        .route("/folder/metadata", get(metadata).post(metadata))
+        .route("/folder/usage", get(usage))
+        .route("/folder/used-bytes", get(used_bytes))
+        .route("/folder/fs-usage", get(fs_usage))
+}
+
+#[derive(Deserialize)]
+pub struct FolderReq {
+    pub volume: String,
+    pub vfid: VFolderId,
+}
+
+fn default_mode() -> u32 {
+    0o755
+}
+
+#[derive(Deserialize, Default)]
+struct CreateOptions {
+    #[serde(default)]
+    initial_max_size_for_quota_scope: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct CreateReq {
+    volume: String,
+    vfid: VFolderId,
+    #[serde(default = "default_mode")]
+    mode: u32,
+    #[serde(default)]
+    options: Option<CreateOptions>,
+}
+
+async fn create(State(st): State<AppState>, ApiJson(r): ApiJson<CreateReq>) -> ApiResult<StatusCode> {
+    if r.mode > 0o7777 {
+        return Err(ApiError::invalid_param(
+            "mode",
+            format!("{} is not a file mode (0 to 0o7777)", r.mode),
+        ));
+    }
+    let v = st.volumes.get(&r.volume)?;
+    let qs = r.vfid.quota_scope.ok_or(VolumeError::QuotaScopeRequired(r.vfid))?;
+    if v.describe_quota_scope(&qs).await?.is_none() {
+        if !st.config.proxy.allow_auto_quota_scope_creation {
+            return Err(VolumeError::QuotaScopeNotFound(qs).into());
+        }
+        let limit = r.options.unwrap_or_default().initial_max_size_for_quota_scope;
+        match v.create_quota_scope(&qs, limit).await {
+            Ok(()) | Err(VolumeError::QuotaScopeExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    v.create_vfolder(&r.vfid, r.mode).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<FolderReq>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    st.volumes.get(&r.volume)?;
+    let id = st
+        .bgtasks
+        .spawn(TaskSpec::DeleteVfolder {
+            volume: r.volume,
+            vfid: r.vfid,
+        })
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "bgtask_id": id }))))
+}
+
+#[derive(Deserialize)]
+struct CloneReq {
+    src_volume: String,
+    src_vfid: VFolderId,
+    #[serde(default)]
+    dst_volume: Option<String>,
+    dst_vfid: VFolderId,
+}
+
+async fn clone(State(st): State<AppState>, ApiJson(r): ApiJson<CloneReq>) -> ApiResult<Json<Value>> {
+    let v = st.volumes.get(&r.src_volume)?;
+    if let Some(dst) = &r.dst_volume
+        && dst != &r.src_volume
+    {
+        st.volumes.get(dst)?;
+        return Err(ApiError::unsupported(
+            "cloning across volumes is not supported; dst_volume must equal src_volume",
+        ));
+    }
+    if r.dst_vfid.quota_scope.is_none() {
+        return Err(VolumeError::QuotaScopeRequired(r.dst_vfid).into());
+    }
+    // Checked up front so the manager hears about these at once, not from a failed task.
+    if !v.vfolder_exists(&r.src_vfid).await? {
+        return Err(VolumeError::VFolderNotFound(r.src_vfid).into());
+    }
+    if v.vfolder_exists(&r.dst_vfid).await? {
+        return Err(VolumeError::VFolderExists(r.dst_vfid).into());
+    }
+    let id = st
+        .bgtasks
+        .spawn(TaskSpec::CloneVfolder {
+            volume: r.src_volume,
+            src_vfid: r.src_vfid,
+            dst_vfid: r.dst_vfid,
+        })
+        .await?;
+    Ok(Json(json!({ "bgtask_id": id })))
+}
+
+fn default_subpath() -> String {
+    ".".into()
+}
+
+#[derive(Deserialize)]
+struct MountReq {
+    volume: String,
+    vfid: VFolderId,
+    #[serde(default = "default_subpath")]
+    subpath: String,
+}
+
+/// The host path of the vfolder root. As in Backend.AI the subpath is validated but not
+/// appended (the manager appends it), and the two errors keep their plain-JSON shape.
+async fn mount(State(st): State<AppState>, ApiJson(r): ApiJson<MountReq>) -> ApiResult<Json<Value>> {
+    let v = st.volumes.get(&r.volume)?;
+    let invalid_subpath = |detail: String| {
+        ApiError::plain_json(
+            StatusCode::BAD_REQUEST,
+            json!({
+                "msg": "Invalid vfolder subpath",
+                "vfid": r.vfid.to_string(),
+                "subpath": r.subpath,
+                "detail": detail,
+            }),
+        )
+    };
+    let sub = RelPath::parse(&r.subpath).map_err(|e| invalid_subpath(e.to_string()))?;
+    match v.vfolder_host_path(&r.vfid, &sub).await {
+        Ok(_) => {}
+        Err(VolumeError::VFolderNotFound(_)) => {
+            return Err(ApiError::plain_json(
+                StatusCode::BAD_REQUEST,
+                json!({"msg": "VFolder not found", "vfid": r.vfid.to_string()}),
+            ));
+        }
+        Err(e @ (VolumeError::Escapes(_) | VolumeError::Io { .. })) => {
+            return Err(invalid_subpath(e.to_string()));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let root = v.vfolder_host_path(&r.vfid, &RelPath::root()).await?;
+    Ok(Json(json!({ "path": root.display().to_string() })))
+}
+
+#[derive(Deserialize)]
+struct MetadataReq {
+    volume: String,
+    vfid: VFolderId,
+    #[serde(default)]
+    #[allow(dead_code)]
+    payload: Option<Value>,
+}
+
+/// A stub in Backend.AI since 22.03; kept for the wire, with the vfolder checked.
+async fn metadata(State(st): State<AppState>, ApiJson(r): ApiJson<MetadataReq>) -> ApiResult<Json<Value>> {
+    let v = st.volumes.get(&r.volume)?;
+    if !v.vfolder_exists(&r.vfid).await? {
+        return Err(VolumeError::VFolderNotFound(r.vfid).into());
+    }
+    Ok(Json(json!({ "status": "ok" })))
+}
+
+/// Exact counts, however long the walk takes (Backend.AI answers -1 after 30 s).
+async fn usage(State(st): State<AppState>, ApiJson(r): ApiJson<FolderReq>) -> ApiResult<Json<Value>> {
+    let u = st.volumes.get(&r.volume)?.usage(&r.vfid).await?;
+    Ok(Json(json!({
+        "file_count": u.file_count,
+        "used_bytes": u.used_bytes,
+    })))
+}
+
+async fn used_bytes(State(st): State<AppState>, ApiJson(r): ApiJson<FolderReq>) -> ApiResult<Json<Value>> {
+    let n = st.volumes.get(&r.volume)?.used_bytes(&r.vfid).await?;
+    Ok(Json(json!({ "used_bytes": n })))
+}
+
+async fn fs_usage(State(st): State<AppState>, ApiJson(r): ApiJson<VolumeReq>) -> ApiResult<Json<Value>> {
+    let u = st.volumes.get(&r.volume)?.fs_usage().await?;
+    Ok(Json(json!({
+        "capacity_bytes": u.capacity_bytes,
+        "used_bytes": u.used_bytes,
+    })))
+}

@@ -1,0 +1,194 @@
+//! Token minting for the client API: `/folder/file/upload`, `/folder/file/download`,
+//! `/folder/file/archive-download-token`. Minting an upload token creates the upload session.
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::api::AppState;
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::extract::ApiJson;
+use crate::api::token::{ArchiveClaims, DownloadClaims, DownloadOp, UploadClaims, UploadOp};
+use crate::ids::VFolderId;
+use crate::state::now_unix;
+use crate::upload::{UploadRecord, UploadState};
+use crate::volume::{EntryKind, RelPath, VolumeError};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/folder/file/upload", post(upload))
+        .route("/folder/file/download", post(download))
+        .route("/folder/file/archive-download-token", post(archive))
+}
+
+#[derive(Deserialize)]
+struct UploadReq {
+    volume: String,
+    vfid: VFolderId,
+    relpath: RelPath,
+    size: u64,
+}
+
+async fn upload(State(st): State<AppState>, ApiJson(r): ApiJson<UploadReq>) -> ApiResult<Json<Value>> {
+    let max = st.config.proxy.max_upload_size;
+    if r.size > max {
+        return Err(ApiError::invalid_param(
+            "size",
+            format!("{} bytes exceeds max-upload-size ({max} bytes)", r.size),
+        ));
+    }
+    if r.relpath.is_root() {
+        return Err(ApiError::invalid_param("relpath", "must name a file, not the vfolder root"));
+    }
+    let v = st.volumes.get(&r.volume)?;
+    check_upload_destination(v.as_ref(), &r.vfid, &r.relpath).await?;
+    let session = uuid::Uuid::new_v4().simple().to_string();
+    let exp = st.tokens.expiry();
+    st.uploads
+        .create(&UploadRecord {
+            session: session.clone(),
+            volume: r.volume.clone(),
+            vfid: r.vfid,
+            relpath: r.relpath.clone(),
+            size: r.size,
+            offset: 0,
+            state: UploadState::Active,
+            created_at: now_unix(),
+            expires_at: exp,
+        })
+        .await?;
+    let token = st
+        .tokens
+        .mint(&UploadClaims {
+            op: UploadOp::Upload,
+            volume: r.volume,
+            vfid: r.vfid,
+            relpath: r.relpath,
+            size: r.size,
+            session,
+            exp,
+        })
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({ "token": token })))
+}
+
+/// Refuses an upload whose destination can never be written: the vfolder is missing, a parent
+/// is a file or a symlink leading outside, or the destination is a directory. Checked again at
+/// completion, since the tree may change meanwhile.
+pub async fn check_upload_destination(
+    v: &dyn crate::volume::Volume,
+    vfid: &VFolderId,
+    dst: &RelPath,
+) -> ApiResult<()> {
+    if !v.vfolder_exists(vfid).await? {
+        return Err(VolumeError::VFolderNotFound(*vfid).into());
+    }
+    let mut cur = RelPath::root();
+    for comp in dst.components() {
+        cur = cur.join_name(comp);
+        match v.stat(vfid, &cur).await {
+            Ok(st) if cur == *dst && st.kind == EntryKind::Directory => {
+                return Err(VolumeError::io(
+                    dst,
+                    std::io::Error::from_raw_os_error(libc::EISDIR),
+                )
+                .into());
+            }
+            Ok(st) if cur != *dst && st.kind != EntryKind::Directory => {
+                return Err(VolumeError::io(
+                    &cur,
+                    std::io::Error::from_raw_os_error(libc::ENOTDIR),
+                )
+                .into());
+            }
+            Ok(_) => {}
+            Err(VolumeError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct DownloadReq {
+    volume: String,
+    vfid: VFolderId,
+    relpath: RelPath,
+    #[serde(default)]
+    #[allow(dead_code)]
+    archive: bool,
+    #[serde(default)]
+    #[allow(dead_code)]
+    unmanaged_path: Option<String>,
+}
+
+/// As in Backend.AI, `archive` and `unmanaged_path` are accepted but not put into the token
+/// (the client passes `archive` in the query), and existence is checked at download time.
+async fn download(State(st): State<AppState>, ApiJson(r): ApiJson<DownloadReq>) -> ApiResult<Json<Value>> {
+    st.volumes.get(&r.volume)?;
+    let token = st
+        .tokens
+        .mint(&DownloadClaims {
+            op: DownloadOp::Download,
+            volume: r.volume,
+            vfid: r.vfid,
+            relpath: r.relpath,
+            exp: st.tokens.expiry(),
+            archive: false,
+            unmanaged_path: None,
+        })
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({ "token": token })))
+}
+
+#[derive(Deserialize)]
+struct ArchiveReq {
+    volume: String,
+    virtual_folder_id: VFolderId,
+    files: Vec<String>,
+    #[serde(default)]
+    filename: Option<String>,
+}
+
+/// Backend.AI's rules for the archive's file name.
+pub fn check_archive_filename(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.chars().count() > 255 {
+        return Err("must be 1 to 255 characters");
+    }
+    if name == "." || name == ".." {
+        return Err("must not be '.' or '..'");
+    }
+    if name.chars().any(|c| c.is_control() || c == '/' || c == '\\') {
+        return Err("must not contain control characters, '/' or '\\'");
+    }
+    Ok(())
+}
+
+async fn archive(State(st): State<AppState>, ApiJson(r): ApiJson<ArchiveReq>) -> ApiResult<Json<Value>> {
+    st.volumes.get(&r.volume)?;
+    if r.files.is_empty() {
+        return Err(ApiError::invalid_param("files", "at least one file is required"));
+    }
+    for f in &r.files {
+        RelPath::parse(f).map_err(|e| ApiError::invalid_param("files", format!("{e}: {f:?}")))?;
+    }
+    if let Some(name) = &r.filename {
+        check_archive_filename(name).map_err(|e| ApiError::invalid_param("filename", e))?;
+    }
+    let token = st
+        .tokens
+        .mint(&ArchiveClaims {
+            operation: DownloadOp::Download,
+            volume: r.volume,
+            virtual_folder_id: r.virtual_folder_id,
+            files: r.files,
+            filename: r.filename,
+            exp: st.tokens.expiry(),
+        })
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({ "token": token })))
+}

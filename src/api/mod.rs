@@ -1,0 +1,58 @@
+//! HTTP APIs: the manager-facing API (vfolder control plane), the client-facing API (users'
+//! bytes) and the internal API (health, metrics). Backend.AI wire-compatible.
+
+pub mod client;
+pub mod error;
+pub mod extract;
+pub mod internal;
+pub mod manager;
+pub mod serve;
+pub mod token;
+
+use std::sync::Arc;
+
+use axum::http::Request;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+use crate::bgtask::BgTasks;
+use crate::config::Config;
+use crate::health::Health;
+use crate::state::State;
+use crate::upload::Uploads;
+use crate::volume::Volumes;
+use token::Tokens;
+
+/// The storage-proxy API level we are wire-compatible with, reported as `storage-proxy` in
+/// status responses (our own version is reported as `storage-agent`).
+pub const COMPAT_VERSION: &str = "26.9.6";
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub volumes: Volumes,
+    pub state: State,
+    pub bgtasks: Arc<BgTasks>,
+    pub uploads: Arc<Uploads>,
+    pub tokens: Tokens,
+    pub manager_secret: Arc<String>,
+    pub health: Arc<Health>,
+    pub shutdown: CancellationToken,
+}
+
+/// Request spans carry the method and path but never the query string: client-API tokens
+/// travel there and must not end up in logs.
+pub fn trace_layer<B>() -> TraceLayer<
+    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
+    impl Fn(&Request<B>) -> tracing::Span + Clone,
+> {
+    TraceLayer::new_for_http().make_span_with(|req: &Request<B>| {
+        tracing::info_span!(
+            "request",
+            method = %req.method(),
+            path = %req.uri().path(),
+        )
+    })
+}

@@ -1,0 +1,171 @@
+//! Boot and shutdown, as one readable script: load state, open volumes, bind every listener
+//! (any failure stops here, before anything serves), serve until SIGTERM/SIGINT, drain, exit.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::token::Tokens;
+use crate::api::{AppState, client, internal, manager, serve};
+use crate::bgtask::BgTasks;
+use crate::config::Config;
+use crate::config::secrets::SecretStore;
+use crate::events::Events;
+use crate::health::Health;
+use crate::state::State;
+use crate::upload::Uploads;
+use crate::volume::Volumes;
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    tracing::info!(
+        version = crate::api::VERSION,
+        config = %config.source,
+        node_id = %config.proxy.node_id,
+        "storage-agent starting"
+    );
+    for key in &config.ignored {
+        tracing::info!(key, "config key accepted for Backend.AI compatibility and ignored");
+    }
+    let state_dir = &config.daemon.state_dir;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+
+    let mut secrets = SecretStore::open(state_dir)?;
+    let (jwt_secret, jwt_stored) =
+        secrets.resolve("storage-proxy.secret", config.proxy.secret.as_deref())?;
+    let (manager_secret, mgr_stored) =
+        secrets.resolve("api.manager.secret", config.manager_api.secret.as_deref())?;
+    for (stored, key) in [
+        (jwt_stored, "[storage-proxy] secret"),
+        (mgr_stored, "[api.manager] secret"),
+    ] {
+        if stored {
+            tracing::warn!(
+                file = %secrets.path().display(),
+                "{key} is not configured; using the generated one kept in this file"
+            );
+        }
+    }
+
+    let state = State::open(state_dir).await?;
+    tracing::info!(path = %state_dir.join("state.db").display(), "state database ready");
+    let volumes = Volumes::open(&config.volumes, config.proxy.owner)?;
+    for v in volumes.iter() {
+        tracing::info!(volume = v.name(), backend = v.backend(), "volume {v} opened");
+    }
+    let events = Events::none();
+    let bgtasks = BgTasks::new(state.clone(), volumes.clone(), events.clone());
+    let uploads = Uploads::new(
+        state.clone(),
+        volumes.clone(),
+        config.daemon.upload_lock_stale_after,
+    );
+    uploads.recover().await?;
+    let health = Health::new(state.clone(), volumes.clone());
+    let shutdown = CancellationToken::new();
+    let config = Arc::new(config);
+    let app = AppState {
+        config: config.clone(),
+        volumes,
+        state,
+        bgtasks: bgtasks.clone(),
+        uploads: uploads.clone(),
+        tokens: Tokens::new(&jwt_secret, config.proxy.session_expire),
+        manager_secret: Arc::new(manager_secret),
+        health,
+        shutdown: shutdown.clone(),
+    };
+
+    let tls_of = |l: &crate::config::ListenerConfig| l.ssl_enabled;
+    let manager_l = serve::bind(
+        "manager",
+        config.manager_api.listener.addr,
+        tls_of(&config.manager_api.listener),
+    )
+    .await
+    .with_context(|| format!("binding the manager API on {}", config.manager_api.listener.addr))?;
+    let client_l = serve::bind("client", config.client_api.addr, tls_of(&config.client_api))
+        .await
+        .with_context(|| format!("binding the client API on {}", config.client_api.addr))?;
+    let internal_l = serve::bind("internal", config.manager_api.internal_addr, false)
+        .await
+        .with_context(|| {
+            format!("binding the internal API on {}", config.manager_api.internal_addr)
+        })?;
+
+    bgtasks.recover().await?;
+    spawn_upload_reaper(uploads, config.daemon.upload_reap_interval, shutdown.clone());
+    spawn_signal_handler(shutdown.clone());
+    println!("ready node={}", config.proxy.node_id);
+    tracing::info!("storage-agent ready");
+
+    let grace = config.daemon.shutdown_grace;
+    tokio::join!(
+        serve::serve(
+            "manager",
+            manager_l,
+            manager::router(app.clone()),
+            None,
+            shutdown.clone(),
+            grace
+        ),
+        serve::serve(
+            "client",
+            client_l,
+            client::router(app.clone()),
+            None,
+            shutdown.clone(),
+            grace
+        ),
+        serve::serve(
+            "internal",
+            internal_l,
+            internal::router(app.clone()),
+            None,
+            shutdown.clone(),
+            grace
+        ),
+    );
+    bgtasks.shutdown(grace).await;
+    tracing::info!("storage-agent stopped");
+    Ok(())
+}
+
+fn spawn_upload_reaper(
+    uploads: Arc<Uploads>,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    if let Err(e) = uploads.reap_expired().await {
+                        tracing::warn!(error = %e, "upload reaper failed");
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = which, "shutting down: no new requests, finishing in-flight work");
+        shutdown.cancel();
+    });
+}

@@ -1,0 +1,402 @@
+//! Long operations (vfolder delete and clone, delete-async) as background tasks with an id,
+//! progress and a final state, persisted in SQLite so they survive a restart: an interrupted
+//! delete is resumed (deletion is idempotent), an interrupted clone is rolled back (its partial
+//! destination removed) and reported failed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::events::{Event, Events};
+use crate::ids::VFolderId;
+use crate::state::{State, StateError, now_unix};
+use crate::volume::{Progress, RelPath, VolumeError, Volumes};
+
+/// Finished tasks are kept this long for `GET /bgtask/{id}`.
+const RETENTION_SECS: i64 = 7 * 86400;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TaskSpec {
+    DeleteVfolder {
+        volume: String,
+        vfid: VFolderId,
+    },
+    CloneVfolder {
+        volume: String,
+        src_vfid: VFolderId,
+        dst_vfid: VFolderId,
+    },
+    DeleteFiles {
+        volume: String,
+        vfid: VFolderId,
+        relpaths: Vec<RelPath>,
+        recursive: bool,
+    },
+}
+
+impl TaskSpec {
+    fn kind(&self) -> &'static str {
+        match self {
+            TaskSpec::DeleteVfolder { .. } => "delete_vfolder",
+            TaskSpec::CloneVfolder { .. } => "clone_vfolder",
+            TaskSpec::DeleteFiles { .. } => "delete_files",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskProgress {
+    pub current: u64,
+    pub total: u64,
+}
+
+/// What `GET /bgtask/{id}` returns.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskInfo {
+    pub task_id: Uuid,
+    pub kind: String,
+    pub status: String,
+    pub progress: TaskProgress,
+    pub message: Option<String>,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+pub struct BgTasks {
+    state: State,
+    volumes: Volumes,
+    events: Events,
+    running: Mutex<HashMap<Uuid, Arc<Progress>>>,
+    tracker: TaskTracker,
+    shutting_down: AtomicBool,
+}
+
+fn iso(unix: i64) -> String {
+    chrono::DateTime::from_timestamp(unix, 0)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+impl BgTasks {
+    pub fn new(state: State, volumes: Volumes, events: Events) -> Arc<Self> {
+        Arc::new(BgTasks {
+            state,
+            volumes,
+            events,
+            running: Mutex::default(),
+            tracker: TaskTracker::new(),
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    /// Records the task, then runs it in the background. The row exists before the id is
+    /// returned, so a crash right after still leaves a task to resume.
+    pub async fn spawn(self: &Arc<Self>, spec: TaskSpec) -> Result<Uuid, StateError> {
+        let id = Uuid::new_v4();
+        let now = now_unix();
+        let params = serde_json::to_string(&spec).map_err(|e| {
+            StateError::Query(sqlx::Error::Protocol(format!("task params: {e}")))
+        })?;
+        sqlx::query(
+            "INSERT INTO bgtasks (id, kind, params, status, created_at, updated_at) VALUES (?, ?, ?, 'running', ?, ?)",
+        )
+        .bind(id.to_string())
+        .bind(spec.kind())
+        .bind(params)
+        .bind(now)
+        .bind(now)
+        .execute(self.state.pool())
+        .await?;
+        self.start(id, spec);
+        Ok(id)
+    }
+
+    fn start(self: &Arc<Self>, id: Uuid, spec: TaskSpec) {
+        let progress = Arc::new(Progress::default());
+        self.lock_running().insert(id, progress.clone());
+        let this = self.clone();
+        let span = tracing::info_span!("bgtask", task_id = %id, kind = spec.kind());
+        self.tracker.spawn(
+            async move {
+                this.run(id, spec, progress).await;
+                this.lock_running().remove(&id);
+            }
+            .instrument(span),
+        );
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<Progress>>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn run(&self, id: Uuid, spec: TaskSpec, progress: Arc<Progress>) {
+        tracing::info!(?spec, "background task started");
+        let work = self.execute(&spec, progress.clone());
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        let result = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                _ = tick.tick() => self.report_progress(id, &progress).await,
+            }
+        };
+        let (current, total) = (
+            progress.current.load(Ordering::Relaxed),
+            progress.total.load(Ordering::Relaxed),
+        );
+        match result {
+            Err(VolumeError::Cancelled) if self.shutting_down.load(Ordering::Relaxed) => {
+                // Left "running": resumed (delete) or rolled back (clone) at the next start.
+                tracing::info!("background task interrupted by shutdown");
+                self.save(id, "running", current, total, None, None).await;
+            }
+            Ok(()) => {
+                tracing::info!("background task done");
+                self.save(id, "done", current, total.max(current), None, None)
+                    .await;
+                self.emit_outcome(id, &spec, None).await;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::warn!(error = %msg, "background task failed");
+                self.save(id, "failed", current, total, None, Some(&msg))
+                    .await;
+                self.emit_outcome(id, &spec, Some(msg)).await;
+            }
+        }
+    }
+
+    async fn execute(&self, spec: &TaskSpec, progress: Arc<Progress>) -> Result<(), VolumeError> {
+        match spec {
+            TaskSpec::DeleteVfolder { volume, vfid } => {
+                let v = self.volumes.get(volume)?;
+                v.delete_vfolder(vfid, progress).await?;
+                crate::upload::forget_vfolder(&self.state, v.as_ref(), vfid).await;
+                Ok(())
+            }
+            TaskSpec::CloneVfolder {
+                volume,
+                src_vfid,
+                dst_vfid,
+            } => {
+                let v = self.volumes.get(volume)?;
+                if let Some(qs) = &dst_vfid.quota_scope {
+                    // The clone creates its destination quota scope, as Backend.AI does.
+                    match v.create_quota_scope(qs, None).await {
+                        Ok(()) | Err(VolumeError::QuotaScopeExists(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                v.clone_vfolder(src_vfid, dst_vfid, progress).await
+            }
+            TaskSpec::DeleteFiles {
+                volume,
+                vfid,
+                relpaths,
+                recursive,
+            } => {
+                self.volumes
+                    .get(volume)?
+                    .delete_files(vfid, relpaths, *recursive, progress)
+                    .await
+            }
+        }
+    }
+
+    async fn emit_outcome(&self, id: Uuid, spec: &TaskSpec, error: Option<String>) {
+        let specific = match (spec, &error) {
+            (TaskSpec::DeleteVfolder { vfid, .. }, None) => Some(Event::VFolderDeletionSuccess {
+                vfid: vfid.to_string(),
+            }),
+            (TaskSpec::DeleteVfolder { vfid, .. }, Some(m)) => {
+                Some(Event::VFolderDeletionFailure {
+                    vfid: vfid.to_string(),
+                    message: m.clone(),
+                })
+            }
+            (
+                TaskSpec::CloneVfolder {
+                    src_vfid, dst_vfid, ..
+                },
+                None,
+            ) => Some(Event::VFolderCloneSuccess {
+                vfid: src_vfid.to_string(),
+                dst_vfid: dst_vfid.to_string(),
+            }),
+            (
+                TaskSpec::CloneVfolder {
+                    src_vfid, dst_vfid, ..
+                },
+                Some(m),
+            ) => Some(Event::VFolderCloneFailure {
+                vfid: src_vfid.to_string(),
+                dst_vfid: dst_vfid.to_string(),
+                message: m.clone(),
+            }),
+            (TaskSpec::DeleteFiles { .. }, _) => None,
+        };
+        if let Some(ev) = specific {
+            self.events.publish(ev).await;
+        }
+        let generic = match error {
+            None => Event::BgTaskDone {
+                task_id: id,
+                message: None,
+            },
+            Some(message) => Event::BgTaskFailed {
+                task_id: id,
+                message,
+            },
+        };
+        self.events.publish(generic).await;
+    }
+
+    async fn report_progress(&self, id: Uuid, p: &Progress) {
+        let (current, total) = (
+            p.current.load(Ordering::Relaxed),
+            p.total.load(Ordering::Relaxed),
+        );
+        let _ = sqlx::query("UPDATE bgtasks SET current = ?, total = ?, updated_at = ? WHERE id = ?")
+            .bind(current as i64)
+            .bind(total as i64)
+            .bind(now_unix())
+            .bind(id.to_string())
+            .execute(self.state.pool())
+            .await;
+        self.events
+            .publish(Event::BgTaskUpdated {
+                task_id: id,
+                current,
+                total,
+                message: None,
+            })
+            .await;
+    }
+
+    async fn save(
+        &self,
+        id: Uuid,
+        status: &str,
+        current: u64,
+        total: u64,
+        message: Option<&str>,
+        error: Option<&str>,
+    ) {
+        let r = sqlx::query(
+            "UPDATE bgtasks SET status = ?, current = ?, total = ?, message = ?, error = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(status)
+        .bind(current as i64)
+        .bind(total as i64)
+        .bind(message)
+        .bind(error)
+        .bind(now_unix())
+        .bind(id.to_string())
+        .execute(self.state.pool())
+        .await;
+        if let Err(e) = r {
+            tracing::error!(task_id = %id, error = %e, "cannot record background task state");
+        }
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<Option<TaskInfo>, StateError> {
+        let row = sqlx::query(
+            "SELECT kind, status, current, total, message, error, created_at, updated_at FROM bgtasks WHERE id = ?",
+        )
+        .bind(id.to_string())
+        .fetch_optional(self.state.pool())
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let live = self.lock_running().get(&id).cloned();
+        let (current, total) = match live {
+            Some(p) => (
+                p.current.load(Ordering::Relaxed),
+                p.total.load(Ordering::Relaxed),
+            ),
+            None => (row.get::<i64, _>(2) as u64, row.get::<i64, _>(3) as u64),
+        };
+        Ok(Some(TaskInfo {
+            task_id: id,
+            kind: row.get(0),
+            status: row.get(1),
+            progress: TaskProgress { current, total },
+            message: row.get(4),
+            error: row.get(5),
+            created_at: iso(row.get(6)),
+            updated_at: iso(row.get(7)),
+        }))
+    }
+
+    /// At start: resume interrupted deletes, roll back interrupted clones, drop old records.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), StateError> {
+        sqlx::query("DELETE FROM bgtasks WHERE status != 'running' AND updated_at < ?")
+            .bind(now_unix() - RETENTION_SECS)
+            .execute(self.state.pool())
+            .await?;
+        let rows = sqlx::query("SELECT id, params FROM bgtasks WHERE status = 'running'")
+            .fetch_all(self.state.pool())
+            .await?;
+        for row in rows {
+            let id: String = row.get(0);
+            let params: String = row.get(1);
+            let (Ok(id), Ok(spec)) = (
+                Uuid::parse_str(&id),
+                serde_json::from_str::<TaskSpec>(&params),
+            ) else {
+                tracing::error!(task_id = %id, "unreadable background task record; marking failed");
+                sqlx::query("UPDATE bgtasks SET status = 'failed', error = 'unreadable task record' WHERE id = ?")
+                    .bind(&id)
+                    .execute(self.state.pool())
+                    .await?;
+                continue;
+            };
+            match &spec {
+                TaskSpec::CloneVfolder {
+                    volume, dst_vfid, ..
+                } => {
+                    tracing::warn!(task_id = %id, dst = %dst_vfid, "rolling back a clone interrupted by a restart");
+                    let rollback = match self.volumes.get(volume) {
+                        Ok(v) => v
+                            .delete_vfolder(dst_vfid, Arc::new(Progress::default()))
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let msg = match rollback {
+                        Ok(()) => "interrupted by a restart; the partial copy was removed".to_string(),
+                        Err(e) => format!("interrupted by a restart; removing the partial copy failed: {e}"),
+                    };
+                    self.save(id, "failed", 0, 0, None, Some(&msg)).await;
+                    self.emit_outcome(id, &spec, Some(msg)).await;
+                }
+                _ => {
+                    tracing::info!(task_id = %id, kind = spec.kind(), "resuming background task interrupted by a restart");
+                    self.start(id, spec);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops running tasks at their next unit of work and waits for them (bounded).
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        for p in self.lock_running().values() {
+            p.cancel();
+        }
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            tracing::warn!("background tasks did not stop within the shutdown grace period");
+        }
+    }
+}

@@ -1,0 +1,576 @@
+//! Typed configuration, compatible with Backend.AI's `storage-proxy.toml` plus our own sections.
+//!
+//! Loading never stops at the first mistake: every problem is collected with its key path, the
+//! bad value and what is allowed, so `storage-agent config check` and `serve` report the same
+//! complete list.
+
+mod reader;
+pub mod secrets;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use reader::{Problem, parse_duration, parse_size};
+use reader::{Problems, Section, absolutize};
+
+/// Where `serve` and `config check` look for the file, in order.
+pub const ENV_CONFIG: &str = "STORAGE_AGENT_CONFIG";
+pub const LOOKUP_PATHS: &[&str] = &["./storage-agent.toml", "/etc/backend.ai/storage-agent.toml"];
+
+/// Volume backends this build can serve.
+pub const BACKENDS: &[&str] = &["vfs"];
+
+/// Sections and keys of Backend.AI's storage-proxy.toml that we accept so an existing file can be
+/// reused, but that mean nothing here (no etcd, no worker processes, no aiomonitor).
+const IGNORED_PROXY_KEYS: &[&str] = &[
+    "num-proc",
+    "pid-file",
+    "event-loop",
+    "ipc-base-path",
+    "aiomonitor-termui-port",
+    "aiomonitor-port",
+    "aiomonitor-webui-port",
+    "use-watcher",
+    "watcher-insock-path-prefix",
+    "watcher-outsock-path-prefix",
+    "volume-stats",
+];
+const IGNORED_TABLES: &[&str] = &[
+    "etcd",
+    "logging",
+    "debug",
+    "service-discovery",
+    "otel",
+    "pyroscope",
+    "artifact-storages",
+    "artifact-registries",
+    "reservoir-client",
+    "storages",
+    "registries",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse { path: String, message: String },
+    #[error("config {path} has {} problem(s):\n{}", problems.len(), format_problems(problems))]
+    Invalid {
+        path: String,
+        problems: Vec<Problem>,
+    },
+}
+
+fn format_problems(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// No file anywhere: one local vfs volume under ./data, state under ./state.
+    Embedded,
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigSource::File(p) => write!(f, "{}", p.display()),
+            ConfigSource::Embedded => write!(f, "<embedded default>"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: ConfigSource,
+    pub proxy: ProxyConfig,
+    pub daemon: DaemonConfig,
+    pub client_api: ListenerConfig,
+    pub manager_api: ManagerApiConfig,
+    pub volumes: Vec<VolumeConfig>,
+    /// Keys and tables accepted for compatibility and ignored; logged at start.
+    pub ignored: Vec<String>,
+}
+
+/// `[storage-proxy]`
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub node_id: String,
+    /// HS256 key of client-API tokens; generated and persisted when absent.
+    pub secret: Option<String>,
+    pub session_expire: Duration,
+    /// Max entries per listing; 0 = unlimited.
+    pub scandir_limit: usize,
+    pub max_upload_size: u64,
+    pub allow_auto_quota_scope_creation: bool,
+    /// Owner of files and directories the daemon creates (Backend.AI's `user`/`group`, names or
+    /// numbers). Sessions run as the same uid, so they can change what the APIs create.
+    pub owner: Option<crate::volume::fsops::Owner>,
+}
+
+/// `[storage-agent]`: what is ours.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub state_dir: PathBuf,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// An upload PATCH whose body sends nothing for this long is cut off (its bytes kept).
+    pub upload_idle_timeout: Duration,
+    /// A PATCH holding an upload's lock without progress for this long may be taken over.
+    pub upload_lock_stale_after: Duration,
+    /// Largest JSON body the manager API reads.
+    pub max_json_body: usize,
+    pub upload_reap_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    pub ssl_enabled: bool,
+    pub ssl_cert: Option<PathBuf>,
+    pub ssl_privkey: Option<PathBuf>,
+}
+
+/// `[api.manager]`
+#[derive(Debug, Clone)]
+pub struct ManagerApiConfig {
+    pub listener: ListenerConfig,
+    /// Value expected in `X-BackendAI-Storage-Auth-Token`; generated and persisted when absent.
+    pub secret: Option<String>,
+    pub internal_addr: SocketAddr,
+    pub announce_addr: Option<String>,
+}
+
+/// `[volume.<name>]`
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub backend: String,
+    pub path: PathBuf,
+    pub fsprefix: String,
+    pub options: toml::Table,
+}
+
+/// Finds the config file: `--config`, `$STORAGE_AGENT_CONFIG`, then the lookup paths; none of
+/// them existing means the embedded default. An explicitly named file must exist.
+pub fn locate(explicit: Option<&Path>) -> Result<ConfigSource, ConfigError> {
+    let named = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(ENV_CONFIG).map(PathBuf::from));
+    if let Some(p) = named {
+        return if p.is_file() {
+            Ok(ConfigSource::File(p))
+        } else {
+            Err(ConfigError::Read {
+                path: p,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            })
+        };
+    }
+    Ok(LOOKUP_PATHS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .map(ConfigSource::File)
+        .unwrap_or(ConfigSource::Embedded))
+}
+
+const EMBEDDED: &str = r#"
+[storage-proxy]
+session-expire = "1d"
+
+[volume.local]
+backend = "vfs"
+path = "./data/local"
+"#;
+
+/// Reads and validates the configuration. The embedded default creates its volume directory.
+pub fn load(source: &ConfigSource) -> Result<Config, ConfigError> {
+    let (text, label) = match source {
+        ConfigSource::File(p) => (
+            std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                path: p.clone(),
+                source: e,
+            })?,
+            p.display().to_string(),
+        ),
+        ConfigSource::Embedded => {
+            let dir = absolutize(Path::new("./data/local"));
+            std::fs::create_dir_all(&dir).map_err(|e| ConfigError::Read {
+                path: dir.clone(),
+                source: e,
+            })?;
+            (EMBEDDED.to_string(), source.to_string())
+        }
+    };
+    parse(&text, &label, source.clone())
+}
+
+pub fn parse(text: &str, label: &str, source: ConfigSource) -> Result<Config, ConfigError> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: label.to_string(),
+        message: e.to_string(),
+    })?;
+    let problems = Problems::default();
+    let config = read(&table, &problems, source);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid {
+            path: label.to_string(),
+            problems: problems.into_vec(),
+        })
+    }
+}
+
+fn default_node_id() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "storage-agent".to_string())
+}
+
+fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Config {
+    let root = Section::root(table, problems);
+    let mut ignored = Vec::new();
+
+    let sp = root.section("storage-proxy");
+    let proxy = ProxyConfig {
+        node_id: sp.string("node-id", &default_node_id()),
+        secret: sp.opt_string("secret"),
+        session_expire: sp.duration("session-expire", Duration::from_secs(86400)),
+        scandir_limit: sp.int_in("scandir-limit", 0, i64::from(u32::MAX), 1000) as usize,
+        max_upload_size: sp.size("max-upload-size", 100 << 30),
+        allow_auto_quota_scope_creation: sp.bool("allow-auto-quota-scope-creation", true),
+        owner: read_owner(&sp),
+    };
+    if proxy.node_id.is_empty() || proxy.node_id.contains(char::is_whitespace) {
+        problems.push(
+            sp.key_path("node-id"),
+            format!("{:?}", proxy.node_id),
+            "a non-empty name without spaces",
+        );
+    }
+    if proxy.session_expire.as_secs() < 60 {
+        problems.push(
+            sp.key_path("session-expire"),
+            format!("{:?}", proxy.session_expire),
+            "at least 60 seconds",
+        );
+    }
+    if let Some(s) = &proxy.secret {
+        check_secret(&sp, "secret", s);
+    }
+    for k in IGNORED_PROXY_KEYS {
+        if sp.get(k).is_some() {
+            ignored.push(sp.key_path(k));
+        }
+    }
+    sp.finish(&[]);
+
+    let ours = root.section("storage-agent");
+    let daemon = DaemonConfig {
+        state_dir: ours.path("state-dir", "./state"),
+        log_format: match ours.choice("log-format", &["text", "json"], "text").as_str() {
+            "json" => LogFormat::Json,
+            _ => LogFormat::Text,
+        },
+        log_level: ours.string("log-level", "info"),
+        shutdown_grace: ours.duration("shutdown-grace", Duration::from_secs(30)),
+        upload_idle_timeout: ours.duration("upload-idle-timeout", Duration::from_secs(60)),
+        upload_lock_stale_after: ours.duration("upload-lock-stale-after", Duration::from_secs(10)),
+        max_json_body: ours.size("max-json-body", 1 << 20) as usize,
+        upload_reap_interval: ours.duration("upload-reap-interval", Duration::from_secs(60)),
+    };
+    if tracing_subscriber::EnvFilter::try_new(&daemon.log_level).is_err() {
+        problems.push(
+            ours.key_path("log-level"),
+            format!("{:?}", daemon.log_level),
+            "trace, debug, info, warn, error, or a tracing filter like \"info,storage_agent=debug\"",
+        );
+    }
+    ours.finish(&[]);
+
+    let api = root.section("api");
+    let client = api.section("client");
+    let client_api = read_listener(&client, "127.0.0.1:6021");
+    client.finish(&[]);
+    let manager = api.section("manager");
+    let manager_api = ManagerApiConfig {
+        listener: read_listener(&manager, "127.0.0.1:6022"),
+        secret: manager.opt_string("secret"),
+        internal_addr: manager.addr("internal-addr", "127.0.0.1:16023"),
+        announce_addr: manager.opt_string("announce-addr"),
+    };
+    if let Some(s) = &manager_api.secret {
+        check_secret(&manager, "secret", s);
+    }
+    if manager.get("announce-internal-addr").is_some() {
+        ignored.push(manager.key_path("announce-internal-addr"));
+    }
+    manager.finish(&[]);
+    api.finish(&[]);
+
+    let mut volumes = Vec::new();
+    for (name, sec) in root.named_sections("volume") {
+        volumes.push(read_volume(name, &sec));
+        sec.finish(&[]);
+    }
+    if volumes.is_empty() {
+        problems.push("volume", "no [volume.<name>] table", "at least one volume");
+    }
+
+    check_distinct_addrs(
+        problems,
+        &[
+            ("api.client.service-addr", client_api.addr),
+            ("api.manager.service-addr", manager_api.listener.addr),
+            ("api.manager.internal-addr", manager_api.internal_addr),
+        ],
+    );
+
+    for t in IGNORED_TABLES {
+        if root.get(t).is_some() {
+            ignored.push(format!("[{t}]"));
+        }
+    }
+    root.finish(&[]);
+
+    Config {
+        source,
+        proxy,
+        daemon,
+        client_api,
+        manager_api,
+        volumes,
+        ignored,
+    }
+}
+
+/// `user`/`group`: numeric ids or names resolved on this host. Either alone takes the other
+/// from the user's primary group or stays as the daemon's.
+fn read_owner(sec: &Section) -> Option<crate::volume::fsops::Owner> {
+    let id = |key: &str, by_name: &dyn Fn(&str) -> Option<u32>| -> Option<u32> {
+        match sec.get(key)? {
+            toml::Value::Integer(i) if (0..=i64::from(u32::MAX)).contains(i) => Some(*i as u32),
+            toml::Value::String(s) => {
+                if let Ok(n) = s.parse::<u32>() {
+                    return Some(n);
+                }
+                let found = by_name(s);
+                if found.is_none() {
+                    sec.problems().push(
+                        sec.key_path(key),
+                        format!("{s:?} (no such {key} on this host)"),
+                        format!("an existing {key} name or a numeric id"),
+                    );
+                }
+                found
+            }
+            other => {
+                sec.problems()
+                    .push(sec.key_path(key), reader::show(other), "a name or a numeric id");
+                None
+            }
+        }
+    };
+    let user_by_name = |n: &str| {
+        nix::unistd::User::from_name(n)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
+    };
+    let group_by_name = |n: &str| {
+        nix::unistd::Group::from_name(n)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
+    };
+    let uid = id("user", &user_by_name);
+    let gid = id("group", &group_by_name);
+    match (uid, gid) {
+        (None, None) => None,
+        (Some(uid), Some(gid)) => Some(crate::volume::fsops::Owner { uid, gid }),
+        (Some(uid), None) => {
+            let gid = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .ok()
+                .flatten()
+                .map(|u| u.gid.as_raw())
+                .unwrap_or_else(|| nix::unistd::getgid().as_raw());
+            Some(crate::volume::fsops::Owner { uid, gid })
+        }
+        (None, Some(gid)) => Some(crate::volume::fsops::Owner {
+            uid: nix::unistd::getuid().as_raw(),
+            gid,
+        }),
+    }
+}
+
+fn check_secret(sec: &Section, key: &str, value: &str) {
+    if value.len() < 16 {
+        sec.problems().push(
+            sec.key_path(key),
+            format!("a {}-character secret", value.len()),
+            "at least 16 characters (or leave it out to have one generated)",
+        );
+    }
+}
+
+fn read_listener(sec: &Section, default_addr: &str) -> ListenerConfig {
+    let l = ListenerConfig {
+        addr: sec.addr("service-addr", default_addr),
+        ssl_enabled: sec.bool("ssl-enabled", false),
+        ssl_cert: sec.opt_path("ssl-cert"),
+        ssl_privkey: sec.opt_path("ssl-privkey"),
+    };
+    if l.ssl_cert.is_some() != l.ssl_privkey.is_some() {
+        sec.problems().push(
+            sec.key_path(if l.ssl_cert.is_some() {
+                "ssl-privkey"
+            } else {
+                "ssl-cert"
+            }),
+            "missing",
+            "ssl-cert and ssl-privkey together, or neither (a self-signed certificate is made)",
+        );
+    }
+    for (key, path) in [("ssl-cert", &l.ssl_cert), ("ssl-privkey", &l.ssl_privkey)] {
+        if let Some(p) = path
+            && l.ssl_enabled
+            && !p.is_file()
+        {
+            sec.problems().push(
+                sec.key_path(key),
+                format!("{} (no such file)", p.display()),
+                "a readable PEM file",
+            );
+        }
+    }
+    l
+}
+
+fn read_volume(name: String, sec: &Section) -> VolumeConfig {
+    let v = VolumeConfig {
+        backend: sec.choice("backend", BACKENDS, "vfs"),
+        path: sec.path("path", ""),
+        fsprefix: sec.string("fsprefix", "."),
+        options: sec.raw_table("options"),
+        name,
+    };
+    if sec.get("backend").is_none() {
+        sec.problems()
+            .push(sec.key_path("backend"), "missing", BACKENDS.join(", "));
+    }
+    if !valid_volume_name(&v.name) {
+        sec.problems().push(
+            sec.name(),
+            format!("volume name {:?}", v.name),
+            "letters, digits, '-', '_' and '.', 1-64 characters",
+        );
+    }
+    match sec.opt_string("path") {
+        None => sec
+            .problems()
+            .push(sec.key_path("path"), "missing", "an existing directory"),
+        Some(_) if !v.path.is_dir() => sec.problems().push(
+            sec.key_path("path"),
+            format!("{} (not an existing directory)", v.path.display()),
+            "an existing directory",
+        ),
+        Some(_) => {}
+    }
+    v
+}
+
+fn valid_volume_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn check_distinct_addrs(problems: &Problems, addrs: &[(&str, SocketAddr)]) {
+    for (i, (ka, a)) in addrs.iter().enumerate() {
+        for (kb, b) in &addrs[i + 1..] {
+            if a.port() != 0 && a == b {
+                problems.push(
+                    *kb,
+                    a.to_string(),
+                    format!("an address different from {ka}"),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<Config, ConfigError> {
+        parse(text, "test.toml", ConfigSource::Embedded)
+    }
+
+    #[test]
+    fn snake_and_kebab_keys_are_the_same() {
+        let dir = std::env::temp_dir();
+        let c = parse_str(&format!(
+            "[storage_proxy]\nnode_id = \"n1\"\nscandir_limit = 5\n[volume.v]\nbackend = \"vfs\"\npath = {:?}\n",
+            dir
+        ))
+        .unwrap();
+        assert_eq!(c.proxy.node_id, "n1");
+        assert_eq!(c.proxy.scandir_limit, 5);
+    }
+
+    #[test]
+    fn all_problems_are_listed() {
+        let err = parse_str(
+            "[storage-proxy]\nsession-expire = \"soon\"\nsecret = \"short\"\n[api.client]\nservice-addr = \"nowhere\"\n[volume.v]\nbackend = \"nfs9\"\npath = \"/does/not/exist\"\n[bogus]\n",
+        )
+        .unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("expected Invalid, got {err}");
+        };
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "storage-proxy.session-expire",
+            "storage-proxy.secret",
+            "api.client.service-addr",
+            "volume.v.backend",
+            "volume.v.path",
+            "bogus",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn backend_ai_addr_tables_are_accepted() {
+        let dir = std::env::temp_dir();
+        let c = parse_str(&format!(
+            "[api.client]\nservice-addr = {{ host = \"127.0.0.1\", port = 7001 }}\n[volume.v]\nbackend = \"vfs\"\npath = {dir:?}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.client_api.addr.port(), 7001);
+    }
+}

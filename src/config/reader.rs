@@ -1,0 +1,463 @@
+//! A small typed reader over a parsed TOML table that records every problem (key path, bad value,
+//! what is allowed) instead of stopping at the first one, and flags keys nobody asked for.
+//! serde stops at the first error, which would make `config check` report one problem per run.
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Value;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub value: String,
+    pub allowed: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} (allowed: {})", self.key, self.value, self.allowed)
+    }
+}
+
+/// Collects problems across all sections of one configuration.
+#[derive(Default)]
+pub struct Problems(RefCell<Vec<Problem>>);
+
+impl Problems {
+    pub fn push(&self, key: impl Into<String>, value: impl Into<String>, allowed: impl Into<String>) {
+        self.0.borrow_mut().push(Problem {
+            key: key.into(),
+            value: value.into(),
+            allowed: allowed.into(),
+        });
+    }
+
+    pub fn into_vec(self) -> Vec<Problem> {
+        self.0.into_inner()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.borrow().is_empty()
+    }
+}
+
+/// Keys are compared in kebab-case; `node_id` and `node-id` are the same key.
+pub fn normalize_key(key: &str) -> String {
+    key.replace('_', "-")
+}
+
+/// Shows a TOML value the way the operator wrote it, shortened.
+pub fn show(value: &Value) -> String {
+    let s = match value {
+        Value::String(s) => format!("{s:?}"),
+        other => other.to_string(),
+    };
+    if s.len() > 120 {
+        format!("{}…", &s[..s.floor_char_boundary(117)])
+    } else {
+        s
+    }
+}
+
+pub struct Section<'a> {
+    path: String,
+    table: Option<&'a toml::Table>,
+    used: RefCell<BTreeSet<String>>,
+    problems: &'a Problems,
+}
+
+impl<'a> Section<'a> {
+    pub fn root(table: &'a toml::Table, problems: &'a Problems) -> Self {
+        Section {
+            path: String::new(),
+            table: Some(table),
+            used: RefCell::default(),
+            problems,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.path
+    }
+
+    pub fn key_path(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{}", self.path, key)
+        }
+    }
+
+    pub fn problems(&self) -> &'a Problems {
+        self.problems
+    }
+
+    /// Raw access; marks the key as used. Both spellings of a key are looked up, and giving both
+    /// is itself a problem.
+    pub fn get(&self, key: &str) -> Option<&'a Value> {
+        let table = self.table?;
+        self.used.borrow_mut().insert(key.to_string());
+        let mut found = None;
+        for (k, v) in table {
+            if normalize_key(k) == key {
+                if found.is_some() {
+                    self.problems.push(
+                        self.key_path(key),
+                        "given twice (kebab-case and snake_case)",
+                        "one spelling of each key",
+                    );
+                }
+                found = Some(v);
+            }
+        }
+        found
+    }
+
+    fn bad(&self, key: &str, value: &Value, allowed: &str) {
+        self.problems.push(self.key_path(key), show(value), allowed);
+    }
+
+    pub fn section(&self, key: &str) -> Section<'a> {
+        let table = match self.get(key) {
+            None => None,
+            Some(Value::Table(t)) => Some(t),
+            Some(other) => {
+                self.bad(key, other, "a table");
+                None
+            }
+        };
+        Section {
+            path: self.key_path(key),
+            table,
+            used: RefCell::default(),
+            problems: self.problems,
+        }
+    }
+
+    /// The sub-tables of a map section such as `[volume.<name>]`, names kept verbatim.
+    pub fn named_sections(&self, key: &str) -> Vec<(String, Section<'a>)> {
+        let Some(value) = self.get(key) else {
+            return Vec::new();
+        };
+        let Value::Table(map) = value else {
+            self.bad(key, value, "a table of named tables");
+            return Vec::new();
+        };
+        let base = self.key_path(key);
+        map.iter()
+            .filter_map(|(name, v)| match v {
+                Value::Table(t) => Some((
+                    name.clone(),
+                    Section {
+                        path: format!("{base}.{name}"),
+                        table: Some(t),
+                        used: RefCell::default(),
+                        problems: self.problems,
+                    },
+                )),
+                other => {
+                    self.problems
+                        .push(format!("{base}.{name}"), show(other), "a table");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// A free-form table (backend options) passed through untouched.
+    pub fn raw_table(&self, key: &str) -> toml::Table {
+        match self.get(key) {
+            None => toml::Table::new(),
+            Some(Value::Table(t)) => t.clone(),
+            Some(other) => {
+                self.bad(key, other, "a table");
+                toml::Table::new()
+            }
+        }
+    }
+
+    pub fn opt_string(&self, key: &str) -> Option<String> {
+        match self.get(key)? {
+            Value::String(s) => Some(s.clone()),
+            other => {
+                self.bad(key, other, "a string");
+                None
+            }
+        }
+    }
+
+    pub fn string(&self, key: &str, default: &str) -> String {
+        self.opt_string(key).unwrap_or_else(|| default.to_string())
+    }
+
+    /// A string from a fixed set of choices.
+    pub fn choice(&self, key: &str, choices: &[&str], default: &str) -> String {
+        match self.get(key) {
+            None => default.to_string(),
+            Some(Value::String(s)) if choices.contains(&s.as_str()) => s.clone(),
+            Some(other) => {
+                self.bad(key, other, &format!("one of {}", choices.join(", ")));
+                default.to_string()
+            }
+        }
+    }
+
+    pub fn bool(&self, key: &str, default: bool) -> bool {
+        match self.get(key) {
+            None => default,
+            Some(Value::Boolean(b)) => *b,
+            Some(other) => {
+                self.bad(key, other, "true or false");
+                default
+            }
+        }
+    }
+
+    pub fn int_in(&self, key: &str, min: i64, max: i64, default: i64) -> i64 {
+        match self.get(key) {
+            None => default,
+            Some(Value::Integer(i)) if (min..=max).contains(i) => *i,
+            Some(other) => {
+                self.bad(key, other, &format!("an integer from {min} to {max}"));
+                default
+            }
+        }
+    }
+
+    #[allow(dead_code)] // used by the agent sections
+    pub fn float_in(&self, key: &str, min: f64, max: f64, default: f64) -> f64 {
+        let v = match self.get(key) {
+            None => return default,
+            Some(v) => v,
+        };
+        let f = match v {
+            Value::Float(f) => Some(*f),
+            Value::Integer(i) => Some(*i as f64),
+            _ => None,
+        };
+        match f {
+            Some(f) if f >= min && f <= max => f,
+            _ => {
+                self.bad(key, v, &format!("a number from {min} to {max}"));
+                default
+            }
+        }
+    }
+
+    /// A byte size: an integer, or a string like "100g", "512M", "1.5t" (binary units).
+    pub fn size(&self, key: &str, default: u64) -> u64 {
+        match self.get(key) {
+            None => default,
+            Some(Value::Integer(i)) if *i >= 0 => *i as u64,
+            Some(v @ Value::String(s)) => parse_size(s).unwrap_or_else(|| {
+                self.bad(key, v, "a byte size such as 1048576, \"512m\", \"100g\"");
+                default
+            }),
+            Some(other) => {
+                self.bad(key, other, "a byte size such as 1048576, \"512m\", \"100g\"");
+                default
+            }
+        }
+    }
+
+    #[allow(dead_code)]
+    pub fn opt_size(&self, key: &str) -> Option<u64> {
+        self.get(key)?;
+        Some(self.size(key, 0))
+    }
+
+    /// A duration: integer seconds, or a string like "30s", "15m", "1h", "1d", "1w".
+    pub fn duration(&self, key: &str, default: Duration) -> Duration {
+        match self.get(key) {
+            None => default,
+            Some(Value::Integer(i)) if *i >= 0 => Duration::from_secs(*i as u64),
+            Some(Value::Float(f)) if *f >= 0.0 && f.is_finite() => Duration::from_secs_f64(*f),
+            Some(v @ Value::String(s)) => parse_duration(s).unwrap_or_else(|| {
+                self.bad(key, v, "a duration such as 30, \"30s\", \"15m\", \"1h\", \"1d\"");
+                default
+            }),
+            Some(other) => {
+                self.bad(key, other, "a duration such as 30, \"30s\", \"15m\", \"1h\", \"1d\"");
+                default
+            }
+        }
+    }
+
+    /// A listen address: "host:port" or Backend.AI's `{host = "...", port = N}`.
+    pub fn addr(&self, key: &str, default: &str) -> SocketAddr {
+        let fallback = || default.parse().expect("default addresses are valid");
+        let Some(v) = self.get(key) else {
+            return fallback();
+        };
+        let text = match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Table(t) => match (t.get("host"), t.get("port")) {
+                (Some(Value::String(h)), Some(Value::Integer(p))) => Some(format!("{h}:{p}")),
+                _ => None,
+            },
+            _ => None,
+        };
+        match text.as_deref().and_then(resolve_addr) {
+            Some(a) => a,
+            None => {
+                self.bad(key, v, "\"host:port\" or {host = \"...\", port = N}, port 0-65535");
+                fallback()
+            }
+        }
+    }
+
+    pub fn opt_path(&self, key: &str) -> Option<PathBuf> {
+        self.opt_string(key).map(|s| absolutize(Path::new(&s)))
+    }
+
+    pub fn path(&self, key: &str, default: &str) -> PathBuf {
+        self.opt_path(key)
+            .unwrap_or_else(|| absolutize(Path::new(default)))
+    }
+
+    /// Reports keys of this section nobody read: typos must not pass silently.
+    pub fn finish(self, known_elsewhere: &[&str]) {
+        let Some(table) = self.table else { return };
+        let used = self.used.borrow();
+        for (k, v) in table {
+            let nk = normalize_key(k);
+            if !used.contains(&nk) && !known_elsewhere.contains(&nk.as_str()) {
+                self.problems.push(
+                    self.key_path(k),
+                    format!("unknown key (value {})", show(v)),
+                    format!(
+                        "the keys documented for [{}] in configs/storage-agent.toml",
+                        if self.path.is_empty() {
+                            "top level"
+                        } else {
+                            &self.path
+                        }
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn resolve_addr(s: &str) -> Option<SocketAddr> {
+    if let Ok(a) = s.parse() {
+        return Some(a);
+    }
+    // Host names ("localhost:6021") resolve once at load time.
+    s.to_socket_addrs().ok()?.next()
+}
+
+/// Relative config paths are relative to the working directory; "." components are dropped
+/// so logs and `/volumes` show clean paths. ".." is kept (it may cross a symlink).
+pub fn absolutize(p: &Path) -> PathBuf {
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|cwd| cwd.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    };
+    joined
+        .components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
+}
+
+/// "100g" → 100 GiB. Backend.AI's BinarySize: case-insensitive k/m/g/t/p/e suffixes, optional
+/// trailing "b"/"ib", fractional numbers allowed.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t
+        .strip_suffix("ib")
+        .or_else(|| t.strip_suffix('b'))
+        .unwrap_or(&t);
+    let (num, mult) = match t.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => {
+            let exp = match c {
+                'k' => 1,
+                'm' => 2,
+                'g' => 3,
+                't' => 4,
+                'p' => 5,
+                'e' => 6,
+                _ => return None,
+            };
+            (&t[..i], 1024f64.powi(exp))
+        }
+        _ => (t, 1.0),
+    };
+    let n: f64 = num.trim().parse().ok()?;
+    let bytes = n * mult;
+    (n.is_finite() && n >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
+/// "1h" → 3600 s. Units: ms, s, m, h, d, w, mo (30 d), yr (365 d); a bare number is seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.trim().parse().ok()?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" | "secs" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" | "mins" => 60.0,
+        "h" | "hr" | "hrs" => 3600.0,
+        "d" => 86400.0,
+        "w" => 7.0 * 86400.0,
+        "mo" => 30.0 * 86400.0,
+        "yr" | "y" => 365.0 * 86400.0,
+        _ => return None,
+    };
+    let total = n * secs;
+    (n.is_finite() && n >= 0.0 && total < 1e12).then(|| Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("100g"), Some(100 << 30));
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("1.5k"), Some(1536));
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("42"), Some(42));
+        assert_eq!(parse_size("-1g"), None);
+        assert_eq!(parse_size("lots"), None);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1d"), Some(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("2mo"), Some(Duration::from_secs(60 * 86400)));
+        assert_eq!(parse_duration("1 fortnight"), None);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let t: toml::Table = toml::from_str(
+            "[a]\nsize = \"big\"\nflag = 3\ntypo = 1\nnode_id = \"x\"\nnode-id = \"y\"\n",
+        )
+        .unwrap();
+        let p = Problems::default();
+        let root = Section::root(&t, &p);
+        let a = root.section("a");
+        a.size("size", 1);
+        a.bool("flag", false);
+        a.opt_string("node-id");
+        a.finish(&[]);
+        root.finish(&[]);
+        let keys: Vec<_> = p.into_vec().into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["a.size", "a.flag", "a.node-id", "a.typo"]);
+    }
+}

@@ -1,0 +1,19 @@
+//! storage-agent: a Backend.AI-compatible storage proxy and a storage agent (per-user SFTP and
+//! web file browser sessions) in one daemon. The binary is `src/main.rs`; this library holds
+//! everything so the integration tests and benchmarks can use the same types (the generated
+//! gRPC client, token claims).
+
+pub mod api;
+pub mod app;
+pub mod bgtask;
+pub mod config;
+pub mod events;
+pub mod health;
+pub mod ids;
+pub mod state;
+pub mod upload;
+pub mod volume;
+
+pub mod pb {
+    tonic::include_proto!("storage_agent.v1");
+}

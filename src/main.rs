@@ -1,0 +1,112 @@
+//! The `storage-agent` command: `serve`, and `config check`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use storage_agent::config::{self, ConfigError, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "storage-agent", version, about = "Backend.AI storage proxy + storage agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        /// Config file (else $STORAGE_AGENT_CONFIG, ./storage-agent.toml,
+        /// /etc/backend.ai/storage-agent.toml, else the embedded default).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file and print every problem with its key, value and what is allowed.
+    Check {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load(path: Option<PathBuf>) -> Result<config::Config, ConfigError> {
+    let source = config::locate(path.as_deref())?;
+    config::load(&source)
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Logs go to stderr; stdout carries only the machine-readable "listening" and "ready" lines.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => match load(config) {
+            Ok(c) => {
+                println!("config {} is valid", c.source);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Serve { config } => {
+            let config = match load(config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("refusing to start: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(config.daemon.log_format, &config.daemon.log_level);
+            // One crypto provider for every rustls user in the process (TLS listeners, gRPC,
+            // Redis TLS); installed before anything can pick one implicitly.
+            if rustls::crypto::aws_lc_rs::default_provider()
+                .install_default()
+                .is_err()
+            {
+                tracing::warn!("a rustls crypto provider was already installed");
+            }
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(storage_agent::app::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("storage-agent failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! Upload sessions: the records behind tus uploads, one writer at a time per upload, durable
+//! offsets, crash recovery and expiry. The tus protocol (headers, status codes) lives in
+//! `api::client::tus`; the bytes live in the volume's `UploadStaging`.
+//!
+//! The acknowledged offset is in SQLite and only advances after the staged bytes are synced, so
+//! after a crash the staging file is cut back to it and resuming from it is byte-exact.
+
+mod lock;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::Row;
+
+pub use lock::{LockError, UploadLock, UploadLocks};
+
+use crate::ids::VFolderId;
+use crate::state::{State, StateError, now_unix};
+use crate::volume::{RelPath, Volume, VolumeError, Volumes};
+
+/// Expired uploads are remembered this long so clients get 410 rather than 404.
+const TOMBSTONE_SECS: i64 = 86400;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadState {
+    Active,
+    /// Completed and moved into place; remembered until expiry so a resuming client sees the
+    /// full offset.
+    Done,
+    Expired,
+}
+
+impl UploadState {
+    fn as_str(self) -> &'static str {
+        match self {
+            UploadState::Active => "active",
+            UploadState::Done => "done",
+            UploadState::Expired => "expired",
+        }
+    }
+    fn parse(s: &str) -> Self {
+        match s {
+            "done" => UploadState::Done,
+            "expired" => UploadState::Expired,
+            _ => UploadState::Active,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UploadRecord {
+    pub session: String,
+    pub volume: String,
+    pub vfid: VFolderId,
+    pub relpath: RelPath,
+    pub size: u64,
+    pub offset: u64,
+    pub state: UploadState,
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("upload record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for UploadError {
+    fn from(e: sqlx::Error) -> Self {
+        UploadError::State(StateError::Query(e))
+    }
+}
+
+pub struct Uploads {
+    state: State,
+    volumes: Volumes,
+    pub locks: UploadLocks,
+}
+
+fn row_to_record(row: &sqlx::sqlite::SqliteRow) -> Result<UploadRecord, UploadError> {
+    let vfid: String = row.get("vfid");
+    let relpath: String = row.get("relpath");
+    Ok(UploadRecord {
+        session: row.get("session"),
+        volume: row.get("volume"),
+        vfid: VFolderId::parse(&vfid).map_err(|e| UploadError::Corrupt(e.to_string()))?,
+        relpath: RelPath::parse(&relpath).map_err(|e| UploadError::Corrupt(e.to_string()))?,
+        size: row.get::<i64, _>("size") as u64,
+        offset: row.get::<i64, _>("offset") as u64,
+        state: UploadState::parse(row.get("state")),
+        created_at: row.get("created_at"),
+        expires_at: row.get("expires_at"),
+    })
+}
+
+impl Uploads {
+    pub fn new(state: State, volumes: Volumes, stale_after: Duration) -> Arc<Self> {
+        Arc::new(Uploads {
+            state,
+            volumes,
+            locks: UploadLocks::new(stale_after),
+        })
+    }
+
+    pub fn volume(&self, name: &str) -> Result<&Arc<dyn Volume>, VolumeError> {
+        self.volumes.get(name)
+    }
+
+    /// Creates the staging file, then the record (so a record always has its staging file).
+    pub async fn create(&self, rec: &UploadRecord) -> Result<(), UploadError> {
+        let v = self.volumes.get(&rec.volume)?;
+        v.staging().prepare(&rec.vfid, &rec.session).await?;
+        sqlx::query(
+            r#"INSERT INTO uploads (session, volume, vfid, relpath, size, "offset", state, created_at, expires_at)
+               VALUES (?, ?, ?, ?, ?, 0, 'active', ?, ?)"#,
+        )
+        .bind(&rec.session)
+        .bind(&rec.volume)
+        .bind(rec.vfid.to_string())
+        .bind(rec.relpath.as_str())
+        .bind(rec.size as i64)
+        .bind(rec.created_at)
+        .bind(rec.expires_at)
+        .execute(self.state.pool())
+        .await?;
+        Ok(())
+    }
+
+    pub async fn get(&self, session: &str) -> Result<Option<UploadRecord>, UploadError> {
+        let row = sqlx::query("SELECT * FROM uploads WHERE session = ?")
+            .bind(session)
+            .fetch_optional(self.state.pool())
+            .await?;
+        row.as_ref().map(row_to_record).transpose()
+    }
+
+    /// Advances the durable offset, but only from the offset the caller wrote at: a second
+    /// writer can never move it sideways.
+    pub async fn commit_offset(
+        &self,
+        session: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<bool, UploadError> {
+        let r = sqlx::query(
+            r#"UPDATE uploads SET "offset" = ? WHERE session = ? AND "offset" = ? AND state = 'active'"#,
+        )
+        .bind(to as i64)
+        .bind(session)
+        .bind(from as i64)
+        .execute(self.state.pool())
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Moves the completed upload to `dst` and remembers it as done.
+    pub async fn complete(&self, rec: &UploadRecord, dst: &RelPath) -> Result<(), UploadError> {
+        let v = self.volumes.get(&rec.volume)?;
+        v.staging().finish(&rec.vfid, &rec.session, dst).await?;
+        self.set_state(&rec.session, UploadState::Done).await
+    }
+
+    /// tus termination: the staged bytes and the record are gone.
+    pub async fn terminate(&self, rec: &UploadRecord) -> Result<(), UploadError> {
+        let v = self.volumes.get(&rec.volume)?;
+        v.staging().discard(&rec.vfid, &rec.session).await?;
+        sqlx::query("DELETE FROM uploads WHERE session = ?")
+            .bind(&rec.session)
+            .execute(self.state.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn set_state(&self, session: &str, st: UploadState) -> Result<(), UploadError> {
+        sqlx::query("UPDATE uploads SET state = ? WHERE session = ?")
+            .bind(st.as_str())
+            .bind(session)
+            .execute(self.state.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// After a crash: every active upload's staging file is cut back to its acknowledged offset
+    /// (bytes received but never acknowledged are dropped, as the tus client will resend them).
+    pub async fn recover(&self) -> Result<(), UploadError> {
+        let rows = sqlx::query("SELECT * FROM uploads WHERE state = 'active'")
+            .fetch_all(self.state.pool())
+            .await?;
+        let mut n = 0;
+        for row in &rows {
+            let rec = match row_to_record(row) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "skipping unreadable upload record");
+                    continue;
+                }
+            };
+            let Ok(v) = self.volumes.get(&rec.volume) else {
+                tracing::warn!(session = %rec.session, volume = %rec.volume, "upload on a volume no longer configured");
+                continue;
+            };
+            if let Err(e) = v
+                .staging()
+                .truncate(&rec.vfid, &rec.session, rec.offset)
+                .await
+            {
+                // Without its staging file the acknowledged bytes are gone: forget the upload so
+                // the client starts over instead of resuming into a hole.
+                tracing::warn!(session = %rec.session, error = %e, "staging file lost; dropping upload");
+                let _ = sqlx::query("DELETE FROM uploads WHERE session = ?")
+                    .bind(&rec.session)
+                    .execute(self.state.pool())
+                    .await;
+                continue;
+            }
+            n += 1;
+        }
+        if n > 0 {
+            tracing::info!(uploads = n, "upload staging restored to acknowledged offsets");
+        }
+        Ok(())
+    }
+
+    /// Deletes the staging data of expired uploads; forgets them a day later.
+    pub async fn reap_expired(&self) -> Result<usize, UploadError> {
+        let now = now_unix();
+        let rows = sqlx::query(
+            "SELECT * FROM uploads WHERE state != 'expired' AND expires_at <= ?",
+        )
+        .bind(now)
+        .fetch_all(self.state.pool())
+        .await?;
+        let mut reaped = 0;
+        for row in &rows {
+            let Ok(rec) = row_to_record(row) else { continue };
+            // Never reap an upload someone is writing right now; the next round will.
+            let Ok(_lock) = self.locks.try_lock(&rec.session) else {
+                continue;
+            };
+            if rec.state == UploadState::Active
+                && let Ok(v) = self.volumes.get(&rec.volume)
+                && let Err(e) = v.staging().discard(&rec.vfid, &rec.session).await
+            {
+                tracing::warn!(session = %rec.session, error = %e, "cannot delete expired staging file");
+                continue;
+            }
+            self.set_state(&rec.session, UploadState::Expired).await?;
+            reaped += 1;
+        }
+        sqlx::query("DELETE FROM uploads WHERE expires_at <= ?")
+            .bind(now - TOMBSTONE_SECS)
+            .execute(self.state.pool())
+            .await?;
+        if reaped > 0 {
+            tracing::info!(uploads = reaped, "expired uploads reaped");
+        }
+        Ok(reaped)
+    }
+}
+
+/// A deleted vfolder takes its pending uploads with it.
+pub async fn forget_vfolder(state: &State, volume: &dyn Volume, vfid: &VFolderId) {
+    let rows = sqlx::query("SELECT session FROM uploads WHERE volume = ? AND vfid = ? AND state = 'active'")
+        .bind(volume.name())
+        .bind(vfid.to_string())
+        .fetch_all(state.pool())
+        .await
+        .unwrap_or_default();
+    for row in rows {
+        let session: String = row.get(0);
+        let _ = volume.staging().discard(vfid, &session).await;
+    }
+    let _ = sqlx::query("DELETE FROM uploads WHERE volume = ? AND vfid = ?")
+        .bind(volume.name())
+        .bind(vfid.to_string())
+        .execute(state.pool())
+        .await;
+}

@@ -1,0 +1,535 @@
+//! Race-free filesystem primitives on directory file descriptors.
+//!
+//! Users can create symlinks inside their vfolders (over SFTP, for example) pointing anywhere on
+//! the host. Every path from a request is therefore opened relative to the vfolder root's fd with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`: the kernel refuses (EXDEV) any resolution
+//! that leaves the root, including through a symlink swapped in between our checks. Mutations work
+//! on a parent fd plus a final name (`mkdirat`, `renameat`, `unlinkat`), so a symlink as the final
+//! component is acted on itself, never followed.
+//!
+//! On kernels without openat2 (before 5.6) a component walk with `O_NOFOLLOW` is used instead;
+//! it is stricter: it refuses every symlink on the way.
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::path::RelPath;
+
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+fn cstr(name: impl AsRef<OsStr>) -> io::Result<CString> {
+    CString::new(name.as_ref().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn retry<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) => {}
+            other => return other,
+        }
+    }
+}
+
+/// True when the kernel refused a resolution because it left the base directory.
+pub fn is_escape(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EXDEV)
+}
+
+/// Opens an absolute host path (a volume root) as a directory fd.
+pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let fd = retry(|| {
+        cvt(unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        })
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn openat_raw(dir: RawFd, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let fd = retry(|| {
+        cvt(unsafe {
+            libc::openat(
+                dir,
+                name.as_ptr(),
+                flags | libc::O_CLOEXEC,
+                mode as libc::c_uint,
+            )
+        })
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn openat2_raw(dir: RawFd, path: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    // open_how is non_exhaustive in libc; zeroed is its documented initial state.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.mode = if flags & libc::O_CREAT != 0 {
+        mode as u64
+    } else {
+        0
+    };
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    let fd = retry(|| {
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir,
+                path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as RawFd)
+        }
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens `rel` beneath `base`. Symlinks are followed only while they stay beneath `base`.
+pub fn open_beneath(base: BorrowedFd, rel: &RelPath, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    open_beneath_path(base, Path::new(rel.as_str()), flags, mode)
+}
+
+/// As `open_beneath`, for relative paths found on disk (which need not be UTF-8).
+pub fn open_beneath_path(
+    base: BorrowedFd,
+    rel: &Path,
+    flags: i32,
+    mode: u32,
+) -> io::Result<OwnedFd> {
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    if rel.is_absolute() {
+        return Err(io::Error::from_raw_os_error(libc::EXDEV));
+    }
+    if !NO_OPENAT2.load(Ordering::Relaxed) {
+        match openat2_raw(base.as_raw_fd(), &cstr(rel)?, flags, mode) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                tracing::warn!("openat2 unavailable; refusing all symlinks in request paths");
+                NO_OPENAT2.store(true, Ordering::Relaxed);
+            }
+            other => return other,
+        }
+    }
+    walk_nofollow(base, rel, flags, mode)
+}
+
+fn walk_nofollow(base: BorrowedFd, rel: &Path, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    use std::path::Component;
+    let mut comps: Vec<&OsStr> = Vec::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => comps.push(n),
+            Component::CurDir => {}
+            _ => return Err(io::Error::from_raw_os_error(libc::EXDEV)),
+        }
+    }
+    let Some((name, parents)) = comps.split_last() else {
+        return openat_raw(base.as_raw_fd(), c".", flags, mode);
+    };
+    let mut cur: Option<OwnedFd> = None;
+    for comp in parents {
+        let dir = cur.as_ref().map_or(base.as_raw_fd(), |f| f.as_raw_fd());
+        let next = openat_raw(
+            dir,
+            &cstr(comp)?,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::from_raw_os_error(libc::EXDEV)
+            } else {
+                e
+            }
+        })?;
+        cur = Some(next);
+    }
+    let dir = cur.as_ref().map_or(base.as_raw_fd(), |f| f.as_raw_fd());
+    openat_raw(dir, &cstr(name)?, flags | libc::O_NOFOLLOW, mode)
+}
+
+/// Opens the directory entry `name` of `dir` without following a symlink (ELOOP/ENOTDIR if it
+/// is not a real directory).
+pub fn open_subdir_nofollow(dir: BorrowedFd, name: impl AsRef<OsStr>) -> io::Result<OwnedFd> {
+    openat_raw(
+        dir.as_raw_fd(),
+        &cstr(name)?,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    )
+}
+
+/// Opens a directory beneath `base` for use as a parent fd.
+pub fn open_dir_beneath(base: BorrowedFd, rel: &RelPath) -> io::Result<OwnedFd> {
+    open_beneath(base, rel, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+}
+
+/// Opens the parent of `rel` beneath `base` and returns it with the final name.
+/// The root itself has no parent: EINVAL.
+pub fn open_parent(base: BorrowedFd, rel: &RelPath) -> io::Result<(OwnedFd, String)> {
+    let (parent, name) = rel
+        .split_last()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    Ok((open_dir_beneath(base, &parent)?, name.to_string()))
+}
+
+pub fn fstat(fd: BorrowedFd) -> io::Result<libc::stat> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok(st)
+}
+
+/// `lstat` of `name` inside `dir` (does not follow a final symlink).
+pub fn lstat_at(dir: BorrowedFd, name: impl AsRef<OsStr>) -> io::Result<libc::stat> {
+    let c = cstr(name)?;
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    cvt(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(st)
+}
+
+pub fn mkdir_at(dir: BorrowedFd, name: impl AsRef<OsStr>, mode: u32) -> io::Result<()> {
+    let c = cstr(name)?;
+    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode as libc::mode_t) })?;
+    Ok(())
+}
+
+/// Owner given to files and directories the daemon creates (Backend.AI's `[storage-proxy]
+/// user/group`), so sessions running as that uid can change them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+pub fn chown_at(dir: BorrowedFd, name: impl AsRef<OsStr>, owner: Option<Owner>) -> io::Result<()> {
+    let Some(o) = owner else { return Ok(()) };
+    let c = cstr(name)?;
+    cvt(unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            o.uid,
+            o.gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(())
+}
+
+pub fn fchown(fd: BorrowedFd, owner: Option<Owner>) -> io::Result<()> {
+    let Some(o) = owner else { return Ok(()) };
+    cvt(unsafe { libc::fchown(fd.as_raw_fd(), o.uid, o.gid) })?;
+    Ok(())
+}
+
+/// `mkdir -p` beneath `base`; returns the final directory's fd. Existing directories are fine;
+/// an existing non-directory is ENOTDIR. Directories it creates get `owner`.
+pub fn mkdir_all_beneath(
+    base: BorrowedFd,
+    rel: &RelPath,
+    mode: u32,
+    owner: Option<Owner>,
+) -> io::Result<OwnedFd> {
+    let mut cur = RelPath::root();
+    let mut fd = open_dir_beneath(base, &cur)?;
+    for comp in rel.components() {
+        cur = cur.join_name(comp);
+        match mkdir_at(fd.as_fd(), comp, mode) {
+            Ok(()) => chown_at(fd.as_fd(), comp, owner)?,
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e),
+        }
+        // Re-open through openat2 from the base so a symlinked component is still checked.
+        fd = open_dir_beneath(base, &cur)?;
+    }
+    Ok(fd)
+}
+
+/// The absolute path an fd refers to now (symlinks resolved), from /proc/self/fd.
+pub fn fd_path(fd: BorrowedFd) -> io::Result<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+pub fn fchmod(fd: BorrowedFd, mode: u32) -> io::Result<()> {
+    cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) })?;
+    Ok(())
+}
+
+pub fn rename_at(
+    src_dir: BorrowedFd,
+    src: impl AsRef<OsStr>,
+    dst_dir: BorrowedFd,
+    dst: impl AsRef<OsStr>,
+    noreplace: bool,
+) -> io::Result<()> {
+    let (s, d) = (cstr(src)?, cstr(dst)?);
+    let flags = if noreplace { libc::RENAME_NOREPLACE } else { 0 };
+    cvt(unsafe {
+        libc::renameat2(
+            src_dir.as_raw_fd(),
+            s.as_ptr(),
+            dst_dir.as_raw_fd(),
+            d.as_ptr(),
+            flags,
+        )
+    })?;
+    Ok(())
+}
+
+pub fn unlink_at(dir: BorrowedFd, name: impl AsRef<OsStr>, is_dir: bool) -> io::Result<()> {
+    let c = cstr(name)?;
+    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) })?;
+    Ok(())
+}
+
+pub fn readlink_at(dir: BorrowedFd, name: impl AsRef<OsStr>) -> io::Result<std::path::PathBuf> {
+    let c = cstr(name)?;
+    let mut buf = vec![0u8; libc::PATH_MAX as usize];
+    let n = unsafe {
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(std::path::PathBuf::from(OsStr::from_bytes(&buf)))
+}
+
+pub fn symlink_at(target: &Path, dir: BorrowedFd, name: impl AsRef<OsStr>) -> io::Result<()> {
+    let t = CString::new(target.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let c = cstr(name)?;
+    cvt(unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), c.as_ptr()) })?;
+    Ok(())
+}
+
+pub fn is_dir(st: &libc::stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
+pub fn is_file(st: &libc::stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFREG
+}
+pub fn is_symlink(st: &libc::stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFLNK
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    Dir,
+    File,
+    Symlink,
+    Other,
+    Unknown,
+}
+
+/// The entries of an open directory (without "." and ".."), read through a dup of its fd.
+pub struct DirEntries {
+    dir: *mut libc::DIR,
+}
+
+// The DIR stream is owned exclusively by this value.
+unsafe impl Send for DirEntries {}
+
+impl DirEntries {
+    pub fn new(fd: BorrowedFd) -> io::Result<Self> {
+        let dup = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) })?;
+        // The dup shares the file offset with `fd`; rewind so a reused fd lists from the start.
+        unsafe { libc::lseek(dup, 0, libc::SEEK_SET) };
+        let dir = unsafe { libc::fdopendir(dup) };
+        if dir.is_null() {
+            let e = io::Error::last_os_error();
+            unsafe { libc::close(dup) };
+            return Err(e);
+        }
+        Ok(DirEntries { dir })
+    }
+}
+
+impl Iterator for DirEntries {
+    type Item = io::Result<(OsString, DType)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            unsafe { *libc::__errno_location() = 0 };
+            let ent = unsafe { libc::readdir64(self.dir) };
+            if ent.is_null() {
+                let errno = unsafe { *libc::__errno_location() };
+                return (errno != 0).then(|| Err(io::Error::from_raw_os_error(errno)));
+            }
+            let ent = unsafe { &*ent };
+            let name = unsafe { CStr::from_ptr(ent.d_name.as_ptr()) };
+            let bytes = name.to_bytes();
+            if bytes == b"." || bytes == b".." {
+                continue;
+            }
+            let dtype = match ent.d_type {
+                libc::DT_DIR => DType::Dir,
+                libc::DT_REG => DType::File,
+                libc::DT_LNK => DType::Symlink,
+                libc::DT_UNKNOWN => DType::Unknown,
+                _ => DType::Other,
+            };
+            return Some(Ok((OsStr::from_bytes(bytes).to_os_string(), dtype)));
+        }
+    }
+}
+
+impl Drop for DirEntries {
+    fn drop(&mut self) {
+        unsafe { libc::closedir(self.dir) };
+    }
+}
+
+/// Removes `name` in `dir` and, if it is a directory, everything under it, never following
+/// symlinks. `on_removed` is called per removed entry (progress reporting, cancellation: return
+/// false to stop). Missing entries are not an error.
+pub fn remove_tree_at(
+    dir: BorrowedFd,
+    name: &OsStr,
+    on_removed: &mut dyn FnMut() -> bool,
+) -> io::Result<()> {
+    let st = match lstat_at(dir, name) {
+        Ok(st) => st,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if is_dir(&st) {
+        let sub = open_subdir_nofollow(dir, name)?;
+        loop {
+            // Collect a batch first: deleting while iterating a DIR stream may skip entries.
+            let batch: Vec<(OsString, DType)> = DirEntries::new(sub.as_fd())?
+                .take(1024)
+                .collect::<io::Result<_>>()?;
+            if batch.is_empty() {
+                break;
+            }
+            for (child, dtype) in batch {
+                if dtype == DType::Dir || dtype == DType::Unknown {
+                    remove_tree_at(sub.as_fd(), &child, on_removed)?;
+                } else {
+                    match unlink_at(sub.as_fd(), &child, false) {
+                        Ok(()) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                        Err(e) => return Err(e),
+                    }
+                    if !on_removed() {
+                        return Err(io::Error::from_raw_os_error(libc::ECANCELED));
+                    }
+                }
+            }
+        }
+        match unlink_at(dir, name, true) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+    } else {
+        match unlink_at(dir, name, false) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if on_removed() {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(libc::ECANCELED))
+    }
+}
+
+/// Makes a directory's entries (a rename into it) durable.
+pub fn fsync_dir(fd: BorrowedFd) -> io::Result<()> {
+    cvt(unsafe { libc::fsync(fd.as_raw_fd()) })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn rp(s: &str) -> RelPath {
+        RelPath::parse(s).unwrap()
+    }
+
+    #[test]
+    fn symlinks_leaving_the_base_are_refused() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"x").unwrap();
+        let base = tempfile::tempdir().unwrap();
+        std::fs::create_dir(base.path().join("d")).unwrap();
+        std::fs::write(base.path().join("d/f"), b"ok").unwrap();
+        symlink(outside.path(), base.path().join("out")).unwrap();
+        symlink("/etc/passwd", base.path().join("abs")).unwrap();
+        symlink("d/f", base.path().join("inside")).unwrap();
+        let fd = open_dir_path(base.path()).unwrap();
+
+        let ok = open_beneath(fd.as_fd(), &rp("inside"), libc::O_RDONLY, 0);
+        assert!(ok.is_ok());
+        for bad in ["out/secret", "abs", "out"] {
+            let e = open_beneath(fd.as_fd(), &rp(bad), libc::O_RDONLY, 0).unwrap_err();
+            assert!(is_escape(&e), "{bad}: {e}");
+        }
+        // mkdir -p through a symlink that leaves the base must fail, not create outside.
+        let e = mkdir_all_beneath(fd.as_fd(), &rp("out/newdir"), 0o755, None).unwrap_err();
+        assert!(is_escape(&e), "{e}");
+        assert!(!outside.path().join("newdir").exists());
+    }
+
+    #[test]
+    fn remove_tree_does_not_follow_symlinks() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep"), b"x").unwrap();
+        let base = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(base.path().join("t/a/b")).unwrap();
+        std::fs::write(base.path().join("t/a/b/f"), b"x").unwrap();
+        symlink(outside.path(), base.path().join("t/link")).unwrap();
+        let fd = open_dir_path(base.path()).unwrap();
+        let mut n = 0;
+        remove_tree_at(fd.as_fd(), OsStr::new("t"), &mut || {
+            n += 1;
+            true
+        })
+        .unwrap();
+        assert!(!base.path().join("t").exists());
+        assert!(outside.path().join("keep").exists());
+        assert_eq!(n, 5);
+    }
+}

@@ -1,0 +1,350 @@
+//! Volumes: where vfolders live. The `Volume` trait is what the APIs and the session manager use;
+//! backends (vfs today; xfs, btrfs, s3, azure on top of the same trait) implement it. Nothing here
+//! knows about HTTP or gRPC.
+
+pub mod fsops;
+pub mod path;
+mod scan;
+pub mod vfs;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use crate::config::VolumeConfig;
+use crate::ids::{QuotaScopeId, VFolderId};
+pub use path::{PathError, RelPath};
+
+pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("unknown volume {0:?}")]
+    UnknownVolume(String),
+    #[error("VFolder not found or not a directory: {0}")]
+    VFolderNotFound(VFolderId),
+    #[error("VFolder already exists: {0}")]
+    VFolderExists(VFolderId),
+    #[error("quota scope not found: {0}")]
+    QuotaScopeNotFound(QuotaScopeId),
+    #[error("quota scope already exists: {0}")]
+    QuotaScopeExists(QuotaScopeId),
+    #[error("quota_scope_id is required for vfid {0}")]
+    QuotaScopeRequired(VFolderId),
+    #[error("invalid path {path:?}: {source}")]
+    InvalidPath { path: String, source: PathError },
+    #[error("path escapes the vfolder: {0}")]
+    Escapes(String),
+    #[error("{}: {path}", source)]
+    Io { path: String, source: io::Error },
+    #[error("{op} is not supported by the {backend} backend")]
+    Unsupported {
+        backend: &'static str,
+        op: &'static str,
+    },
+    #[error("not enough free space: need {needed} bytes, {available} available")]
+    NoSpace { needed: u64, available: u64 },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = VolumeError> = std::result::Result<T, E>;
+
+impl VolumeError {
+    /// Maps an I/O error on a request path: EXDEV from openat2 means the path tried to leave the
+    /// vfolder; everything else keeps its errno for the Backend.AI `{"msg","errno","paths"}` body.
+    pub fn io(path: &RelPath, e: io::Error) -> Self {
+        if fsops::is_escape(&e) {
+            VolumeError::Escapes(path.to_string())
+        } else if e.raw_os_error() == Some(libc::ECANCELED) {
+            VolumeError::Cancelled
+        } else {
+            VolumeError::Io {
+                path: path.to_string(),
+                source: e,
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    File,
+    Directory,
+    Symlink,
+    Other,
+}
+
+impl EntryKind {
+    pub fn as_api_str(self) -> &'static str {
+        match self {
+            EntryKind::File | EntryKind::Other => "FILE",
+            EntryKind::Directory => "DIRECTORY",
+            EntryKind::Symlink => "SYMLINK",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EntryStat {
+    pub kind: EntryKind,
+    pub mode: u32,
+    pub size: u64,
+    /// ctime, as Backend.AI reports it under "created".
+    pub created: SystemTime,
+    pub modified: SystemTime,
+    /// For strong ETags: changes whenever the content may have changed.
+    pub mtime_nanos: i128,
+}
+
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub name: String,
+    pub stat: EntryStat,
+    /// For symlinks: the target relative to the listed directory, or "" when it resolves outside.
+    pub symlink_target: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listing {
+    pub items: Vec<DirEntry>,
+    /// True when `scandir-limit` cut the listing short.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TreeUsage {
+    pub file_count: u64,
+    pub used_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsUsage {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub available_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaUsage {
+    pub used_bytes: Option<u64>,
+    pub limit_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeStatus {
+    Healthy,
+    Degraded,
+    Offline,
+}
+
+impl VolumeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeStatus::Healthy => "healthy",
+            VolumeStatus::Degraded => "degraded",
+            VolumeStatus::Offline => "offline",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HwInfo {
+    pub status: VolumeStatus,
+    pub status_info: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// I/O counters of the volume's device (backends that can observe them).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PerfMetric {
+    pub iops_read: u64,
+    pub iops_write: u64,
+    pub io_bytes_read: u64,
+    pub io_bytes_write: u64,
+    pub io_usec_read: u64,
+    pub io_usec_write: u64,
+}
+
+/// One entry of a recursive walk (for archives): path relative to the walked directory.
+#[derive(Debug, Clone)]
+pub struct WalkEntry {
+    pub rel: RelPath,
+    pub stat: EntryStat,
+    /// Symlink target when it stays inside the vfolder; escaping links are left out of walks.
+    pub link_target: Option<PathBuf>,
+}
+
+/// Progress and cancellation of a long operation (delete, clone), shared with its bgtask.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub current: AtomicU64,
+    pub total: AtomicU64,
+    cancelled: AtomicBool,
+}
+
+impl Progress {
+    pub fn advance(&self, n: u64) -> bool {
+        self.current.fetch_add(n, Ordering::Relaxed);
+        !self.cancelled.load(Ordering::Relaxed)
+    }
+    pub fn set_total(&self, n: u64) {
+        self.total.store(n, Ordering::Relaxed);
+    }
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+}
+
+/// An opened regular file: its stat at open time and ranged reads.
+pub trait ReadHandle: Send + Sync {
+    fn stat(&self) -> &EntryStat;
+    /// Bytes `start..end` (end exclusive) as a stream of chunks.
+    fn read_range(&self, start: u64, end: u64) -> ByteStream;
+}
+
+/// The outcome of streaming a body into staging. `written` bytes are durable (synced) even when
+/// the body broke off (`body_error`).
+#[derive(Debug)]
+pub struct StagedWrite {
+    pub written: u64,
+    pub body_error: Option<io::Error>,
+}
+
+/// Where upload bytes wait until the upload completes. For vfs/xfs this is a file in the quota
+/// scope's `.upload/` directory: same filesystem as the vfolder (atomic rename), counted against
+/// the scope's quota, invisible in listings and to session containers (which mount only vfolders).
+#[async_trait]
+pub trait UploadStaging: Send + Sync {
+    async fn prepare(&self, vfid: &VFolderId, session: &str) -> Result<()>;
+    /// Cuts the staged data back to `offset` (crash recovery, discarded chunks).
+    async fn truncate(&self, vfid: &VFolderId, session: &str, offset: u64) -> Result<()>;
+    /// Writes `body` at `offset` and syncs before returning.
+    async fn write(
+        &self,
+        vfid: &VFolderId,
+        session: &str,
+        offset: u64,
+        body: ByteStream,
+    ) -> Result<StagedWrite>;
+    /// Moves the completed upload to `dst` in the vfolder (parents created, an existing file
+    /// replaced atomically).
+    async fn finish(&self, vfid: &VFolderId, session: &str, dst: &RelPath) -> Result<()>;
+    async fn discard(&self, vfid: &VFolderId, session: &str) -> Result<()>;
+}
+
+#[async_trait]
+pub trait Volume: Send + Sync + fmt::Display {
+    fn name(&self) -> &str;
+    fn backend(&self) -> &'static str;
+    fn mount_path(&self) -> &Path;
+    fn fsprefix(&self) -> &str;
+    fn capabilities(&self) -> Vec<&'static str>;
+
+    async fn hwinfo(&self) -> HwInfo;
+    async fn fs_usage(&self) -> Result<FsUsage>;
+    async fn performance_metric(&self) -> Result<PerfMetric> {
+        Err(VolumeError::Unsupported {
+            backend: self.backend(),
+            op: "performance metrics",
+        })
+    }
+
+    async fn create_quota_scope(&self, qs: &QuotaScopeId, limit: Option<u64>) -> Result<()>;
+    /// None when the scope does not exist.
+    async fn describe_quota_scope(&self, qs: &QuotaScopeId) -> Result<Option<QuotaUsage>>;
+    /// Sets the limit, creating the scope first when it is missing.
+    async fn update_quota_scope(&self, qs: &QuotaScopeId, limit: u64) -> Result<()>;
+    async fn unset_quota(&self, qs: &QuotaScopeId) -> Result<()>;
+
+    async fn create_vfolder(&self, vf: &VFolderId, mode: u32) -> Result<()>;
+    async fn vfolder_exists(&self, vf: &VFolderId) -> Result<bool>;
+    /// Idempotent: deleting a missing vfolder succeeds (so an interrupted delete can resume).
+    async fn delete_vfolder(&self, vf: &VFolderId, progress: Arc<Progress>) -> Result<()>;
+    /// Copies `src` into a new vfolder `dst` on this volume; on failure `dst` is removed.
+    async fn clone_vfolder(
+        &self,
+        src: &VFolderId,
+        dst: &VFolderId,
+        progress: Arc<Progress>,
+    ) -> Result<()>;
+    /// The host path of the vfolder root after checking that `subpath` stays inside it.
+    async fn vfolder_host_path(&self, vf: &VFolderId, subpath: &RelPath) -> Result<PathBuf>;
+    async fn usage(&self, vf: &VFolderId) -> Result<TreeUsage>;
+    async fn used_bytes(&self, vf: &VFolderId) -> Result<u64>;
+
+    async fn list(&self, vf: &VFolderId, dir: &RelPath, limit: usize) -> Result<Listing>;
+    async fn mkdir(&self, vf: &VFolderId, p: &RelPath, parents: bool, exist_ok: bool)
+    -> Result<()>;
+    async fn rename(&self, vf: &VFolderId, p: &RelPath, new_name: &str) -> Result<()>;
+    async fn move_path(&self, vf: &VFolderId, src: &RelPath, dst: &RelPath) -> Result<()>;
+    /// Missing paths are skipped; a directory without `recursive` is an error (ENOTEMPTY/EISDIR).
+    async fn delete_files(
+        &self,
+        vf: &VFolderId,
+        paths: &[RelPath],
+        recursive: bool,
+        progress: Arc<Progress>,
+    ) -> Result<()>;
+    async fn stat(&self, vf: &VFolderId, p: &RelPath) -> Result<EntryStat>;
+    async fn open_read(&self, vf: &VFolderId, p: &RelPath) -> Result<Box<dyn ReadHandle>>;
+    /// Every entry under `dir` (which must be a directory), directories before their contents,
+    /// streamed so that huge trees stay flat in memory.
+    async fn walk(
+        &self,
+        vf: &VFolderId,
+        dir: &RelPath,
+    ) -> Result<BoxStream<'static, io::Result<WalkEntry>>>;
+
+    fn staging(&self) -> &dyn UploadStaging;
+}
+
+/// All configured volumes by name.
+#[derive(Clone)]
+pub struct Volumes {
+    by_name: Arc<BTreeMap<String, Arc<dyn Volume>>>,
+}
+
+impl Volumes {
+    pub fn open(configs: &[VolumeConfig], owner: Option<fsops::Owner>) -> Result<Self> {
+        let mut by_name = BTreeMap::new();
+        for c in configs {
+            let v: Arc<dyn Volume> = match c.backend.as_str() {
+                "vfs" => Arc::new(vfs::VfsVolume::open(c, owner)?),
+                other => {
+                    return Err(VolumeError::Internal(format!(
+                        "volume {}: backend {other:?} is not built in",
+                        c.name
+                    )));
+                }
+            };
+            by_name.insert(c.name.clone(), v);
+        }
+        Ok(Volumes {
+            by_name: Arc::new(by_name),
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Arc<dyn Volume>> {
+        self.by_name
+            .get(name)
+            .ok_or_else(|| VolumeError::UnknownVolume(name.to_string()))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Volume>> {
+        self.by_name.values()
+    }
+}

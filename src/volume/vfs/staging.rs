@@ -1,0 +1,205 @@
+//! Upload staging on a local filesystem: `<volume>/<qs-hex>/.upload/<session>`.
+//!
+//! Outside the vfolder (so listings and session containers never see it) but inside the quota
+//! scope directory (so an XFS project quota counts it) and on the same filesystem (so completion
+//! is one atomic rename).
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+
+use crate::ids::VFolderId;
+use crate::volume::fsops::{self, Owner};
+use crate::volume::{ByteStream, RelPath, Result, StagedWrite, UploadStaging, VolumeError};
+
+/// Body chunks are gathered to this size before one write call.
+const WRITE_BLOCK: usize = 1 << 20;
+
+pub struct VfsStaging {
+    pub(super) root_fd: Arc<OwnedFd>,
+    pub(super) owner: Option<Owner>,
+}
+
+fn staging_dir(vf: &VFolderId) -> RelPath {
+    let base = match &vf.quota_scope {
+        Some(qs) => RelPath::root().join_name(&qs.dir_name()),
+        None => RelPath::root(),
+    };
+    base.join_name(".upload")
+}
+
+fn io_err(what: &str, e: io::Error) -> VolumeError {
+    VolumeError::Io {
+        path: what.to_string(),
+        source: e,
+    }
+}
+
+impl VfsStaging {
+    fn open_staged(&self, vf: &VFolderId, session: &str, flags: i32) -> io::Result<OwnedFd> {
+        let p = staging_dir(vf).join_name(session);
+        fsops::open_beneath(self.root_fd.as_fd(), &p, flags, 0o644)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| VolumeError::Internal(format!("blocking task failed: {e}")))?
+}
+
+#[async_trait]
+impl UploadStaging for VfsStaging {
+    async fn prepare(&self, vf: &VFolderId, session: &str) -> Result<()> {
+        let root = self.root_fd.clone();
+        let owner = self.owner;
+        let (vf, session) = (*vf, session.to_string());
+        blocking(move || {
+            let dir = staging_dir(&vf);
+            let dfd = fsops::mkdir_all_beneath(root.as_fd(), &dir, 0o700, None)
+                .map_err(|e| io_err(".upload", e))?;
+            let f = fsops::open_beneath_path(
+                dfd.as_fd(),
+                std::path::Path::new(&session),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW,
+                0o644,
+            )
+            .map_err(|e| io_err(".upload", e))?;
+            fsops::fchown(f.as_fd(), owner).map_err(|e| io_err(".upload", e))?;
+            fsops::fsync_dir(dfd.as_fd()).map_err(|e| io_err(".upload", e))
+        })
+        .await
+    }
+
+    async fn truncate(&self, vf: &VFolderId, session: &str, offset: u64) -> Result<()> {
+        let fd = self
+            .open_staged(vf, session, libc::O_WRONLY)
+            .map_err(|e| io_err(".upload", e))?;
+        blocking(move || {
+            let f = File::from(fd);
+            f.set_len(offset).map_err(|e| io_err(".upload", e))?;
+            f.sync_all().map_err(|e| io_err(".upload", e))
+        })
+        .await
+    }
+
+    async fn write(
+        &self,
+        vf: &VFolderId,
+        session: &str,
+        offset: u64,
+        mut body: ByteStream,
+    ) -> Result<StagedWrite> {
+        let fd = self
+            .open_staged(vf, session, libc::O_WRONLY)
+            .map_err(|e| io_err(".upload", e))?;
+        let file = File::from(fd);
+        // Bytes past the durable offset (from a crashed or cut-off earlier PATCH) are dropped.
+        let file = blocking(move || {
+            file.set_len(offset).map_err(|e| io_err(".upload", e))?;
+            Ok(file)
+        })
+        .await?;
+
+        // One blocking writer per PATCH, fed through a short channel: the network and the disk
+        // overlap, and at most a few blocks are in memory.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(3);
+        let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+            let mut pos = offset;
+            while let Some(block) = rx.blocking_recv() {
+                file.write_all_at(&block, pos)?;
+                pos += block.len() as u64;
+            }
+            file.sync_data()?;
+            Ok(pos - offset)
+        });
+
+        let mut buf = BytesMut::with_capacity(WRITE_BLOCK);
+        let mut body_error = None;
+        let mut writer_gone = false;
+        while let Some(item) = body.next().await {
+            match item {
+                Ok(chunk) => {
+                    buf.extend_from_slice(&chunk);
+                    if buf.len() >= WRITE_BLOCK {
+                        let block = buf.split().freeze();
+                        buf.reserve(WRITE_BLOCK);
+                        if tx.send(block).await.is_err() {
+                            writer_gone = true;
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    body_error = Some(e);
+                    break;
+                }
+            }
+        }
+        if !writer_gone && !buf.is_empty() {
+            let _ = tx.send(buf.freeze()).await;
+        }
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| VolumeError::Internal(format!("staging writer failed: {e}")))?
+            .map_err(|e| io_err(".upload", e))?;
+        Ok(StagedWrite {
+            written,
+            body_error,
+        })
+    }
+
+    async fn finish(&self, vf: &VFolderId, session: &str, dst: &RelPath) -> Result<()> {
+        let root = self.root_fd.clone();
+        let owner = self.owner;
+        let (vf, session, dst) = (*vf, session.to_string(), dst.clone());
+        blocking(move || {
+            let vf_fd = super::open_vfolder(root.as_fd(), &vf)?;
+            let (parent, name) = dst.split_last().ok_or_else(|| {
+                VolumeError::io(&dst, io::Error::from_raw_os_error(libc::EISDIR))
+            })?;
+            let pfd = fsops::mkdir_all_beneath(vf_fd.as_fd(), &parent, 0o755, owner)
+                .map_err(|e| VolumeError::io(&parent, e))?;
+            let sdir = fsops::open_dir_beneath(root.as_fd(), &staging_dir(&vf))
+                .map_err(|e| io_err(".upload", e))?;
+            fsops::rename_at(
+                sdir.as_fd(),
+                OsStr::new(&session),
+                pfd.as_fd(),
+                OsStr::new(name),
+                false,
+            )
+            .map_err(|e| VolumeError::io(&dst, e))?;
+            fsops::fsync_dir(pfd.as_fd()).map_err(|e| VolumeError::io(&dst, e))
+        })
+        .await
+    }
+
+    async fn discard(&self, vf: &VFolderId, session: &str) -> Result<()> {
+        let root = self.root_fd.clone();
+        let (vf, session) = (*vf, session.to_string());
+        blocking(move || {
+            let sdir = match fsops::open_dir_beneath(root.as_fd(), &staging_dir(&vf)) {
+                Ok(fd) => fd,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+                Err(e) => return Err(io_err(".upload", e)),
+            };
+            match fsops::unlink_at(sdir.as_fd(), OsStr::new(&session), false) {
+                Ok(()) => Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                Err(e) => Err(io_err(".upload", e)),
+            }
+        })
+        .await
+    }
+}
