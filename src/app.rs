@@ -25,7 +25,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "storage-agent starting"
     );
     for key in &config.ignored {
-        tracing::info!(key, "config key accepted for Backend.AI compatibility and ignored");
+        tracing::info!(
+            key,
+            "config key accepted for Backend.AI compatibility and ignored"
+        );
     }
     let state_dir = &config.daemon.state_dir;
     std::fs::create_dir_all(state_dir)
@@ -52,7 +55,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(path = %state_dir.join("state.db").display(), "state database ready");
     let volumes = Volumes::open(&config.volumes, config.proxy.owner)?;
     for v in volumes.iter() {
-        tracing::info!(volume = v.name(), backend = v.backend(), "volume {v} opened");
+        tracing::info!(
+            volume = v.name(),
+            backend = v.backend(),
+            "volume {v} opened"
+        );
     }
     let events = Events::none();
     let bgtasks = BgTasks::new(state.clone(), volumes.clone(), events.clone());
@@ -84,18 +91,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tls_of(&config.manager_api.listener),
     )
     .await
-    .with_context(|| format!("binding the manager API on {}", config.manager_api.listener.addr))?;
+    .with_context(|| {
+        format!(
+            "binding the manager API on {}",
+            config.manager_api.listener.addr
+        )
+    })?;
     let client_l = serve::bind("client", config.client_api.addr, tls_of(&config.client_api))
         .await
         .with_context(|| format!("binding the client API on {}", config.client_api.addr))?;
     let internal_l = serve::bind("internal", config.manager_api.internal_addr, false)
         .await
         .with_context(|| {
-            format!("binding the internal API on {}", config.manager_api.internal_addr)
+            format!(
+                "binding the internal API on {}",
+                config.manager_api.internal_addr
+            )
         })?;
 
     bgtasks.recover().await?;
-    spawn_upload_reaper(uploads, config.daemon.upload_reap_interval, shutdown.clone());
+    spawn_upload_reaper(
+        uploads,
+        config.daemon.upload_reap_interval,
+        shutdown.clone(),
+    );
     spawn_signal_handler(shutdown.clone());
     println!("ready node={}", config.proxy.node_id);
     tracing::info!("storage-agent ready");
@@ -155,9 +174,10 @@ fn spawn_upload_reaper(
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) =
-            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
@@ -165,7 +185,10 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        tracing::info!(signal = which, "shutting down: no new requests, finishing in-flight work");
+        tracing::info!(
+            signal = which,
+            "shutting down: no new requests, finishing in-flight work"
+        );
         shutdown.cancel();
     });
 }

@@ -103,9 +103,8 @@ impl BgTasks {
     pub async fn spawn(self: &Arc<Self>, spec: TaskSpec) -> Result<Uuid, StateError> {
         let id = Uuid::new_v4();
         let now = now_unix();
-        let params = serde_json::to_string(&spec).map_err(|e| {
-            StateError::Query(sqlx::Error::Protocol(format!("task params: {e}")))
-        })?;
+        let params = serde_json::to_string(&spec)
+            .map_err(|e| StateError::Query(sqlx::Error::Protocol(format!("task params: {e}"))))?;
         sqlx::query(
             "INSERT INTO bgtasks (id, kind, params, status, created_at, updated_at) VALUES (?, ?, ?, 'running', ?, ?)",
         )
@@ -266,13 +265,14 @@ impl BgTasks {
             p.current.load(Ordering::Relaxed),
             p.total.load(Ordering::Relaxed),
         );
-        let _ = sqlx::query("UPDATE bgtasks SET current = ?, total = ?, updated_at = ? WHERE id = ?")
-            .bind(current as i64)
-            .bind(total as i64)
-            .bind(now_unix())
-            .bind(id.to_string())
-            .execute(self.state.pool())
-            .await;
+        let _ =
+            sqlx::query("UPDATE bgtasks SET current = ?, total = ?, updated_at = ? WHERE id = ?")
+                .bind(current as i64)
+                .bind(total as i64)
+                .bind(now_unix())
+                .bind(id.to_string())
+                .execute(self.state.pool())
+                .await;
         self.events
             .publish(Event::BgTaskUpdated {
                 task_id: id,
@@ -373,8 +373,12 @@ impl BgTasks {
                         Err(e) => Err(e.to_string()),
                     };
                     let msg = match rollback {
-                        Ok(()) => "interrupted by a restart; the partial copy was removed".to_string(),
-                        Err(e) => format!("interrupted by a restart; removing the partial copy failed: {e}"),
+                        Ok(()) => {
+                            "interrupted by a restart; the partial copy was removed".to_string()
+                        }
+                        Err(e) => format!(
+                            "interrupted by a restart; removing the partial copy failed: {e}"
+                        ),
                     };
                     self.save(id, "failed", 0, 0, None, Some(&msg)).await;
                     self.emit_outcome(id, &spec, Some(msg)).await;
@@ -395,7 +399,10 @@ impl BgTasks {
             p.cancel();
         }
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("background tasks did not stop within the shutdown grace period");
         }
     }

@@ -173,8 +173,8 @@ mod tests {
             v.to_string(),
             format!("user:{U}/0123456789abcdef0123456789abcdef")
         );
-        let dashed = VFolderId::parse(&format!("user:{U}/01234567-89ab-cdef-0123-456789abcdef"))
-            .unwrap();
+        let dashed =
+            VFolderId::parse(&format!("user:{U}/01234567-89ab-cdef-0123-456789abcdef")).unwrap();
         assert_eq!(dashed, v);
         let legacy = VFolderId::parse("0123456789abcdef0123456789abcdef").unwrap();
         assert!(legacy.quota_scope.is_none());

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use storage_agent::config::{self, ConfigError, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "storage-agent", version, about = "Backend.AI storage proxy + storage agent")]
+#[command(
+    name = "storage-agent",
+    version,
+    about = "Backend.AI storage proxy + storage agent"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

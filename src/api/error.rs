@@ -40,44 +40,55 @@ enum Body {
 }
 
 #[derive(Debug)]
-pub struct ApiError {
+struct Inner {
     status: StatusCode,
     body: Body,
     headers: HeaderMap,
 }
 
+/// Boxed: errors travel through every handler's `Result`, and the happy path should stay small.
+#[derive(Debug)]
+pub struct ApiError(Box<Inner>);
+
 impl ApiError {
+    fn new(status: StatusCode, body: Body) -> Self {
+        ApiError(Box::new(Inner {
+            status,
+            body,
+            headers: HeaderMap::new(),
+        }))
+    }
+
     /// A problem+json error. `kind` is the part after `https://api.backend.ai/probs/`.
     pub fn problem(status: StatusCode, kind: &str, title: &str) -> Self {
-        ApiError {
+        Self::new(
             status,
-            body: Body::Problem(Problem {
+            Body::Problem(Problem {
                 type_: format!("{PROBLEM_BASE}{kind}"),
                 title: title.to_string(),
                 error_code: None,
                 msg: None,
                 data: None,
             }),
-            headers: HeaderMap::new(),
-        }
+        )
     }
 
     pub fn code(mut self, code: &str) -> Self {
-        if let Body::Problem(p) = &mut self.body {
+        if let Body::Problem(p) = &mut self.0.body {
             p.error_code = Some(code.to_string());
         }
         self
     }
 
     pub fn msg(mut self, msg: impl Into<String>) -> Self {
-        if let Body::Problem(p) = &mut self.body {
+        if let Body::Problem(p) = &mut self.0.body {
             p.msg = Some(msg.into());
         }
         self
     }
 
     pub fn data(mut self, data: Value) -> Self {
-        if let Body::Problem(p) = &mut self.body {
+        if let Body::Problem(p) = &mut self.0.body {
             p.data = Some(data);
         }
         self
@@ -85,38 +96,26 @@ impl ApiError {
 
     pub fn header(mut self, name: HeaderName, value: impl AsRef<str>) -> Self {
         if let Ok(v) = HeaderValue::from_str(value.as_ref()) {
-            self.headers.insert(name, v);
+            self.0.headers.insert(name, v);
         }
         self
     }
 
     pub fn status(&self) -> StatusCode {
-        self.status
+        self.0.status
     }
 
     /// Plain JSON, for the few error shapes Backend.AI's manager reads as such.
     pub fn plain_json(status: StatusCode, body: Value) -> Self {
-        ApiError {
-            status,
-            body: Body::Json(body),
-            headers: HeaderMap::new(),
-        }
+        Self::new(status, Body::Json(body))
     }
 
     pub fn text(status: StatusCode, text: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            body: Body::Text(text.into()),
-            headers: HeaderMap::new(),
-        }
+        Self::new(status, Body::Text(text.into()))
     }
 
     pub fn empty(status: StatusCode) -> Self {
-        ApiError {
-            status,
-            body: Body::Empty,
-            headers: HeaderMap::new(),
-        }
+        Self::new(status, Body::Empty)
     }
 
     pub fn forbidden(missing: bool) -> Self {
@@ -238,11 +237,13 @@ impl From<VolumeError> for ApiError {
     fn from(e: VolumeError) -> Self {
         use VolumeError as V;
         match e {
-            V::UnknownVolume(name) => {
-                Self::problem(StatusCode::BAD_REQUEST, "storage/volume/invalid", "Invalid Volume")
-                    .code("storage_access_invalid-parameters")
-                    .msg(name)
-            }
+            V::UnknownVolume(name) => Self::problem(
+                StatusCode::BAD_REQUEST,
+                "storage/volume/invalid",
+                "Invalid Volume",
+            )
+            .code("storage_access_invalid-parameters")
+            .msg(name),
             V::VFolderNotFound(vf) => Self::problem(
                 StatusCode::NOT_FOUND,
                 "storage/vfolder/not-found",
@@ -268,10 +269,9 @@ impl From<VolumeError> for ApiError {
                 StatusCode::CONFLICT,
                 json!({"msg": "Volume already exists with given quota scope."}),
             ),
-            V::QuotaScopeRequired(vf) => Self::invalid_param(
-                "vfid",
-                format!("quota_scope_id is required for vfid {vf}"),
-            ),
+            V::QuotaScopeRequired(vf) => {
+                Self::invalid_param("vfid", format!("quota_scope_id is required for vfid {vf}"))
+            }
             V::InvalidPath { path, source } => {
                 Self::invalid_param("relpath", format!("{source}: {path:?}"))
             }
@@ -316,36 +316,37 @@ impl From<UploadError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::error!(status = %self.status, body = ?self.body, "request failed");
+        let this = *self.0;
+        if this.status.is_server_error() {
+            tracing::error!(status = %this.status, body = ?this.body, "request failed");
         } else {
-            tracing::debug!(status = %self.status, body = ?self.body, "request refused");
+            tracing::debug!(status = %this.status, body = ?this.body, "request refused");
         }
-        let mut resp = match self.body {
+        let mut resp = match this.body {
             Body::Problem(p) => {
                 let body = serde_json::to_vec(&p).unwrap_or_default();
                 (
-                    self.status,
+                    this.status,
                     [(header::CONTENT_TYPE, "application/problem+json")],
                     body,
                 )
                     .into_response()
             }
             Body::Json(v) => (
-                self.status,
+                this.status,
                 [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
                 serde_json::to_vec(&v).unwrap_or_default(),
             )
                 .into_response(),
             Body::Text(t) => (
-                self.status,
+                this.status,
                 [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
                 t,
             )
                 .into_response(),
-            Body::Empty => self.status.into_response(),
+            Body::Empty => this.status.into_response(),
         };
-        resp.headers_mut().extend(self.headers);
+        resp.headers_mut().extend(this.headers);
         resp
     }
 }

@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 
+use super::AppState;
 use super::error::ApiError;
 
 /// Turns a serde error with its path into `{"field": "message"}`.
@@ -59,24 +61,39 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
-async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
-    Bytes::from_request(req, state).await.map_err(|e| {
-        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::payload_too_large()
-        } else {
-            ApiError::malformed("cannot read body").msg(e.body_text())
+/// Reads a body of at most `limit` bytes. Past the limit, a bounded amount more is read and
+/// dropped before answering 413, so the client finishes sending and sees the answer instead of
+/// a reset connection.
+pub async fn body_bytes(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
+    const DRAIN_LIMIT: usize = 8 << 20;
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::malformed("cannot read body").msg(e.to_string()))?;
+        if buf.len() + chunk.len() > limit {
+            let mut dropped = 0;
+            while dropped < DRAIN_LIMIT {
+                match tokio::time::timeout(std::time::Duration::from_secs(2), stream.next()).await {
+                    Ok(Some(Ok(c))) => dropped += c.len(),
+                    _ => break,
+                }
+            }
+            return Err(ApiError::payload_too_large());
         }
-    })
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
 }
 
-/// A JSON request body (the size limit is the router's `DefaultBodyLimit`).
+/// A JSON request body, at most `[storage-agent] max-json-body` bytes.
 pub struct ApiJson<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = body_bytes(req, state).await?;
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let bytes = body_bytes(req.into_body(), state.config.daemon.max_json_body).await?;
         parse_json(&bytes).map(ApiJson)
     }
 }
@@ -84,11 +101,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 /// For routes without parameters: any body is refused, as Backend.AI does.
 pub struct EmptyBody;
 
-impl<S: Send + Sync> FromRequest<S> for EmptyBody {
+impl FromRequest<AppState> for EmptyBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = body_bytes(req, state).await?;
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let bytes = body_bytes(req.into_body(), state.config.daemon.max_json_body).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             Ok(EmptyBody)
         } else {

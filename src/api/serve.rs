@@ -115,7 +115,13 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!(api = name, "stopped accepting; draining connections");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(api = name, "connections still open after the shutdown grace period");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            api = name,
+            "connections still open after the shutdown grace period"
+        );
     }
 }

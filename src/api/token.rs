@@ -102,17 +102,20 @@ impl Tokens {
         let mut v = Validation::new(Algorithm::HS256);
         v.validate_exp = false;
         v.required_spec_claims.clear();
-        let data = jsonwebtoken::decode::<serde_json::Value>(token, &self.dec, &v).map_err(|e| {
-            match e.kind() {
+        let data =
+            jsonwebtoken::decode::<serde_json::Value>(token, &self.dec, &v).map_err(|e| match e
+                .kind()
+            {
                 jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::BadSignature,
                 _ => TokenError::Malformed(e.to_string()),
-            }
-        })?;
+            })?;
         let claims = data.claims;
         let exp = claims.get("exp").and_then(serde_json::Value::as_i64);
         match exp {
             None => return Err(TokenError::Claims("exp is required".into())),
-            Some(exp) if exp <= crate::state::now_unix() => return Err(TokenError::Expired(claims)),
+            Some(exp) if exp <= crate::state::now_unix() => {
+                return Err(TokenError::Expired(claims));
+            }
             Some(_) => {}
         }
         serde_json::from_value(claims).map_err(|e| TokenError::Claims(e.to_string()))
@@ -127,7 +130,10 @@ mod tests {
         UploadClaims {
             op: UploadOp::Upload,
             volume: "v".into(),
-            vfid: VFolderId::parse("user:550e8400-e29b-41d4-a716-446655440000/0123456789abcdef0123456789abcdef").unwrap(),
+            vfid: VFolderId::parse(
+                "user:550e8400-e29b-41d4-a716-446655440000/0123456789abcdef0123456789abcdef",
+            )
+            .unwrap(),
             relpath: RelPath::parse("a/b.txt").unwrap(),
             size: 3,
             session: "00".repeat(16),
@@ -142,12 +148,24 @@ mod tests {
         let back: UploadClaims = t.decode(&tok).unwrap();
         assert_eq!(back.relpath.as_str(), "a/b.txt");
         // An upload token is not a download token.
-        assert!(matches!(t.decode::<DownloadClaims>(&tok), Err(TokenError::Claims(_))));
+        assert!(matches!(
+            t.decode::<DownloadClaims>(&tok),
+            Err(TokenError::Claims(_))
+        ));
         let other = Tokens::new("another-secret-xx", Duration::from_secs(60));
-        assert!(matches!(other.decode::<UploadClaims>(&tok), Err(TokenError::BadSignature)));
+        assert!(matches!(
+            other.decode::<UploadClaims>(&tok),
+            Err(TokenError::BadSignature)
+        ));
         let old = t.mint(&claims(crate::state::now_unix() - 5)).unwrap();
-        assert!(matches!(t.decode::<UploadClaims>(&old), Err(TokenError::Expired(_))));
-        assert!(matches!(t.decode::<UploadClaims>("garbage"), Err(TokenError::Malformed(_))));
+        assert!(matches!(
+            t.decode::<UploadClaims>(&old),
+            Err(TokenError::Expired(_))
+        ));
+        assert!(matches!(
+            t.decode::<UploadClaims>("garbage"),
+            Err(TokenError::Malformed(_))
+        ));
         // The wire claim names are Backend.AI's.
         let payload: serde_json::Value = serde_json::to_value(claims(1)).unwrap();
         for k in ["op", "volume", "vfid", "relpath", "size", "session", "exp"] {

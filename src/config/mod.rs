@@ -270,11 +270,11 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
             "a non-empty name without spaces",
         );
     }
-    if proxy.session_expire.as_secs() < 60 {
+    if proxy.session_expire.as_secs() < 1 {
         problems.push(
             sp.key_path("session-expire"),
             format!("{:?}", proxy.session_expire),
-            "at least 60 seconds",
+            "at least 1 second",
         );
     }
     if let Some(s) = &proxy.secret {
@@ -290,7 +290,10 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
     let ours = root.section("storage-agent");
     let daemon = DaemonConfig {
         state_dir: ours.path("state-dir", "./state"),
-        log_format: match ours.choice("log-format", &["text", "json"], "text").as_str() {
+        log_format: match ours
+            .choice("log-format", &["text", "json"], "text")
+            .as_str()
+        {
             "json" => LogFormat::Json,
             _ => LogFormat::Text,
         },
@@ -387,8 +390,11 @@ fn read_owner(sec: &Section) -> Option<crate::volume::fsops::Owner> {
                 found
             }
             other => {
-                sec.problems()
-                    .push(sec.key_path(key), reader::show(other), "a name or a numeric id");
+                sec.problems().push(
+                    sec.key_path(key),
+                    reader::show(other),
+                    "a name or a numeric id",
+                );
                 None
             }
         }

@@ -20,7 +20,11 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {} (allowed: {})", self.key, self.value, self.allowed)
+        write!(
+            f,
+            "{}: {} (allowed: {})",
+            self.key, self.value, self.allowed
+        )
     }
 }
 
@@ -29,7 +33,12 @@ impl fmt::Display for Problem {
 pub struct Problems(RefCell<Vec<Problem>>);
 
 impl Problems {
-    pub fn push(&self, key: impl Into<String>, value: impl Into<String>, allowed: impl Into<String>) {
+    pub fn push(
+        &self,
+        key: impl Into<String>,
+        value: impl Into<String>,
+        allowed: impl Into<String>,
+    ) {
         self.0.borrow_mut().push(Problem {
             key: key.into(),
             value: value.into(),
@@ -259,7 +268,11 @@ impl<'a> Section<'a> {
                 default
             }),
             Some(other) => {
-                self.bad(key, other, "a byte size such as 1048576, \"512m\", \"100g\"");
+                self.bad(
+                    key,
+                    other,
+                    "a byte size such as 1048576, \"512m\", \"100g\"",
+                );
                 default
             }
         }
@@ -278,11 +291,19 @@ impl<'a> Section<'a> {
             Some(Value::Integer(i)) if *i >= 0 => Duration::from_secs(*i as u64),
             Some(Value::Float(f)) if *f >= 0.0 && f.is_finite() => Duration::from_secs_f64(*f),
             Some(v @ Value::String(s)) => parse_duration(s).unwrap_or_else(|| {
-                self.bad(key, v, "a duration such as 30, \"30s\", \"15m\", \"1h\", \"1d\"");
+                self.bad(
+                    key,
+                    v,
+                    "a duration such as 30, \"30s\", \"15m\", \"1h\", \"1d\"",
+                );
                 default
             }),
             Some(other) => {
-                self.bad(key, other, "a duration such as 30, \"30s\", \"15m\", \"1h\", \"1d\"");
+                self.bad(
+                    key,
+                    other,
+                    "a duration such as 30, \"30s\", \"15m\", \"1h\", \"1d\"",
+                );
                 default
             }
         }
@@ -305,7 +326,11 @@ impl<'a> Section<'a> {
         match text.as_deref().and_then(resolve_addr) {
             Some(a) => a,
             None => {
-                self.bad(key, v, "\"host:port\" or {host = \"...\", port = N}, port 0-65535");
+                self.bad(
+                    key,
+                    v,
+                    "\"host:port\" or {host = \"...\", port = N}, port 0-65535",
+                );
                 fallback()
             }
         }
@@ -399,9 +424,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 /// "1h" → 3600 s. Units: ms, s, m, h, d, w, mo (30 d), yr (365 d); a bare number is seconds.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let t = s.trim().to_ascii_lowercase();
-    let split = t
-        .find(|c: char| c.is_ascii_alphabetic())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: f64 = num.trim().parse().ok()?;
     let secs = match unit.trim() {

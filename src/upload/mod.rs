@@ -221,7 +221,10 @@ impl Uploads {
             n += 1;
         }
         if n > 0 {
-            tracing::info!(uploads = n, "upload staging restored to acknowledged offsets");
+            tracing::info!(
+                uploads = n,
+                "upload staging restored to acknowledged offsets"
+            );
         }
         Ok(())
     }
@@ -229,15 +232,16 @@ impl Uploads {
     /// Deletes the staging data of expired uploads; forgets them a day later.
     pub async fn reap_expired(&self) -> Result<usize, UploadError> {
         let now = now_unix();
-        let rows = sqlx::query(
-            "SELECT * FROM uploads WHERE state != 'expired' AND expires_at <= ?",
-        )
-        .bind(now)
-        .fetch_all(self.state.pool())
-        .await?;
+        let rows =
+            sqlx::query("SELECT * FROM uploads WHERE state != 'expired' AND expires_at <= ?")
+                .bind(now)
+                .fetch_all(self.state.pool())
+                .await?;
         let mut reaped = 0;
         for row in &rows {
-            let Ok(rec) = row_to_record(row) else { continue };
+            let Ok(rec) = row_to_record(row) else {
+                continue;
+            };
             // Never reap an upload someone is writing right now; the next round will.
             let Ok(_lock) = self.locks.try_lock(&rec.session) else {
                 continue;
@@ -265,12 +269,14 @@ impl Uploads {
 
 /// A deleted vfolder takes its pending uploads with it.
 pub async fn forget_vfolder(state: &State, volume: &dyn Volume, vfid: &VFolderId) {
-    let rows = sqlx::query("SELECT session FROM uploads WHERE volume = ? AND vfid = ? AND state = 'active'")
-        .bind(volume.name())
-        .bind(vfid.to_string())
-        .fetch_all(state.pool())
-        .await
-        .unwrap_or_default();
+    let rows = sqlx::query(
+        "SELECT session FROM uploads WHERE volume = ? AND vfid = ? AND state = 'active'",
+    )
+    .bind(volume.name())
+    .bind(vfid.to_string())
+    .fetch_all(state.pool())
+    .await
+    .unwrap_or_default();
     for row in rows {
         let session: String = row.get(0);
         let _ = volume.staging().discard(vfid, &session).await;

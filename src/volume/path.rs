@@ -157,10 +157,7 @@ mod tests {
             RelPath::parse(&"x".repeat(256)),
             Err(PathError::NameTooLong)
         );
-        assert_eq!(
-            RelPath::parse(&"a/".repeat(2049)),
-            Err(PathError::TooLong)
-        );
+        assert_eq!(RelPath::parse(&"a/".repeat(2049)), Err(PathError::TooLong));
         assert_eq!(RelPath::parse_name("a/b"), Err(PathError::NotAName));
         assert_eq!(RelPath::parse_name(".."), Err(PathError::ParentComponent));
         assert_eq!(RelPath::parse_name("."), Err(PathError::Root));
@@ -173,6 +170,10 @@ mod tests {
         assert_eq!((parent.as_str(), name), ("a/b", "c"));
         assert_eq!(RelPath::root().join(&p), p);
         assert!(p.starts_with(&RelPath::parse("a/b").unwrap()));
-        assert!(!RelPath::parse("a/bc").unwrap().starts_with(&RelPath::parse("a/b").unwrap()));
+        assert!(
+            !RelPath::parse("a/bc")
+                .unwrap()
+                .starts_with(&RelPath::parse("a/b").unwrap())
+        );
     }
 }

@@ -110,7 +110,7 @@ pub fn scan_tree(root: BorrowedFd, threads: usize) -> io::Result<ScanTotals> {
 
 fn scan_one(
     root: BorrowedFd,
-    dir: &PathBuf,
+    dir: &std::path::Path,
     t: &mut ScanTotals,
     linked: &mut Vec<((u64, u64), u64)>,
     subdirs: &mut Vec<PathBuf>,

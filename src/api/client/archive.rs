@@ -131,7 +131,13 @@ fn add_file(
     Ok(())
 }
 
-fn add_root(zw: &mut Zip, rt: &Handle, v: &dyn Volume, vf: &VFolderId, root: &Root) -> io::Result<()> {
+fn add_root(
+    zw: &mut Zip,
+    rt: &Handle,
+    v: &dyn Volume,
+    vf: &VFolderId,
+    root: &Root,
+) -> io::Result<()> {
     match root.stat.kind {
         EntryKind::Directory => {
             if !root.name.is_empty() {

@@ -40,8 +40,12 @@ pub struct ArchiveQuery {
 }
 
 fn file_not_found(what: &str) -> ApiError {
-    ApiError::problem(StatusCode::NOT_FOUND, "storage/file-not-found", "File not found")
-        .msg(format!("File not found: {what}"))
+    ApiError::problem(
+        StatusCode::NOT_FOUND,
+        "storage/file-not-found",
+        "File not found",
+    )
+    .msg(format!("File not found: {what}"))
 }
 
 /// Anything that means "there is no such file for you" (missing, outside the vfolder, a
@@ -100,14 +104,17 @@ fn etag_of(stat: &EntryStat) -> String {
 }
 
 fn http_date_secs(t: SystemTime) -> SystemTime {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     UNIX_EPOCH + Duration::from_secs(secs)
 }
 
 fn etag_matches(list: &str, etag: &str, weak: bool) -> bool {
-    list.split(',').map(str::trim).any(|t| {
-        t == "*" || t == etag || (weak && t.strip_prefix("W/") == Some(etag))
-    })
+    list.split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t == etag || (weak && t.strip_prefix("W/") == Some(etag)))
 }
 
 fn parse_date(h: &HeaderMap, name: header::HeaderName) -> Option<SystemTime> {
@@ -179,7 +186,12 @@ pub fn serve_file(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/octet-stream"),
             );
-            (StatusCode::OK, headers, Body::from_stream(h.read_range(0, size))).into_response()
+            (
+                StatusCode::OK,
+                headers,
+                Body::from_stream(h.read_range(0, size)),
+            )
+                .into_response()
         }
         RangeRequest::Unsatisfiable => {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
@@ -227,7 +239,12 @@ fn if_range_holds(req: &HeaderMap, etag: &str, mtime: SystemTime) -> bool {
 }
 
 /// `multipart/byteranges` with an exact Content-Length, streamed part by part.
-fn multipart(mut headers: HeaderMap, h: Box<dyn ReadHandle>, rs: &[(u64, u64)], size: u64) -> Response {
+fn multipart(
+    mut headers: HeaderMap,
+    h: Box<dyn ReadHandle>,
+    rs: &[(u64, u64)],
+    size: u64,
+) -> Response {
     let boundary = uuid::Uuid::new_v4().simple().to_string();
     let mut total = 0u64;
     let mut parts = Vec::new();
@@ -253,7 +270,10 @@ fn multipart(mut headers: HeaderMap, h: Box<dyn ReadHandle>, rs: &[(u64, u64)], 
 
 fn zip_response(body: Body, filename: &str, no_cache: bool) -> Response {
     let mut h = HeaderMap::new();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/zip"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/zip"),
+    );
     if let Ok(v) = HeaderValue::from_str(&content_disposition(filename)) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
@@ -294,9 +314,11 @@ pub async fn download(
         EntryKind::Directory if q.archive || c.archive => {
             let name = format!(
                 "{}.zip",
-                path.file_name()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| c.vfid.folder.simple().to_string())
+                path.file_name().map(str::to_string).unwrap_or_else(|| c
+                    .vfid
+                    .folder
+                    .simple()
+                    .to_string())
             );
             if method == Method::HEAD {
                 return Ok(zip_response(Body::empty(), &name, no_cache));
@@ -345,7 +367,9 @@ pub async fn download_archive(
         .ok_or_else(|| ApiError::invalid_param("token", "is required"))?;
     let c: ArchiveClaims = st.tokens.decode(token).map_err(jwt_error)?;
     if c.files.is_empty() {
-        return Err(jwt_error(TokenError::Claims("files must not be empty".into())));
+        return Err(jwt_error(TokenError::Claims(
+            "files must not be empty".into(),
+        )));
     }
     if let Some(name) = &c.filename {
         check_archive_filename(name).map_err(|e| ApiError::invalid_param("filename", e))?;
@@ -415,7 +439,10 @@ pub async fn cors(req: axum::extract::Request, next: axum::middleware::Next) -> 
                     "Range, If-Range, If-None-Match, If-Modified-Since",
                 )),
             );
-            h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("86400"));
+            h.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("86400"),
+            );
         }
     }
     resp

@@ -28,10 +28,7 @@ pub fn router(state: AppState) -> Router {
         )
         .layer(middleware::from_fn(tus::cors));
     let download = Router::new()
-        .route(
-            "/download",
-            get(download::download).options(|| async {}),
-        )
+        .route("/download", get(download::download).options(|| async {}))
         .route(
             "/download-archive",
             get(download::download_archive).options(|| async {}),

@@ -71,12 +71,18 @@ fn not_found() -> ApiError {
 }
 
 fn gone(expired_at: i64) -> ApiError {
-    ApiError::problem(StatusCode::GONE, "storage/tus-session-expired", "Upload expired")
-        .code("storage-proxy_read_gone")
-        .msg(format!(
-            "the upload expired at {}; start a new one",
-            httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(expired_at.max(0) as u64))
-        ))
+    ApiError::problem(
+        StatusCode::GONE,
+        "storage/tus-session-expired",
+        "Upload expired",
+    )
+    .code("storage-proxy_read_gone")
+    .msg(format!(
+        "the upload expired at {}; start a new one",
+        httpdate::fmt_http_date(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(expired_at.max(0) as u64)
+        )
+    ))
 }
 
 fn offset_mismatch(expected: u64, got: u64) -> ApiError {
@@ -86,13 +92,19 @@ fn offset_mismatch(expected: u64, got: u64) -> ApiError {
         "Upload Offset Mismatch",
     )
     .code("storage-proxy_update_conflict")
-    .msg(format!("Upload offset mismatch: expected {expected}, got {got}"))
+    .msg(format!(
+        "Upload offset mismatch: expected {expected}, got {got}"
+    ))
 }
 
 fn locked() -> ApiError {
-    ApiError::problem(StatusCode::LOCKED, "storage/tus-upload-locked", "Upload locked")
-        .code("storage-proxy_update_conflict")
-        .msg("another request is still writing to this upload; retry shortly")
+    ApiError::problem(
+        StatusCode::LOCKED,
+        "storage/tus-upload-locked",
+        "Upload locked",
+    )
+    .code("storage-proxy_update_conflict")
+    .msg("another request is still writing to this upload; retry shortly")
 }
 
 fn too_large(size: u64) -> ApiError {
@@ -101,7 +113,9 @@ fn too_large(size: u64) -> ApiError {
         "storage/tus-upload-too-large",
         "Upload exceeds its length",
     )
-    .msg(format!("the upload is {size} bytes long; nothing past that is accepted"))
+    .msg(format!(
+        "the upload is {size} bytes long; nothing past that is accepted"
+    ))
 }
 
 fn checksum_mismatch() -> ApiError {
@@ -172,9 +186,7 @@ fn upload_claims(st: &AppState, token: Option<&str>) -> ApiResult<UploadClaims> 
     match st.tokens.decode::<UploadClaims>(t) {
         Ok(c) => Ok(c),
         // A genuine upload token past its expiry: tus's expiration extension says 410.
-        Err(TokenError::Expired(v))
-            if v.get("op").and_then(|o| o.as_str()) == Some("upload") =>
-        {
+        Err(TokenError::Expired(v)) if v.get("op").and_then(|o| o.as_str()) == Some("upload") => {
             Err(gone(v.get("exp").and_then(|e| e.as_i64()).unwrap_or(0)))
         }
         Err(e) => Err(ApiError::invalid_param("token", e.to_string())),
@@ -273,7 +285,12 @@ pub async fn delete(
     check_resumable(&headers)?;
     let c = upload_claims(&st, q.token.as_deref())?;
     let rec = load(&st, &c).await?;
-    let _lock = st.uploads.locks.lock(&rec.session).await.map_err(|_| locked())?;
+    let _lock = st
+        .uploads
+        .locks
+        .lock(&rec.session)
+        .await
+        .map_err(|_| locked())?;
     st.uploads.terminate(&rec).await?;
     Ok((
         StatusCode::NO_CONTENT,
@@ -288,33 +305,60 @@ pub async fn patch(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    check_resumable(&headers)?;
-    let c = upload_claims(&st, q.token.as_deref())?;
-    let offset = parse_u64_header(&headers, "upload-offset")?.ok_or_else(|| {
+    let mut body = Some(body);
+    let r = patch_with(&st, &q, &headers, &mut body).await;
+    drained_on_error(r, body).await
+}
+
+/// A request refused before its body was read still has its body in flight: reading (a bounded
+/// part of) it lets the client finish sending and see our answer instead of a reset connection.
+async fn drained_on_error<T>(r: ApiResult<T>, body: Option<Body>) -> ApiResult<T> {
+    if r.is_err()
+        && let Some(b) = body
+    {
+        drain(&mut b.into_data_stream()).await;
+    }
+    r
+}
+
+async fn patch_with(
+    st: &AppState,
+    q: &UploadQuery,
+    headers: &HeaderMap,
+    body: &mut Option<Body>,
+) -> ApiResult<Response> {
+    check_resumable(headers)?;
+    let c = upload_claims(st, q.token.as_deref())?;
+    let offset = parse_u64_header(headers, "upload-offset")?.ok_or_else(|| {
         bad_header(
             "upload-offset",
             "Missing required Upload-Offset header for TUS PATCH request",
         )
     })?;
-    let ctype = header_str(&headers, "content-type").unwrap_or("");
+    let ctype = header_str(headers, "content-type").unwrap_or("");
     if !ctype.eq_ignore_ascii_case(OFFSET_OCTET_STREAM) {
         return Err(ApiError::problem(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "storage/tus-unsupported-media-type",
             "Unsupported Media Type",
         )
-        .msg(format!("PATCH bodies must be {OFFSET_OCTET_STREAM}, got {ctype:?}")));
+        .msg(format!(
+            "PATCH bodies must be {OFFSET_OCTET_STREAM}, got {ctype:?}"
+        )));
     }
-    let expected = match header_str(&headers, "upload-checksum") {
-        None => None,
-        Some(v) => Some(checksum::parse(v).map_err(|e| bad_header("upload-checksum", e.to_string()))?),
-    };
-    let rec = load(&st, &c).await?;
-    let dst = destination(&q, &rec)?;
-    let announced = parse_u64_header(&headers, "content-length")?;
-    let offset = write_at(&st, rec, dst, offset, announced, expected, body).await?;
-    let rec = load_any(&st, &c).await?;
+    let expected = expected_checksum(headers)?;
+    let rec = load(st, &c).await?;
+    let dst = destination(q, &rec)?;
+    let announced = parse_u64_header(headers, "content-length")?;
+    let offset = write_at(st, rec, dst, offset, announced, expected, body).await?;
+    let rec = load_any(st, &c).await?;
     Ok((StatusCode::NO_CONTENT, upload_headers(&rec, offset)).into_response())
+}
+
+fn expected_checksum(headers: &HeaderMap) -> ApiResult<Option<Expected>> {
+    header_str(headers, "upload-checksum")
+        .map(|v| checksum::parse(v).map_err(|e| bad_header("upload-checksum", e.to_string())))
+        .transpose()
 }
 
 /// Like `load`, but an upload completed a moment ago is fine (its headers are still due).
@@ -342,15 +386,26 @@ pub async fn post(
         };
     }
     let (State(st), ApiQuery(q)) = (state, query);
-    check_resumable(&headers)?;
-    let c = upload_claims(&st, q.token.as_deref())?;
+    let mut body = Some(body);
+    let r = create(&st, &q, &headers, &mut body).await;
+    drained_on_error(r, body).await
+}
+
+async fn create(
+    st: &AppState,
+    q: &UploadQuery,
+    headers: &HeaderMap,
+    body: &mut Option<Body>,
+) -> ApiResult<Response> {
+    check_resumable(headers)?;
+    let c = upload_claims(st, q.token.as_deref())?;
     if headers.contains_key("upload-defer-length") {
         return Err(bad_header(
             "upload-defer-length",
             "the upload length is fixed by the token; send Upload-Length",
         ));
     }
-    let length = parse_u64_header(&headers, "upload-length")?
+    let length = parse_u64_header(headers, "upload-length")?
         .ok_or_else(|| bad_header("upload-length", "is required"))?;
     if length > st.config.proxy.max_upload_size {
         return Err(too_large(st.config.proxy.max_upload_size));
@@ -361,24 +416,19 @@ pub async fn post(
             format!("must equal the size the token was issued for ({})", c.size),
         ));
     }
-    let rec = load(&st, &c).await?;
-    let dst = destination(&q, &rec)?;
-    let with_data = header_str(&headers, "content-type")
+    let rec = load(st, &c).await?;
+    let dst = destination(q, &rec)?;
+    let with_data = header_str(headers, "content-type")
         .is_some_and(|t| t.eq_ignore_ascii_case(OFFSET_OCTET_STREAM));
     let offset = if with_data {
-        let expected = match header_str(&headers, "upload-checksum") {
-            None => None,
-            Some(v) => {
-                Some(checksum::parse(v).map_err(|e| bad_header("upload-checksum", e.to_string()))?)
-            }
-        };
-        let announced = parse_u64_header(&headers, "content-length")?;
+        let expected = expected_checksum(headers)?;
+        let announced = parse_u64_header(headers, "content-length")?;
         let at = offset_of(&rec);
-        write_at(&st, rec, dst, at, announced, expected, body).await?
+        write_at(st, rec, dst, at, announced, expected, body).await?
     } else {
         offset_of(&rec)
     };
-    let rec = load_any(&st, &c).await?;
+    let rec = load_any(st, &c).await?;
     let mut location = format!(
         "upload?token={}",
         percent_encoding::utf8_percent_encode(
@@ -459,6 +509,7 @@ fn guarded(g: Guard) -> ByteStream {
             Ok(chunk) => {
                 let n = chunk.len() as u64;
                 if n > g.remaining {
+                    drain(&mut g.inner).await;
                     let e = std::io::Error::other(BodyStop::TooLarge);
                     return Some((Err(e), None));
                 }
@@ -476,6 +527,50 @@ fn guarded(g: Guard) -> ByteStream {
     .boxed()
 }
 
+enum Precheck {
+    /// Go ahead and write through this volume.
+    Write(Arc<dyn crate::volume::Volume>),
+    /// Nothing to write; the upload is at this offset.
+    Done(u64),
+}
+
+/// The checks made under the lock, before any byte is read.
+async fn precheck(st: &AppState, session: &str, offset: u64, dst: &RelPath) -> ApiResult<Precheck> {
+    // Re-read under the lock: the previous holder may have moved the offset.
+    let rec = st.uploads.get(session).await?.ok_or_else(not_found)?;
+    if rec.state == UploadState::Done {
+        return if offset == rec.size {
+            Ok(Precheck::Done(rec.size))
+        } else {
+            Err(offset_mismatch(rec.size, offset))
+        };
+    }
+    if offset != rec.offset {
+        return Err(offset_mismatch(rec.offset, offset));
+    }
+    let v = st.uploads.volume(&rec.volume)?.clone();
+    check_upload_destination(v.as_ref(), &rec.vfid, dst).await?;
+    if rec.offset == rec.size {
+        // Everything is staged but the move into place failed before; try again.
+        st.uploads.complete(&rec, dst).await?;
+        return Ok(Precheck::Done(rec.size));
+    }
+    Ok(Precheck::Write(v))
+}
+
+/// Reads and drops what is left of an over-long body (bounded), so the client finishes sending
+/// and reads our 413 instead of a reset connection.
+async fn drain(inner: &mut axum::body::BodyDataStream) {
+    const DRAIN_LIMIT: u64 = 8 << 20;
+    let mut dropped = 0u64;
+    while dropped < DRAIN_LIMIT {
+        match tokio::time::timeout(Duration::from_secs(2), inner.next()).await {
+            Ok(Some(Ok(chunk))) => dropped += chunk.len() as u64,
+            _ => break,
+        }
+    }
+}
+
 /// Writes one PATCH body at `offset` and returns the new durable offset. Runs as its own task
 /// so that a client disconnecting mid-body cannot abort the bookkeeping halfway: whatever was
 /// synced is acknowledged (or, with a checksum, discarded) and the lock is released.
@@ -486,7 +581,7 @@ async fn write_at(
     offset: u64,
     announced: Option<u64>,
     expected: Option<Expected>,
-    body: Body,
+    body: &mut Option<Body>,
 ) -> ApiResult<u64> {
     if let Some(n) = announced
         && offset.saturating_add(n) > rec.size
@@ -500,6 +595,7 @@ async fn write_at(
         .await
         .map_err(|_| locked())?;
     let st = st.clone();
+    let body = body.take().unwrap_or_default();
     tokio::spawn(async move { write_locked(&st, lock, rec, dst, offset, expected, body).await })
         .await
         .map_err(|e| ApiError::internal(format!("upload task failed: {e}")))?
@@ -514,26 +610,15 @@ async fn write_locked(
     expected: Option<Expected>,
     body: Body,
 ) -> ApiResult<u64> {
-    // Re-read under the lock: the previous holder may have moved the offset.
+    let v = match precheck(st, &rec.session, offset, &dst).await {
+        Ok(Precheck::Write(v)) => v,
+        Ok(Precheck::Done(n)) => return Ok(n),
+        Err(e) => {
+            drain(&mut body.into_data_stream()).await;
+            return Err(e);
+        }
+    };
     let rec = st.uploads.get(&rec.session).await?.ok_or_else(not_found)?;
-    if rec.state == UploadState::Done {
-        return if offset == rec.size {
-            Ok(rec.size)
-        } else {
-            Err(offset_mismatch(rec.size, offset))
-        };
-    }
-    if offset != rec.offset {
-        return Err(offset_mismatch(rec.offset, offset));
-    }
-    let v = st.uploads.volume(&rec.volume)?.clone();
-    check_upload_destination(v.as_ref(), &rec.vfid, &dst).await?;
-    if rec.offset == rec.size {
-        // Everything is staged but the move into place failed before; try again.
-        st.uploads.complete(&rec, &dst).await?;
-        return Ok(rec.size);
-    }
-
     let lock = Arc::new(lock);
     let digest = Arc::new(std::sync::Mutex::new(None));
     let received = Arc::new(AtomicU64::new(0));
@@ -555,7 +640,10 @@ async fn write_locked(
             let _ = staging.truncate(&rec.vfid, &rec.session, offset).await;
             return Err(match &e {
                 VolumeError::Io { source, .. }
-                    if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) =>
+                    if matches!(
+                        source.raw_os_error(),
+                        Some(libc::ENOSPC) | Some(libc::EDQUOT)
+                    ) =>
                 {
                     insufficient_storage(&e)
                 }
@@ -597,13 +685,17 @@ async fn write_locked(
             tracing::info!(session = %rec.session, kept = if expected.is_some() { 0 } else { staged.written }, reason = %e, "upload body ended early");
             return Err(match stop {
                 Some(BodyStop::TakenOver) => locked(),
-                Some(BodyStop::Shutdown) => ApiError::unavailable("the server is shutting down; resume from Upload-Offset"),
+                Some(BodyStop::Shutdown) => {
+                    ApiError::unavailable("the server is shutting down; resume from Upload-Offset")
+                }
                 Some(BodyStop::Idle(d)) => ApiError::problem(
                     StatusCode::REQUEST_TIMEOUT,
                     "storage/tus-body-timeout",
                     "Request body timed out",
                 )
-                .msg(format!("no data for {d:?}; resume from the last Upload-Offset")),
+                .msg(format!(
+                    "no data for {d:?}; resume from the last Upload-Offset"
+                )),
                 _ => ApiError::problem(
                     StatusCode::BAD_REQUEST,
                     "storage/tus-unexpected-eof",

@@ -76,8 +76,7 @@ fn mkdir_paths(v: &Value) -> ApiResult<Vec<RelPath>> {
     };
     raw.iter()
         .map(|s| {
-            RelPath::parse(s)
-                .map_err(|e| ApiError::invalid_param("relpath", format!("{e}: {s:?}")))
+            RelPath::parse(s).map_err(|e| ApiError::invalid_param("relpath", format!("{e}: {s:?}")))
         })
         .collect()
 }
@@ -172,11 +171,17 @@ struct RenameReq {
     is_dir: Option<bool>,
 }
 
-async fn rename(State(st): State<AppState>, ApiJson(r): ApiJson<RenameReq>) -> ApiResult<StatusCode> {
+async fn rename(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<RenameReq>,
+) -> ApiResult<StatusCode> {
     let name = RelPath::parse_name(&r.new_name)
         .map_err(|e| ApiError::invalid_param("new_name", e.to_string()))?;
     if r.relpath.is_root() {
-        return Err(ApiError::invalid_param("relpath", "the vfolder root cannot be renamed"));
+        return Err(ApiError::invalid_param(
+            "relpath",
+            "the vfolder root cannot be renamed",
+        ));
     }
     st.volumes
         .get(&r.volume)?
@@ -193,9 +198,15 @@ struct MoveReq {
     dst_relpath: RelPath,
 }
 
-async fn move_path(State(st): State<AppState>, ApiJson(r): ApiJson<MoveReq>) -> ApiResult<StatusCode> {
+async fn move_path(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<MoveReq>,
+) -> ApiResult<StatusCode> {
     if r.src_relpath.is_root() {
-        return Err(ApiError::invalid_param("src_relpath", "the vfolder root cannot be moved"));
+        return Err(ApiError::invalid_param(
+            "src_relpath",
+            "the vfolder root cannot be moved",
+        ));
     }
     st.volumes
         .get(&r.volume)?
@@ -223,7 +234,10 @@ fn check_delete_paths(paths: &[RelPath]) -> ApiResult<()> {
     Ok(())
 }
 
-async fn delete(State(st): State<AppState>, ApiJson(r): ApiJson<DeleteReq>) -> ApiResult<Json<Value>> {
+async fn delete(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<DeleteReq>,
+) -> ApiResult<Json<Value>> {
     check_delete_paths(&r.relpaths)?;
     st.volumes
         .get(&r.volume)?

@@ -55,7 +55,10 @@ struct CreateReq {
     options: Option<CreateOptions>,
 }
 
-async fn create(State(st): State<AppState>, ApiJson(r): ApiJson<CreateReq>) -> ApiResult<StatusCode> {
+async fn create(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<CreateReq>,
+) -> ApiResult<StatusCode> {
     if r.mode > 0o7777 {
         return Err(ApiError::invalid_param(
             "mode",
@@ -63,12 +66,18 @@ async fn create(State(st): State<AppState>, ApiJson(r): ApiJson<CreateReq>) -> A
         ));
     }
     let v = st.volumes.get(&r.volume)?;
-    let qs = r.vfid.quota_scope.ok_or(VolumeError::QuotaScopeRequired(r.vfid))?;
+    let qs = r
+        .vfid
+        .quota_scope
+        .ok_or(VolumeError::QuotaScopeRequired(r.vfid))?;
     if v.describe_quota_scope(&qs).await?.is_none() {
         if !st.config.proxy.allow_auto_quota_scope_creation {
             return Err(VolumeError::QuotaScopeNotFound(qs).into());
         }
-        let limit = r.options.unwrap_or_default().initial_max_size_for_quota_scope;
+        let limit = r
+            .options
+            .unwrap_or_default()
+            .initial_max_size_for_quota_scope;
         match v.create_quota_scope(&qs, limit).await {
             Ok(()) | Err(VolumeError::QuotaScopeExists(_)) => {}
             Err(e) => return Err(e.into()),
@@ -102,7 +111,10 @@ struct CloneReq {
     dst_vfid: VFolderId,
 }
 
-async fn clone(State(st): State<AppState>, ApiJson(r): ApiJson<CloneReq>) -> ApiResult<Json<Value>> {
+async fn clone(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<CloneReq>,
+) -> ApiResult<Json<Value>> {
     let v = st.volumes.get(&r.src_volume)?;
     if let Some(dst) = &r.dst_volume
         && dst != &r.src_volume
@@ -147,7 +159,10 @@ struct MountReq {
 
 /// The host path of the vfolder root. As in Backend.AI the subpath is validated but not
 /// appended (the manager appends it), and the two errors keep their plain-JSON shape.
-async fn mount(State(st): State<AppState>, ApiJson(r): ApiJson<MountReq>) -> ApiResult<Json<Value>> {
+async fn mount(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<MountReq>,
+) -> ApiResult<Json<Value>> {
     let v = st.volumes.get(&r.volume)?;
     let invalid_subpath = |detail: String| {
         ApiError::plain_json(
@@ -188,7 +203,10 @@ struct MetadataReq {
 }
 
 /// A stub in Backend.AI since 22.03; kept for the wire, with the vfolder checked.
-async fn metadata(State(st): State<AppState>, ApiJson(r): ApiJson<MetadataReq>) -> ApiResult<Json<Value>> {
+async fn metadata(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<MetadataReq>,
+) -> ApiResult<Json<Value>> {
     let v = st.volumes.get(&r.volume)?;
     if !v.vfolder_exists(&r.vfid).await? {
         return Err(VolumeError::VFolderNotFound(r.vfid).into());
@@ -197,7 +215,10 @@ async fn metadata(State(st): State<AppState>, ApiJson(r): ApiJson<MetadataReq>) 
 }
 
 /// Exact counts, however long the walk takes (Backend.AI answers -1 after 30 s).
-async fn usage(State(st): State<AppState>, ApiJson(r): ApiJson<FolderReq>) -> ApiResult<Json<Value>> {
+async fn usage(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<FolderReq>,
+) -> ApiResult<Json<Value>> {
     let u = st.volumes.get(&r.volume)?.usage(&r.vfid).await?;
     Ok(Json(json!({
         "file_count": u.file_count,
@@ -205,12 +226,18 @@ async fn usage(State(st): State<AppState>, ApiJson(r): ApiJson<FolderReq>) -> Ap
     })))
 }
 
-async fn used_bytes(State(st): State<AppState>, ApiJson(r): ApiJson<FolderReq>) -> ApiResult<Json<Value>> {
+async fn used_bytes(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<FolderReq>,
+) -> ApiResult<Json<Value>> {
     let n = st.volumes.get(&r.volume)?.used_bytes(&r.vfid).await?;
     Ok(Json(json!({ "used_bytes": n })))
 }
 
-async fn fs_usage(State(st): State<AppState>, ApiJson(r): ApiJson<VolumeReq>) -> ApiResult<Json<Value>> {
+async fn fs_usage(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<VolumeReq>,
+) -> ApiResult<Json<Value>> {
     let u = st.volumes.get(&r.volume)?.fs_usage().await?;
     Ok(Json(json!({
         "capacity_bytes": u.capacity_bytes,

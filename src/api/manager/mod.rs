@@ -9,7 +9,7 @@ mod token;
 mod volume;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -27,7 +27,6 @@ pub const AUTH_HEADER: &str = "X-BackendAI-Storage-Auth-Token";
 const OPEN_PATHS: &[&str] = &["/", "/status", "/health", "/livez", "/readyz"];
 
 pub fn router(state: AppState) -> Router {
-    let limit = state.config.daemon.max_json_body;
     Router::new()
         .route("/", get(status::status))
         .route("/status", get(status::status))
@@ -42,7 +41,6 @@ pub fn router(state: AppState) -> Router {
         .route("/bgtask/{id}", get(bgtask))
         .fallback(|| async { ApiError::not_found_route() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        .layer(DefaultBodyLimit::max(limit))
         // Auth wraps routing, so an unknown route without a token is 403 like everything else.
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(super::trace_layer())

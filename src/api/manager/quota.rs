@@ -15,10 +15,7 @@ use crate::volume::VolumeError;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route(
-            "/quota-scope",
-            post(create).get(describe).patch(update),
-        )
+        .route("/quota-scope", post(create).get(describe).patch(update))
         .route("/quota-scope/quota", delete(unset))
 }
 
@@ -52,7 +49,10 @@ struct UpdateReq {
     options: QuotaOptions,
 }
 
-async fn create(State(st): State<AppState>, ApiJson(r): ApiJson<CreateReq>) -> ApiResult<StatusCode> {
+async fn create(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<CreateReq>,
+) -> ApiResult<StatusCode> {
     st.volumes
         .get(&r.volume)?
         .create_quota_scope(&r.qsid, r.options.map(|o| o.limit_bytes))
@@ -60,7 +60,10 @@ async fn create(State(st): State<AppState>, ApiJson(r): ApiJson<CreateReq>) -> A
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn describe(State(st): State<AppState>, ApiJson(r): ApiJson<ScopeReq>) -> ApiResult<Json<Value>> {
+async fn describe(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<ScopeReq>,
+) -> ApiResult<Json<Value>> {
     let usage = st
         .volumes
         .get(&r.volume)?
@@ -73,7 +76,10 @@ async fn describe(State(st): State<AppState>, ApiJson(r): ApiJson<ScopeReq>) -> 
     })))
 }
 
-async fn update(State(st): State<AppState>, ApiJson(r): ApiJson<UpdateReq>) -> ApiResult<StatusCode> {
+async fn update(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<UpdateReq>,
+) -> ApiResult<StatusCode> {
     st.volumes
         .get(&r.volume)?
         .update_quota_scope(&r.qsid, r.options.limit_bytes)

@@ -31,7 +31,10 @@ struct UploadReq {
     size: u64,
 }
 
-async fn upload(State(st): State<AppState>, ApiJson(r): ApiJson<UploadReq>) -> ApiResult<Json<Value>> {
+async fn upload(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<UploadReq>,
+) -> ApiResult<Json<Value>> {
     let max = st.config.proxy.max_upload_size;
     if r.size > max {
         return Err(ApiError::invalid_param(
@@ -40,7 +43,10 @@ async fn upload(State(st): State<AppState>, ApiJson(r): ApiJson<UploadReq>) -> A
         ));
     }
     if r.relpath.is_root() {
-        return Err(ApiError::invalid_param("relpath", "must name a file, not the vfolder root"));
+        return Err(ApiError::invalid_param(
+            "relpath",
+            "must name a file, not the vfolder root",
+        ));
     }
     let v = st.volumes.get(&r.volume)?;
     check_upload_destination(v.as_ref(), &r.vfid, &r.relpath).await?;
@@ -90,11 +96,9 @@ pub async fn check_upload_destination(
         cur = cur.join_name(comp);
         match v.stat(vfid, &cur).await {
             Ok(st) if cur == *dst && st.kind == EntryKind::Directory => {
-                return Err(VolumeError::io(
-                    dst,
-                    std::io::Error::from_raw_os_error(libc::EISDIR),
-                )
-                .into());
+                return Err(
+                    VolumeError::io(dst, std::io::Error::from_raw_os_error(libc::EISDIR)).into(),
+                );
             }
             Ok(st) if cur != *dst && st.kind != EntryKind::Directory => {
                 return Err(VolumeError::io(
@@ -128,7 +132,10 @@ struct DownloadReq {
 
 /// As in Backend.AI, `archive` and `unmanaged_path` are accepted but not put into the token
 /// (the client passes `archive` in the query), and existence is checked at download time.
-async fn download(State(st): State<AppState>, ApiJson(r): ApiJson<DownloadReq>) -> ApiResult<Json<Value>> {
+async fn download(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<DownloadReq>,
+) -> ApiResult<Json<Value>> {
     st.volumes.get(&r.volume)?;
     let token = st
         .tokens
@@ -162,16 +169,25 @@ pub fn check_archive_filename(name: &str) -> Result<(), &'static str> {
     if name == "." || name == ".." {
         return Err("must not be '.' or '..'");
     }
-    if name.chars().any(|c| c.is_control() || c == '/' || c == '\\') {
+    if name
+        .chars()
+        .any(|c| c.is_control() || c == '/' || c == '\\')
+    {
         return Err("must not contain control characters, '/' or '\\'");
     }
     Ok(())
 }
 
-async fn archive(State(st): State<AppState>, ApiJson(r): ApiJson<ArchiveReq>) -> ApiResult<Json<Value>> {
+async fn archive(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<ArchiveReq>,
+) -> ApiResult<Json<Value>> {
     st.volumes.get(&r.volume)?;
     if r.files.is_empty() {
-        return Err(ApiError::invalid_param("files", "at least one file is required"));
+        return Err(ApiError::invalid_param(
+            "files",
+            "at least one file is required",
+        ));
     }
     for f in &r.files {
         RelPath::parse(f).map_err(|e| ApiError::invalid_param("files", format!("{e}: {f:?}")))?;

@@ -16,7 +16,10 @@ pub fn routes() -> Router<AppState> {
         .route("/volumes", get(volumes))
         .route("/volume/hwinfo", get(hwinfo))
         .route("/volume/performance-metric", get(performance_metric))
-        .route("/volume/quota", get(deprecated_quota).patch(deprecated_quota))
+        .route(
+            "/volume/quota",
+            get(deprecated_quota).patch(deprecated_quota),
+        )
 }
 
 #[derive(Deserialize)]
@@ -41,7 +44,10 @@ async fn volumes(State(st): State<AppState>, _: EmptyBody) -> Json<Value> {
     Json(json!({ "volumes": list }))
 }
 
-async fn hwinfo(State(st): State<AppState>, ApiJson(req): ApiJson<VolumeReq>) -> ApiResult<Json<Value>> {
+async fn hwinfo(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<VolumeReq>,
+) -> ApiResult<Json<Value>> {
     let hw = st.volumes.get(&req.volume)?.hwinfo().await;
     Ok(Json(json!({
         "status": hw.status.as_str(),

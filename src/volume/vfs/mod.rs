@@ -35,9 +35,7 @@ pub struct VfsVolume {
     staging: staging::VfsStaging,
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| VolumeError::Internal(format!("blocking task failed: {e}")))?
@@ -163,14 +161,16 @@ impl Volume for VfsVolume {
     async fn create_quota_scope(&self, qs: &QuotaScopeId, _limit: Option<u64>) -> Result<()> {
         let root = self.root();
         let qs = *qs;
-        blocking(move || match fsops::mkdir_at(root.as_fd(), qs.dir_name(), 0o755) {
-            Ok(()) => Ok(()),
-            Err(e) if errno(&e) == Some(libc::EEXIST) => Err(VolumeError::QuotaScopeExists(qs)),
-            Err(e) => Err(VolumeError::Io {
-                path: qs.to_string(),
-                source: e,
-            }),
-        })
+        blocking(
+            move || match fsops::mkdir_at(root.as_fd(), qs.dir_name(), 0o755) {
+                Ok(()) => Ok(()),
+                Err(e) if errno(&e) == Some(libc::EEXIST) => Err(VolumeError::QuotaScopeExists(qs)),
+                Err(e) => Err(VolumeError::Io {
+                    path: qs.to_string(),
+                    source: e,
+                }),
+            },
+        )
         .await
     }
 
@@ -400,8 +400,8 @@ impl Volume for VfsVolume {
         let (vf, dir) = (*vf, dir.clone());
         blocking(move || {
             let vfd = open_vfolder(root.as_fd(), &vf)?;
-            let dfd = fsops::open_dir_beneath(vfd.as_fd(), &dir)
-                .map_err(|e| VolumeError::io(&dir, e))?;
+            let dfd =
+                fsops::open_dir_beneath(vfd.as_fd(), &dir).map_err(|e| VolumeError::io(&dir, e))?;
             let dir_real = fsops::fd_path(dfd.as_fd()).ok();
             let mut items = Vec::new();
             let mut truncated = false;
@@ -485,8 +485,8 @@ impl Volume for VfsVolume {
         let (vf, src, dst) = (*vf, src.clone(), dst.clone());
         blocking(move || {
             let vfd = open_vfolder(root.as_fd(), &vf)?;
-            let (spfd, sname) = fsops::open_parent(vfd.as_fd(), &src)
-                .map_err(|e| VolumeError::io(&src, e))?;
+            let (spfd, sname) =
+                fsops::open_parent(vfd.as_fd(), &src).map_err(|e| VolumeError::io(&src, e))?;
             fsops::lstat_at(spfd.as_fd(), &sname).map_err(|e| VolumeError::io(&src, e))?;
             // shutil.move semantics: into an existing directory, otherwise to that name.
             let (dpfd, dname) = match fsops::open_dir_beneath(vfd.as_fd(), &dst) {
@@ -586,7 +586,8 @@ impl Volume for VfsVolume {
                 };
                 return Err(VolumeError::io(&p, io::Error::from_raw_os_error(code)));
             }
-            let h: Box<dyn ReadHandle> = Box::new(read::VfsReadHandle::new(fd, read::entry_stat(&st)));
+            let h: Box<dyn ReadHandle> =
+                Box::new(read::VfsReadHandle::new(fd, read::entry_stat(&st)));
             Ok(h)
         })
         .await

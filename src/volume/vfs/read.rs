@@ -4,7 +4,6 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -162,7 +161,7 @@ pub fn walk_stream(
                 let entry = WalkEntry {
                     rel,
                     stat,
-                    link_target: link_target.map(PathBuf::from),
+                    link_target,
                 };
                 if tx.blocking_send(Ok(entry)).is_err() {
                     return; // the reader went away (client disconnected)

@@ -49,9 +49,7 @@ impl VfsStaging {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| VolumeError::Internal(format!("blocking task failed: {e}")))?
@@ -165,9 +163,9 @@ impl UploadStaging for VfsStaging {
         let (vf, session, dst) = (*vf, session.to_string(), dst.clone());
         blocking(move || {
             let vf_fd = super::open_vfolder(root.as_fd(), &vf)?;
-            let (parent, name) = dst.split_last().ok_or_else(|| {
-                VolumeError::io(&dst, io::Error::from_raw_os_error(libc::EISDIR))
-            })?;
+            let (parent, name) = dst
+                .split_last()
+                .ok_or_else(|| VolumeError::io(&dst, io::Error::from_raw_os_error(libc::EISDIR)))?;
             let pfd = fsops::mkdir_all_beneath(vf_fd.as_fd(), &parent, 0o755, owner)
                 .map_err(|e| VolumeError::io(&parent, e))?;
             let sdir = fsops::open_dir_beneath(root.as_fd(), &staging_dir(&vf))

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Installs and starts what the tests and benchmarks need on a fresh Debian 12 machine, as root.
+# Idempotent: every step checks before it acts, so a second run takes seconds.
+#
+#   scripts/testenv.sh packages    apt packages, Python and Node test clients
+#   scripts/testenv.sh docker      start dockerd if it is not running
+#   scripts/testenv.sh base-image  localbase:bookworm-slim from debootstrap (no registry needed)
+#   scripts/testenv.sh dufs        the dufs binary for the file browser image (cargo install)
+#   scripts/testenv.sh all         all of the above
+#
+# Env: SA_CACHE (default ~/.cache/storage-agent) keeps the base rootfs tarball and dufs between
+# runs; BASE_IMAGE (default localbase:bookworm-slim).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+SA_CACHE=${SA_CACHE:-$HOME/.cache/storage-agent}
+BASE_IMAGE=${BASE_IMAGE:-localbase:bookworm-slim}
+export DEBIAN_FRONTEND=noninteractive
+APT=(apt-get -o DPkg::Lock::Timeout=600 -y -qq)
+mkdir -p "$SA_CACHE"
+
+log() { printf '[testenv] %s\n' "$*" >&2; }
+
+wait_for() { # wait_for SECONDS CMD...
+  local end=$((SECONDS + $1)); shift
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $end ] || { log "timeout waiting for: $*"; return 1; }
+    sleep 0.2
+  done
+}
+
+packages() {
+  local want=(docker.io debootstrap redis-server sshpass openssh-client openssh-server curl
+              btrfs-progs xfsprogs nginx-light chromium busybox-static python3 nodejs npm
+              iproute2 procps psmisc)
+  local missing=()
+  for p in "${want[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "apt: installing ${missing[*]}"
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    # nodejs/npm may come from elsewhere on this machine (a newer Node); keep what works.
+    "${APT[@]}" install --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
+      local core=()
+      for p in "${missing[@]}"; do
+        case $p in nodejs|npm) command -v "${p/nodejs/node}" >/dev/null || core+=("$p") ;; *) core+=("$p") ;; esac
+      done
+      "${APT[@]}" install --no-install-recommends "${core[@]}" >/dev/null
+    }
+  fi
+  # The distribution's sshd and redis may autostart on their default ports; tests use their own.
+  python3 -c 'import tusclient' 2>/dev/null || { log "pip: tuspy"; pip install -q tuspy 2>/dev/null || python3 -m pip install -q tuspy; }
+  if [ ! -d "$HERE/tests/clients/node_modules/tus-js-client" ]; then
+    log "npm: tus-js-client (tests/clients)"
+    (cd "$HERE/tests/clients" && npm ci --no-audit --no-fund --silent)
+  fi
+}
+
+docker_up() {
+  if ! docker info >/dev/null 2>&1; then
+    log "starting dockerd"
+    nohup /usr/sbin/dockerd >"$SA_CACHE/dockerd.log" 2>&1 &
+    wait_for 60 docker info || { tail -20 "$SA_CACHE/dockerd.log" >&2; return 1; }
+  fi
+}
+
+base_image() {
+  docker_up
+  if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then return; fi
+  local tgz="$SA_CACHE/base-rootfs.tgz"
+  if [ ! -s "$tgz" ]; then
+    local mirror rootfs="$SA_CACHE/rootfs"
+    mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+    mirror=${mirror:-http://deb.debian.org/debian}
+    log "debootstrap bookworm from $mirror (the slow step, cached in $tgz)"
+    rm -rf "$rootfs"
+    debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$SA_CACHE/debootstrap.log" 2>&1 \
+      || { tail -20 "$SA_CACHE/debootstrap.log" >&2; return 1; }
+    printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/copyright' \
+      'path-exclude /usr/share/man/*' 'path-exclude /usr/share/info/*' 'path-exclude /usr/share/locale/*' \
+      >"$rootfs/etc/dpkg/dpkg.cfg.d/01-nodoc"
+    tar -C "$rootfs" --exclude='./usr/share/doc/*' --exclude='./usr/share/man/*' \
+      --exclude='./usr/share/info/*' --exclude='./usr/share/locale/*' \
+      --exclude='./var/cache/apt/archives/*.deb' --exclude='./var/cache/apt/*.bin' \
+      --exclude='./var/lib/apt/lists/*' -czf "$tgz.tmp" .
+    mv "$tgz.tmp" "$tgz"
+    rm -rf "$rootfs"
+  fi
+  log "importing $BASE_IMAGE"
+  zcat "$tgz" | docker import - "$BASE_IMAGE" >/dev/null
+}
+
+dufs() {
+  if [ ! -x "$SA_CACHE/dufs/bin/dufs" ]; then
+    log "cargo install dufs (the file browser engine)"
+    cargo install -q --locked --root "$SA_CACHE/dufs" dufs
+  fi
+  echo "$SA_CACHE/dufs/bin/dufs"
+}
+
+case "${1:-all}" in
+  packages) packages ;;
+  docker) docker_up ;;
+  base-image) base_image ;;
+  dufs) dufs ;;
+  all) packages; docker_up; base_image; dufs >/dev/null ;;
+  *) echo "usage: $0 {packages|docker|base-image|dufs|all}" >&2; exit 2 ;;
+esac

@@ -1,0 +1,14 @@
+//! Black-box tests: every test starts the real `storage-agent` binary and talks to it over its
+//! real ports with real clients. One test binary, so the 2-core CI links once.
+
+mod common;
+
+mod bgtasks;
+mod config_check;
+mod crash;
+mod download;
+mod manager_api;
+mod manager_bad_input;
+mod memory;
+mod tus;
+mod tus_clients;

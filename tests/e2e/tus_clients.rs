@@ -1,0 +1,144 @@
+//! Real tus clients, unchanged: tuspy (PyPI) and tus-js-client (npm, under Node) upload 100 MiB
+//! in chunks, are killed mid-upload (a real interruption: the connection drops mid-PATCH) and
+//! resume in a new process, both with an upload URL handed to them (Backend.AI's flow) and with
+//! tus creation. The result must be byte-identical.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::common::tools::{require, require_python_module};
+use crate::common::{Daemon, random_file, sha256_file};
+use crate::tus::mint;
+
+const SIZE: u64 = 100 << 20;
+const CHUNK: u64 = 8 << 20;
+
+#[derive(Clone, Copy)]
+enum Client {
+    Tuspy,
+    TusJs,
+}
+
+fn clients_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
+}
+
+fn command(c: Client, mode: &str, url: &str, file: &Path) -> Command {
+    let mut cmd = match c {
+        Client::Tuspy => {
+            let mut cmd = Command::new("python3");
+            cmd.arg(clients_dir().join("tuspy_upload.py"));
+            cmd
+        }
+        Client::TusJs => {
+            let mut cmd = Command::new("node");
+            cmd.arg(clients_dir().join("tusjs_upload.mjs"));
+            cmd
+        }
+    };
+    cmd.args([mode, url])
+        .arg(file)
+        .arg(CHUNK.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs a client; with `kill_at`, SIGKILLs it once it reports that offset. Returns the upload URL
+/// it printed and whether it finished.
+fn run(c: Client, mode: &str, url: &str, file: &Path, kill_at: Option<u64>) -> (String, bool) {
+    let mut child = command(c, mode, url, file)
+        .spawn()
+        .expect("spawn tus client");
+    let stdout = child.stdout.take().unwrap();
+    let mut upload_url = String::new();
+    let mut done = false;
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        if let Some(u) = line.strip_prefix("url ") {
+            upload_url = u.to_string();
+        }
+        if let (Some(limit), Some(off)) = (kill_at, line.strip_prefix("offset "))
+            && off.parse::<u64>().unwrap_or(0) >= limit
+        {
+            child.kill().unwrap();
+            break;
+        }
+        if line.starts_with("done") {
+            done = true;
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    if kill_at.is_none() {
+        assert!(
+            out.status.success() && done,
+            "client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (upload_url, done)
+}
+
+async fn interrupted_upload(c: Client, create: bool) {
+    match c {
+        Client::Tuspy => require_python_module("tusclient", "tuspy"),
+        Client::TusJs => {
+            require("node", "apt-get install nodejs");
+            assert!(
+                clients_dir().join("node_modules/tus-js-client").is_dir(),
+                "tus-js-client is missing: (cd tests/clients && npm ci)"
+            );
+        }
+    }
+    let d = Daemon::start().await;
+    let src = d.dir.path().join("src.bin");
+    random_file(&src, SIZE, 42);
+    let u = mint(&d, "big/upload.bin", SIZE).await;
+    let url = d.url("client", &format!("/upload?token={}", u.token));
+    let mode = if create { "create" } else { "resume" };
+    let c1 = c;
+    let s1 = src.clone();
+    let url1 = url.clone();
+    let (upload_url, done) =
+        tokio::task::spawn_blocking(move || run(c1, mode, &url1, &s1, Some(SIZE * 3 / 10)))
+            .await
+            .unwrap();
+    assert!(!done, "the first run was killed before finishing");
+    assert!(!upload_url.is_empty(), "the client printed its upload URL");
+    let head = crate::tus::head(&d, &u.token).await;
+    let acked: u64 = head.header("upload-offset").unwrap().parse().unwrap();
+    assert!(
+        (SIZE * 3 / 10..SIZE).contains(&acked),
+        "server offset {acked}"
+    );
+    // A new process resumes from the server's offset.
+    let s2 = src.clone();
+    tokio::task::spawn_blocking(move || run(c, "resume", &upload_url, &s2, None))
+        .await
+        .unwrap();
+    assert_eq!(
+        sha256_file(&u.vfpath.join("big/upload.bin")),
+        sha256_file(&src),
+        "byte-identical after interruption and resume"
+    );
+}
+
+#[tokio::test]
+async fn tuspy_resumes_a_handed_upload_url() {
+    interrupted_upload(Client::Tuspy, false).await;
+}
+
+#[tokio::test]
+async fn tuspy_with_creation() {
+    interrupted_upload(Client::Tuspy, true).await;
+}
+
+#[tokio::test]
+async fn tus_js_client_resumes_a_handed_upload_url() {
+    interrupted_upload(Client::TusJs, false).await;
+}
+
+#[tokio::test]
+async fn tus_js_client_with_creation_with_upload() {
+    interrupted_upload(Client::TusJs, true).await;
+}
