@@ -13,9 +13,29 @@ use crate::config::Config;
 use crate::config::secrets::SecretStore;
 use crate::events::Events;
 use crate::health::Health;
+use crate::session::SessionManager;
 use crate::state::State;
 use crate::upload::Uploads;
 use crate::volume::Volumes;
+
+/// Docker reachability, for /health (not gating: the storage proxy works without it).
+struct DockerCheck(Arc<SessionManager>);
+
+#[async_trait::async_trait]
+impl crate::health::Check for DockerCheck {
+    fn service_group(&self) -> &str {
+        "docker"
+    }
+    fn component_id(&self) -> String {
+        self.0.config().docker_socket.clone()
+    }
+    fn gating(&self) -> bool {
+        false
+    }
+    async fn check(&self) -> Result<(), String> {
+        self.0.docker.ping().await.map_err(|e| e.to_string())
+    }
+}
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(
@@ -109,18 +129,70 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             )
         })?;
 
+    let agent = if config.agent.enabled {
+        let (rpc_secret, rpc_stored) =
+            secrets.resolve("agent.rpc.secret", config.agent.rpc.secret.as_deref())?;
+        if rpc_stored {
+            tracing::warn!(
+                file = %secrets.path().display(),
+                "[agent.rpc] secret is not configured; using the generated one kept in this file"
+            );
+        }
+        let sessions = SessionManager::new(&config, app.state.clone(), app.volumes.clone())
+            .context("preparing the session manager")?;
+        app.health.add(Arc::new(DockerCheck(sessions.clone())));
+        let rpc_l = serve::bind(
+            "rpc",
+            config.agent.rpc.listener.addr,
+            config.agent.rpc.listener.ssl_enabled,
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "binding the RPC listener on {}",
+                config.agent.rpc.listener.addr
+            )
+        })?;
+        Some((sessions, rpc_l, rpc_secret))
+    } else {
+        None
+    };
+
     bgtasks.recover().await?;
     spawn_upload_reaper(
         uploads,
         config.daemon.upload_reap_interval,
         shutdown.clone(),
     );
+    let rpc_server = match agent {
+        Some((sessions, rpc_l, rpc_secret)) => {
+            // Adoption runs first thing in the event watcher, and again whenever Docker returns.
+            sessions.spawn_event_watcher(shutdown.clone());
+            sessions.spawn_reaper(shutdown.clone());
+            let router = crate::rpc::router(sessions, &rpc_secret).await;
+            Some(serve::serve(
+                "rpc",
+                rpc_l,
+                router,
+                None,
+                shutdown.clone(),
+                config.daemon.shutdown_grace,
+            ))
+        }
+        None => None,
+    };
     spawn_signal_handler(shutdown.clone());
     println!("ready node={}", config.proxy.node_id);
     tracing::info!("storage-agent ready");
 
     let grace = config.daemon.shutdown_grace;
+    let rpc = async {
+        if let Some(f) = rpc_server {
+            f.await
+        }
+    };
     tokio::join!(
+        rpc,
         serve::serve(
             "manager",
             manager_l,

@@ -7,13 +7,20 @@ pub mod api;
 pub mod app;
 pub mod bgtask;
 pub mod config;
+pub mod docker;
 pub mod events;
 pub mod health;
 pub mod ids;
+pub mod rpc;
+pub mod session;
 pub mod state;
 pub mod upload;
 pub mod volume;
 
 pub mod pb {
     tonic::include_proto!("storage_agent.v1");
+
+    /// For server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("storage_agent_descriptor");
 }

@@ -4,6 +4,7 @@
 //! bad value and what is allowed, so `storage-agent config check` and `serve` report the same
 //! complete list.
 
+pub mod agent;
 mod reader;
 pub mod secrets;
 
@@ -104,6 +105,7 @@ pub struct Config {
     pub client_api: ListenerConfig,
     pub manager_api: ManagerApiConfig,
     pub volumes: Vec<VolumeConfig>,
+    pub agent: agent::AgentConfig,
     /// Keys and tables accepted for compatibility and ignored; logged at start.
     pub ignored: Vec<String>,
 }
@@ -333,6 +335,17 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
     manager.finish(&[]);
     api.finish(&[]);
 
+    let agent = agent::read(&root);
+    // Files the APIs create belong to the session uid unless Backend.AI's user/group say
+    // otherwise, so sessions can change what the APIs create and the other way round.
+    let mut proxy = proxy;
+    if proxy.owner.is_none() && agent.enabled && nix::unistd::geteuid().is_root() {
+        proxy.owner = Some(crate::volume::fsops::Owner {
+            uid: agent.kernel_uid,
+            gid: agent.kernel_gid,
+        });
+    }
+
     let mut volumes = Vec::new();
     for (name, sec) in root.named_sections("volume") {
         volumes.push(read_volume(name, &sec));
@@ -348,6 +361,7 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
             ("api.client.service-addr", client_api.addr),
             ("api.manager.service-addr", manager_api.listener.addr),
             ("api.manager.internal-addr", manager_api.internal_addr),
+            ("agent.rpc.service-addr", agent.rpc.listener.addr),
         ],
     );
 
@@ -365,6 +379,7 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
         client_api,
         manager_api,
         volumes,
+        agent,
         ignored,
     }
 }
@@ -431,7 +446,7 @@ fn read_owner(sec: &Section) -> Option<crate::volume::fsops::Owner> {
     }
 }
 
-fn check_secret(sec: &Section, key: &str, value: &str) {
+pub(crate) fn check_secret(sec: &Section, key: &str, value: &str) {
     if value.len() < 16 {
         sec.problems().push(
             sec.key_path(key),
@@ -442,6 +457,10 @@ fn check_secret(sec: &Section, key: &str, value: &str) {
 }
 
 fn read_listener(sec: &Section, default_addr: &str) -> ListenerConfig {
+    read_listener_at(sec, default_addr)
+}
+
+pub(crate) fn read_listener_at(sec: &Section, default_addr: &str) -> ListenerConfig {
     let l = ListenerConfig {
         addr: sec.addr("service-addr", default_addr),
         ssl_enabled: sec.bool("ssl-enabled", false),

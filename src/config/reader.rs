@@ -238,7 +238,6 @@ impl<'a> Section<'a> {
         }
     }
 
-    #[allow(dead_code)] // used by the agent sections
     pub fn float_in(&self, key: &str, min: f64, max: f64, default: f64) -> f64 {
         let v = match self.get(key) {
             None => return default,

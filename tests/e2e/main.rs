@@ -10,5 +10,6 @@ mod download;
 mod manager_api;
 mod manager_bad_input;
 mod memory;
+mod sftp;
 mod tus;
 mod tus_clients;

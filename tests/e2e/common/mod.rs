@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod tools;
 
 use std::io::{BufRead, BufReader};
@@ -53,7 +54,7 @@ impl Builder {
         let text = format!(
             r#"
 [storage-proxy]
-node-id = "test-node"
+node-id = "{node}"
 secret = "{JWT_SECRET}"
 session-expire = "1h"
 scandir-limit = 1000
@@ -74,9 +75,13 @@ secret = "{MANAGER_SECRET}"
 [volume.vol1]
 backend = "vfs"
 path = "{vol}"
+
+[agent]
+enabled = false
 "#,
             state = state.display(),
-            vol = vol.display()
+            vol = vol.display(),
+            node = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]),
         );
         Builder {
             config: toml::from_str(&text).expect("template"),

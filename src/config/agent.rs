@@ -1,0 +1,230 @@
+//! `[agent]`, `[agent.rpc]`, `[agent.sftp]`: the storage-agent half (per-user session
+//! containers).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::ListenerConfig;
+use super::reader::Section;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Serve the RPC listener and host sessions. With `false` the daemon is a storage proxy only.
+    pub enabled: bool,
+    /// Address session ports are published on.
+    pub public_addr: IpAddr,
+    /// The name (or IP) users connect to: in endpoint URLs and certificate SANs.
+    pub public_host: String,
+    pub port_range: (u16, u16),
+    pub max_containers: u32,
+    pub max_sessions_per_user: u32,
+    pub resource_group: String,
+    pub region: String,
+    /// Owner of files written inside sessions, like compute sessions' kernel uid/gid.
+    pub kernel_uid: u32,
+    pub kernel_gid: u32,
+    pub default_limits: Limits,
+    pub max_limits: Limits,
+    /// Host memory and CPU kept for the node itself, not offered to sessions.
+    pub reserve_memory: u64,
+    pub reserve_cpus: f64,
+    /// Limits are caps, not reservations (BEP-1007): mostly idle sessions may share CPUs.
+    pub cpu_overcommit: f64,
+    pub memory_overcommit: f64,
+    pub session_ttl: Duration,
+    pub max_session_ttl: Duration,
+    pub idle_timeout: Duration,
+    pub reap_interval: Duration,
+    pub start_timeout: Duration,
+    pub docker_socket: String,
+    pub base_image: String,
+    pub heartbeat_interval: Duration,
+    pub rpc: RpcConfig,
+    pub sftp: SftpConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub cpus: f64,
+    pub memory: u64,
+    pub pids: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RpcConfig {
+    pub listener: ListenerConfig,
+    /// Bearer secret of every RPC call; generated and persisted when absent.
+    pub secret: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SftpConfig {
+    /// An operator's own image instead of the one built from docker/sftp.
+    pub image: Option<String>,
+}
+
+pub(super) fn read(root: &Section) -> AgentConfig {
+    let a = root.section("agent");
+    let default_limits = Limits {
+        cpus: a.float_in("default-cpus", 0.01, 1024.0, 1.0),
+        memory: a.size("default-memory", 1 << 30),
+        pids: a.int_in("default-pids", 16, 1 << 22, 256),
+    };
+    let max_limits = Limits {
+        cpus: a.float_in("max-cpus", 0.01, 1024.0, 4.0),
+        memory: a.size("max-memory", 8 << 30),
+        pids: a.int_in("max-pids", 16, 1 << 22, 4096),
+    };
+    let public_addr: IpAddr = match a.opt_string("public-addr") {
+        None => IpAddr::from([127, 0, 0, 1]),
+        Some(s) => s.parse().unwrap_or_else(|_| {
+            a.problems().push(
+                a.key_path("public-addr"),
+                format!("{s:?}"),
+                "an IP address of this host (0.0.0.0 for all)",
+            );
+            IpAddr::from([127, 0, 0, 1])
+        }),
+    };
+    let port_range = read_port_range(&a);
+    let rpc_sec = a.section("rpc");
+    let rpc = RpcConfig {
+        listener: super::read_listener_at(&rpc_sec, "127.0.0.1:6023"),
+        secret: rpc_sec.opt_string("secret"),
+    };
+    if let Some(s) = &rpc.secret {
+        super::check_secret(&rpc_sec, "secret", s);
+    }
+    rpc_sec.finish(&[]);
+    let sftp_sec = a.section("sftp");
+    let sftp = SftpConfig {
+        image: sftp_sec.opt_string("image").filter(|s| !s.is_empty()),
+    };
+    sftp_sec.finish(&[]);
+    let cfg = AgentConfig {
+        enabled: a.bool("enabled", true),
+        public_addr,
+        public_host: a.string("public-host", &public_addr.to_string()),
+        port_range,
+        max_containers: a.int_in("max-containers", 0, 100_000, 32) as u32,
+        max_sessions_per_user: a.int_in("max-sessions-per-user", 1, 100_000, 1) as u32,
+        resource_group: a.string("resource-group", "storage"),
+        region: a.string("region", "local"),
+        kernel_uid: a.int_in("kernel-uid", 1, i64::from(u32::MAX - 1), 1000) as u32,
+        kernel_gid: a.int_in("kernel-gid", 1, i64::from(u32::MAX - 1), 1000) as u32,
+        default_limits,
+        max_limits,
+        reserve_memory: a.size("reserve-memory", 1 << 30),
+        reserve_cpus: a.float_in("reserve-cpus", 0.0, 1024.0, 0.5),
+        cpu_overcommit: a.float_in("cpu-overcommit", 1.0, 1000.0, 8.0),
+        memory_overcommit: a.float_in("memory-overcommit", 1.0, 100.0, 1.0),
+        session_ttl: a.duration("session-ttl", Duration::from_secs(8 * 3600)),
+        max_session_ttl: a.duration("max-session-ttl", Duration::from_secs(7 * 86400)),
+        idle_timeout: a.duration("idle-timeout", Duration::from_secs(3600)),
+        reap_interval: a.duration("reap-interval", Duration::from_secs(30)),
+        start_timeout: a.duration("start-timeout", Duration::from_secs(120)),
+        docker_socket: a.string("docker-socket", "/var/run/docker.sock"),
+        base_image: a.string("base-image", "debian:bookworm-slim"),
+        heartbeat_interval: a.duration("heartbeat-interval", Duration::from_secs(20)),
+        rpc,
+        sftp,
+    };
+    for (what, d, m) in [
+        ("cpus", cfg.default_limits.cpus, cfg.max_limits.cpus),
+        (
+            "memory",
+            cfg.default_limits.memory as f64,
+            cfg.max_limits.memory as f64,
+        ),
+        (
+            "pids",
+            cfg.default_limits.pids as f64,
+            cfg.max_limits.pids as f64,
+        ),
+    ] {
+        if d > m {
+            a.problems().push(
+                a.key_path(&format!("default-{what}")),
+                format!("{d}"),
+                format!("at most max-{what} ({m})"),
+            );
+        }
+    }
+    if cfg.default_limits.memory < 16 << 20 {
+        a.problems().push(
+            a.key_path("default-memory"),
+            cfg.default_limits.memory.to_string(),
+            "at least 16 MiB",
+        );
+    }
+    if cfg.session_ttl > cfg.max_session_ttl {
+        a.problems().push(
+            a.key_path("session-ttl"),
+            format!("{:?}", cfg.session_ttl),
+            "at most max-session-ttl",
+        );
+    }
+    if cfg.reap_interval.is_zero() || cfg.heartbeat_interval.is_zero() {
+        a.problems().push(
+            a.key_path("reap-interval"),
+            "0",
+            "reap-interval and heartbeat-interval above zero",
+        );
+    }
+    if cfg.public_host.is_empty() || cfg.public_host.contains(char::is_whitespace) {
+        a.problems().push(
+            a.key_path("public-host"),
+            format!("{:?}", cfg.public_host),
+            "a DNS name or an IP address",
+        );
+    }
+    a.finish(&["rpc", "sftp", "filebrowser", "tls"]);
+    cfg
+}
+
+fn read_port_range(a: &Section) -> (u16, u16) {
+    let default = (30000, 30999);
+    let Some(v) = a.get("port-range") else {
+        return default;
+    };
+    let parsed = match v {
+        toml::Value::Array(items) if items.len() == 2 => {
+            match (items[0].as_integer(), items[1].as_integer()) {
+                (Some(lo), Some(hi)) => Some((lo, hi)),
+                _ => None,
+            }
+        }
+        toml::Value::String(s) => s
+            .split_once('-')
+            .and_then(|(lo, hi)| Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?))),
+        _ => None,
+    };
+    match parsed {
+        Some((lo, hi)) if 1 <= lo && lo <= hi && hi <= 65535 => (lo as u16, hi as u16),
+        _ => {
+            a.problems().push(
+                a.key_path("port-range"),
+                super::reader::show(v),
+                "[low, high] or \"low-high\" with 1 <= low <= high <= 65535",
+            );
+            default
+        }
+    }
+}
+
+impl AgentConfig {
+    /// The RPC listener's address, for heartbeats and logs.
+    pub fn rpc_addr(&self) -> SocketAddr {
+        self.rpc.listener.addr
+    }
+
+    pub fn port_count(&self) -> u32 {
+        u32::from(self.port_range.1 - self.port_range.0) + 1
+    }
+}
+
+/// Where the daemon keeps per-node agent material (host keys, CA) and per-session files.
+pub fn agent_dir(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("agent")
+}

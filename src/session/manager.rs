@@ -1,0 +1,607 @@
+//! The session manager: validate, admit (capacity + per-user limit, under one lock, with the
+//! session row as the reservation), start the container, report capacity changes; destroy.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::capacity::{self, Capacity, HostHeadroom};
+use super::creds::{self, HostKey};
+use super::image::{self, Images};
+use super::limiter::{LocalLimiter, UserLimiter};
+use super::{
+    CreateRequest, Created, Endpoint, Filter, Kind, Mount, Result, Session, SessionError,
+    SessionSpec, State, sftp, store,
+};
+use crate::config::Config;
+use crate::config::agent::AgentConfig;
+use crate::docker::Docker;
+use crate::ids::{QuotaScopeKind, VFolderId};
+use crate::state::{State as Db, now_unix};
+use crate::volume::{RelPath, VolumeError, Volumes};
+
+const MAX_MOUNTS: usize = 32;
+const RESERVED_USERS: &[&str] = &["root", "sshd", "nobody", "daemon", "bin", "sys", "admin"];
+
+pub struct SessionManager {
+    pub(super) cfg: AgentConfig,
+    pub(super) node_id: String,
+    pub(super) agent_dir: PathBuf,
+    pub(super) volumes: Volumes,
+    pub(super) db: Db,
+    pub docker: Arc<Docker>,
+    images: Images,
+    host_key: HostKey,
+    admission: tokio::sync::Mutex<()>,
+    pub(super) limiter: RwLock<Arc<dyn UserLimiter>>,
+    capacity_tx: watch::Sender<Capacity>,
+    /// Network byte counters and the last time they moved, per running session (idle reaping).
+    pub(super) activity: std::sync::Mutex<HashMap<Uuid, (u64, i64)>>,
+}
+
+fn invalid(msg: impl Into<String>) -> SessionError {
+    SessionError::Invalid(msg.into())
+}
+
+fn valid_username(u: &str) -> bool {
+    let mut chars = u.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && u.len() <= 32
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && !RESERVED_USERS.contains(&u)
+}
+
+fn valid_group_name(g: &str) -> bool {
+    (1..=64).contains(&g.len())
+        && g.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl SessionManager {
+    pub fn new(config: &Config, db: Db, volumes: Volumes) -> std::io::Result<Arc<Self>> {
+        let cfg = config.agent.clone();
+        let agent_dir = crate::config::agent::agent_dir(&config.daemon.state_dir);
+        std::fs::create_dir_all(agent_dir.join("sessions"))?;
+        let host_key = HostKey::load_or_create(&agent_dir.join("ssh"))?;
+        let docker = Arc::new(Docker::new(&cfg.docker_socket));
+        let initial = capacity::compute(
+            &cfg,
+            &config.proxy.node_id,
+            &[],
+            HostHeadroom::read(&cfg),
+            0,
+        );
+        Ok(Arc::new(SessionManager {
+            images: Images::new(docker.clone(), &cfg.base_image),
+            cfg,
+            node_id: config.proxy.node_id.clone(),
+            agent_dir,
+            volumes,
+            db,
+            docker,
+            host_key,
+            admission: tokio::sync::Mutex::new(()),
+            limiter: RwLock::new(Arc::new(LocalLimiter)),
+            capacity_tx: watch::channel(initial).0,
+            activity: std::sync::Mutex::default(),
+        }))
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn set_limiter(&self, l: Arc<dyn UserLimiter>) {
+        *self.limiter.write().unwrap_or_else(|p| p.into_inner()) = l;
+    }
+
+    pub(super) fn limiter(&self) -> Arc<dyn UserLimiter> {
+        self.limiter
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn host_key_fingerprints(&self) -> Vec<String> {
+        vec![self.host_key.fingerprint.clone()]
+    }
+
+    pub(super) fn files_dir(&self, id: Uuid) -> PathBuf {
+        self.agent_dir.join("sessions").join(id.to_string())
+    }
+
+    pub fn endpoints(&self, s: &Session) -> Vec<Endpoint> {
+        let Some(port) = s.port else { return vec![] };
+        let host = self.cfg.public_host.clone();
+        let host_in_url = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.clone()
+        };
+        match s.kind {
+            Kind::Sftp => vec![Endpoint {
+                protocol: "sftp",
+                url: format!("sftp://{}@{host_in_url}:{port}", s.username),
+                host,
+                port,
+            }],
+            Kind::Filebrowser => vec![Endpoint {
+                protocol: "https",
+                url: format!("https://{host_in_url}:{port}/"),
+                host,
+                port,
+            }],
+        }
+    }
+
+    // ---- capacity --------------------------------------------------------------------------
+
+    pub async fn capacity(&self) -> Result<Capacity> {
+        let live = store::live(&self.db).await?;
+        let ours: HashSet<u16> = live.iter().filter_map(|s| s.port).collect();
+        Ok(capacity::compute(
+            &self.cfg,
+            &self.node_id,
+            &live,
+            HostHeadroom::read(&self.cfg),
+            capacity::foreign_listeners(self.cfg.port_range, &ours),
+        ))
+    }
+
+    pub fn watch_capacity(&self) -> watch::Receiver<Capacity> {
+        self.capacity_tx.subscribe()
+    }
+
+    /// Recomputes capacity and tells watchers when it changed.
+    pub async fn publish_capacity(&self) {
+        match self.capacity().await {
+            Ok(c) => {
+                self.capacity_tx.send_if_modified(|old| {
+                    // Host memory moves constantly; a change worth a message is in the counts.
+                    let changed = (old.max_containers, old.running, old.starting, old.available)
+                        != (c.max_containers, c.running, c.starting, c.available);
+                    *old = c;
+                    changed
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot compute capacity"),
+        }
+    }
+
+    // ---- create ----------------------------------------------------------------------------
+
+    async fn resolve_mounts(&self, req: &CreateRequest, user: &str) -> Result<Vec<Mount>> {
+        if req.mounts.is_empty() {
+            return Err(invalid("at least one mount is required"));
+        }
+        if req.mounts.len() > MAX_MOUNTS {
+            return Err(invalid(format!("at most {MAX_MOUNTS} mounts per session")));
+        }
+        let mut names = HashSet::new();
+        let mut out = Vec::with_capacity(req.mounts.len());
+        for (i, m) in req.mounts.iter().enumerate() {
+            let name = RelPath::parse_name(&m.name)
+                .map_err(|e| invalid(format!("mounts[{i}].name {:?}: {e}", m.name)))?;
+            if !names.insert(name.clone()) {
+                return Err(invalid(format!("duplicate mount name {name:?}")));
+            }
+            let vol = self
+                .volumes
+                .get(&m.volume)
+                .map_err(|_| invalid(format!("mounts[{i}]: unknown volume {:?}", m.volume)))?;
+            let vfid =
+                VFolderId::parse(&m.vfid).map_err(|e| invalid(format!("mounts[{i}].vfid: {e}")))?;
+            // A user's own quota scope, or a project's (the manager checked membership). Another
+            // user's private folder is refused here whatever the manager says.
+            if let Some(qs) = &vfid.quota_scope
+                && qs.kind == QuotaScopeKind::User
+                && qs.id.to_string() != user
+            {
+                return Err(invalid(format!(
+                    "mounts[{i}]: vfolder {vfid} belongs to another user"
+                )));
+            }
+            let subpath = RelPath::parse(&m.subpath)
+                .map_err(|e| invalid(format!("mounts[{i}].subpath {:?}: {e}", m.subpath)))?;
+            let host_path = vol
+                .vfolder_host_path(&vfid, &subpath)
+                .await
+                .map_err(|e| match e {
+                    VolumeError::VFolderNotFound(_) => invalid(format!(
+                        "mounts[{i}]: no vfolder {vfid} on volume {}",
+                        m.volume
+                    )),
+                    VolumeError::Escapes(p) => {
+                        invalid(format!("mounts[{i}].subpath {p:?} escapes the vfolder"))
+                    }
+                    VolumeError::Io { path, source } => {
+                        invalid(format!("mounts[{i}].subpath {path:?}: {source}"))
+                    }
+                    other => SessionError::Internal(other.to_string()),
+                })?;
+            out.push(Mount {
+                volume: m.volume.clone(),
+                vfid,
+                name,
+                read_only: m.read_only,
+                subpath,
+                host_path,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Checks everything that can be checked before touching Docker.
+    async fn validate(&self, req: &CreateRequest) -> Result<(Session, Option<String>, u32)> {
+        let user = uuid::Uuid::parse_str(&req.user_id)
+            .map_err(|_| invalid(format!("user_id {:?} is not a UUID", req.user_id)))?
+            .hyphenated()
+            .to_string();
+        let rg = if req.resource_group.is_empty() {
+            self.cfg.resource_group.clone()
+        } else {
+            req.resource_group.clone()
+        };
+        if !valid_group_name(&rg) {
+            return Err(invalid(format!(
+                "resource_group {rg:?} is not a valid name"
+            )));
+        }
+        if req.access_key.len() > 128 || req.access_key.chars().any(char::is_control) {
+            return Err(invalid("access_key is not printable or too long"));
+        }
+        let username = req.username.clone().unwrap_or_else(|| "work".to_string());
+        if !valid_username(&username) {
+            return Err(invalid(format!(
+                "username {username:?}: lowercase letters, digits, '_' and '-', up to 32, not a system account"
+            )));
+        }
+        let public_keys = creds::parse_public_keys(&req.public_keys).map_err(invalid)?;
+        if req.kind == Kind::Sftp && public_keys.is_empty() && !req.generate_password {
+            return Err(invalid(
+                "no credentials: give public keys and/or ask for a generated password",
+            ));
+        }
+        let (d, m) = (self.cfg.default_limits, self.cfg.max_limits);
+        let cpus = req.limits.cpus.unwrap_or(d.cpus);
+        let memory = req.limits.memory.unwrap_or(d.memory);
+        let pids = req.limits.pids.unwrap_or(d.pids);
+        if !(0.01..=m.cpus).contains(&cpus) || !cpus.is_finite() {
+            return Err(invalid(format!(
+                "limits.cpus {cpus} is outside 0.01..{} (the node maximum)",
+                m.cpus
+            )));
+        }
+        if !(16 << 20..=m.memory).contains(&memory) {
+            return Err(invalid(format!(
+                "limits.memory_bytes {memory} is outside 16 MiB..{} (the node maximum)",
+                m.memory
+            )));
+        }
+        if !(16..=m.pids).contains(&pids) {
+            return Err(invalid(format!(
+                "limits.pids {pids} is outside 16..{} (the node maximum)",
+                m.pids
+            )));
+        }
+        let ttl = req.ttl.unwrap_or(self.cfg.session_ttl);
+        if ttl < Duration::from_secs(10) || ttl > self.cfg.max_session_ttl {
+            return Err(invalid(format!(
+                "ttl {}s is outside 10s..{}s",
+                ttl.as_secs(),
+                self.cfg.max_session_ttl.as_secs()
+            )));
+        }
+        let idle = req.idle_timeout.unwrap_or(self.cfg.idle_timeout);
+        let mounts = self.resolve_mounts(req, &user).await?;
+        let password = req.generate_password.then(creds::generate_password);
+        let limit = req
+            .max_sessions_per_user
+            .unwrap_or(self.cfg.max_sessions_per_user);
+        let now = now_unix();
+        let session = Session {
+            id: Uuid::new_v4(),
+            kind: req.kind,
+            user_id: user,
+            access_key: req.access_key.clone(),
+            resource_group: rg,
+            username,
+            spec: SessionSpec {
+                mounts,
+                public_keys,
+                password_auth: password.is_some(),
+                cpus,
+                memory,
+                pids,
+                idle_timeout_secs: idle.as_secs(),
+                tls_cert_fingerprint: None,
+                engine: None,
+            },
+            state: State::Starting,
+            reason: None,
+            container_id: None,
+            port: None,
+            created_at: now,
+            expires_at: now + ttl.as_secs() as i64,
+        };
+        Ok((session, password, limit))
+    }
+
+    /// Capacity and per-user limit, checked and reserved under one lock: the `starting` row is
+    /// the reservation, so concurrent calls can never over-admit.
+    async fn admit(&self, mut s: Session, limit: u32) -> Result<Session> {
+        let _guard = self.admission.lock().await;
+        let live = store::live(&self.db).await?;
+        let held: HashSet<u16> = live.iter().filter_map(|s| s.port).collect();
+        let cap = capacity::compute(
+            &self.cfg,
+            &self.node_id,
+            &live,
+            HostHeadroom::read(&self.cfg),
+            capacity::foreign_listeners(self.cfg.port_range, &held),
+        );
+        if cap.available == 0 {
+            return Err(SessionError::Exhausted(format!(
+                "node full: {}/{} containers (bounded by {})",
+                cap.running + cap.starting,
+                cap.max_containers,
+                cap.bounded_by
+            )));
+        }
+        let users: Vec<Session> = live
+            .iter()
+            .filter(|l| l.user_id == s.user_id && l.resource_group == s.resource_group)
+            .cloned()
+            .collect();
+        let limiter = self.limiter();
+        limiter
+            .admit(&s.resource_group, &s.user_id, s.id, limit, &users)
+            .await?;
+        let bind_ip: IpAddr = self.cfg.public_addr;
+        let Some(port) = capacity::pick_port(self.cfg.port_range, bind_ip, &held) else {
+            limiter.release(&s.resource_group, &s.user_id, s.id).await;
+            return Err(SessionError::Exhausted(format!(
+                "no free port in {}-{}",
+                self.cfg.port_range.0, self.cfg.port_range.1
+            )));
+        };
+        s.port = Some(port);
+        if let Err(e) = store::insert(&self.db, &s).await {
+            limiter.release(&s.resource_group, &s.user_id, s.id).await;
+            return Err(e);
+        }
+        Ok(s)
+    }
+
+    pub async fn create(&self, req: CreateRequest) -> Result<Created> {
+        let (session, password, limit) = self.validate(&req).await?;
+        // Refuse early, before a reservation, when Docker cannot be reached.
+        self.docker.ping().await?;
+        let session = self.admit(session, limit).await?;
+        let span = tracing::info_span!(
+            "session",
+            id = %session.id,
+            kind = session.kind.as_str(),
+            user = %session.user_id
+        );
+        self.launch(session, password).instrument(span).await
+    }
+
+    async fn launch(&self, session: Session, password: Option<String>) -> Result<Created> {
+        tracing::info!(port = session.port, "session admitted");
+        self.publish_capacity().await;
+        let hash = match password.as_deref().map(creds::shadow_hash).transpose() {
+            Ok(h) => h,
+            Err(e) => {
+                self.fail(&session, &format!("cannot hash the password: {e}"))
+                    .await;
+                return Err(SessionError::Internal(e));
+            }
+        };
+        let started = Instant::now();
+        match self.start(&session, hash.as_deref()).await {
+            Ok(s) => {
+                tracing::info!(ms = started.elapsed().as_millis() as u64, "session running");
+                self.publish_capacity().await;
+                Ok(Created {
+                    ca_cert_pem: None,
+                    session: s,
+                    password,
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "session failed to start");
+                self.fail(&session, &e.to_string()).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn start(&self, s: &Session, password_hash: Option<&str>) -> Result<Session> {
+        let image = self
+            .images
+            .ensure("sftp", self.cfg.sftp.image.as_deref(), image::sftp_context)
+            .await?;
+        let dir = self.files_dir(s.id);
+        sftp::render_accounts(
+            &dir,
+            s,
+            password_hash,
+            self.cfg.kernel_uid,
+            self.cfg.kernel_gid,
+        )
+        .map_err(|e| SessionError::Internal(format!("cannot write session files: {e}")))?;
+        let port = s
+            .port
+            .ok_or_else(|| SessionError::Internal("no port".into()))?;
+        let addr = self.cfg.public_addr.to_string();
+        let spec = sftp::container_spec(
+            s,
+            &sftp::SftpParams {
+                node: &self.node_id,
+                image: &image,
+                files_dir: &dir,
+                host_key: &self.host_key.private_path,
+                public_addr: &addr,
+                port,
+            },
+        );
+        let id = self.docker.run(&spec).await?;
+        store::set_container(&self.db, s.id, &id).await?;
+        self.wait_ready(&id, port).await?;
+        if !store::transition(&self.db, s.id, &[State::Starting], State::Running, None).await? {
+            return Err(SessionError::Internal(
+                "the session was destroyed while it started".into(),
+            ));
+        }
+        self.activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(s.id, (0, now_unix()));
+        store::get(&self.db, s.id)
+            .await?
+            .ok_or(SessionError::NotFound(s.id))
+    }
+
+    /// Ready when the service answers on the published port: the SSH banner for SFTP.
+    async fn wait_ready(&self, container: &str, port: u16) -> Result<()> {
+        let addr = if self.cfg.public_addr.is_unspecified() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            self.cfg.public_addr
+        };
+        let deadline = Instant::now() + self.cfg.start_timeout;
+        loop {
+            if let Ok(Ok(mut c)) = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::TcpStream::connect((addr, port)),
+            )
+            .await
+            {
+                let mut buf = [0u8; 8];
+                if let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await
+                    && buf[..n].starts_with(b"SSH-")
+                {
+                    return Ok(());
+                }
+            }
+            match self.docker.inspect(container).await? {
+                Some(st) if st.running => {}
+                Some(st) => {
+                    let logs = self.docker.logs_tail(container, 10).await;
+                    return Err(SessionError::Internal(format!(
+                        "the container exited during start (code {}): {logs}",
+                        st.exit_code.unwrap_or(-1)
+                    )));
+                }
+                None => {
+                    return Err(SessionError::Internal(
+                        "the container vanished during start".into(),
+                    ));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(SessionError::Internal(format!(
+                    "not ready within {:?}",
+                    self.cfg.start_timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Cleans up a session that could not start and records why. Never leaves a container.
+    pub(super) async fn fail(&self, s: &Session, reason: &str) {
+        let current = store::get(&self.db, s.id).await.ok().flatten();
+        let container = current
+            .as_ref()
+            .and_then(|c| c.container_id.clone())
+            .unwrap_or_else(|| sftp::container_name(&self.node_id, s.kind, s.id));
+        if let Err(e) = self.docker.remove(&container).await {
+            tracing::error!(session = %s.id, error = %e, "cannot remove the container of a failed session");
+        }
+        let _ = std::fs::remove_dir_all(self.files_dir(s.id));
+        let _ = store::transition(
+            &self.db,
+            s.id,
+            &[State::Starting, State::Running, State::Terminating],
+            State::Failed,
+            Some(reason),
+        )
+        .await;
+        self.limiter()
+            .release(&s.resource_group, &s.user_id, s.id)
+            .await;
+        self.activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&s.id);
+        self.publish_capacity().await;
+    }
+
+    // ---- read ------------------------------------------------------------------------------
+
+    pub async fn get(&self, id: Uuid) -> Result<Session> {
+        store::get(&self.db, id)
+            .await?
+            .ok_or(SessionError::NotFound(id))
+    }
+
+    pub async fn list(&self, f: &Filter) -> Result<Vec<Session>> {
+        store::list(&self.db, f).await
+    }
+
+    // ---- destroy ---------------------------------------------------------------------------
+
+    /// Stops and removes the container; idempotent on ended sessions.
+    pub async fn destroy(&self, id: Uuid, reason: &str) -> Result<Session> {
+        let s = self.get(id).await?;
+        if !s.state.is_live() {
+            return Ok(s);
+        }
+        store::transition(
+            &self.db,
+            id,
+            &[State::Starting, State::Running],
+            State::Terminating,
+            Some(reason),
+        )
+        .await?;
+        let container = s
+            .container_id
+            .clone()
+            .unwrap_or_else(|| sftp::container_name(&self.node_id, s.kind, s.id));
+        self.docker.remove(&container).await?;
+        let _ = std::fs::remove_dir_all(self.files_dir(id));
+        store::transition(
+            &self.db,
+            id,
+            &[State::Terminating, State::Starting, State::Running],
+            State::Terminated,
+            Some(reason),
+        )
+        .await?;
+        self.limiter()
+            .release(&s.resource_group, &s.user_id, s.id)
+            .await;
+        self.activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        tracing::info!(session = %id, reason, "session destroyed");
+        self.publish_capacity().await;
+        self.get(id).await
+    }
+}
