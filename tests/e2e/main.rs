@@ -10,6 +10,7 @@ mod download;
 mod manager_api;
 mod manager_bad_input;
 mod memory;
+mod sessions;
 mod sftp;
 mod tus;
 mod tus_clients;

@@ -61,12 +61,20 @@ impl Builder {
     }
 }
 
-pub type Rpc = StorageAgentClient<
-    InterceptedService<
-        Channel,
-        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
-    >,
->;
+/// Adds `authorization: Bearer <secret>` to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(s) = &self.0 {
+            r.metadata_mut().insert("authorization", s.parse().unwrap());
+        }
+        Ok(r)
+    }
+}
+
+pub type Rpc = StorageAgentClient<InterceptedService<Channel, Bearer>>;
 
 impl Daemon {
     pub async fn rpc_with(&self, secret: Option<&str>) -> Rpc {
@@ -75,16 +83,7 @@ impl Daemon {
             .connect()
             .await
             .expect("connect to the RPC listener");
-        let secret = secret.map(|s| format!("Bearer {s}"));
-        let f: Box<
-            dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send,
-        > = Box::new(move |mut r: tonic::Request<()>| {
-            if let Some(s) = &secret {
-                r.metadata_mut().insert("authorization", s.parse().unwrap());
-            }
-            Ok(r)
-        });
-        StorageAgentClient::with_interceptor(ch, f)
+        StorageAgentClient::with_interceptor(ch, Bearer(secret.map(|s| format!("Bearer {s}"))))
     }
 
     pub async fn rpc(&self) -> Rpc {

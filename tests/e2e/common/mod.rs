@@ -51,6 +51,7 @@ impl Builder {
         let vol = dir.path().join("vol1");
         std::fs::create_dir_all(&vol).unwrap();
         let state = dir.path().join("state");
+        let node = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let text = format!(
             r#"
 [storage-proxy]
@@ -81,7 +82,6 @@ enabled = false
 "#,
             state = state.display(),
             vol = vol.display(),
-            node = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]),
         );
         Builder {
             config: toml::from_str(&text).expect("template"),
