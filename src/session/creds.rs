@@ -32,15 +32,12 @@ pub fn parse_public_keys(keys: &[String]) -> Result<Vec<String>, String> {
             }
             let key = PublicKey::from_openssh(k)
                 .map_err(|e| format!("public key #{i} is not an OpenSSH public key: {e}"))?;
-            // Re-encoding drops options or anything else a hostile line could smuggle in.
-            let mut out = key
-                .to_openssh()
-                .map_err(|e| format!("public key #{i}: {e}"))?;
-            if let Some(c) = k.split_whitespace().nth(2) {
-                out.push(' ');
-                out.push_str(&c.chars().filter(|c| !c.is_control()).collect::<String>());
+            if key.comment().chars().any(char::is_control) {
+                return Err(format!("public key #{i} has control characters in its comment"));
             }
-            Ok(out)
+            // Re-encoding drops options or anything else a hostile line could smuggle in.
+            key.to_openssh()
+                .map_err(|e| format!("public key #{i}: {e}"))
         })
         .collect()
 }
