@@ -104,6 +104,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
     };
 
+    let listener_tls = ListenerTls::new(&config)?;
     let tls_of = |l: &crate::config::ListenerConfig| l.ssl_enabled;
     let manager_l = serve::bind(
         "manager",
@@ -174,7 +175,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 "rpc",
                 rpc_l,
                 router,
-                None,
+                listener_tls.for_listener(&config.agent.rpc.listener)?,
                 shutdown.clone(),
                 config.daemon.shutdown_grace,
             ))
@@ -186,6 +187,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("storage-agent ready");
 
     let grace = config.daemon.shutdown_grace;
+    let manager_tls = listener_tls.for_listener(&config.manager_api.listener)?;
+    let client_tls = listener_tls.for_listener(&config.client_api)?;
     let rpc = async {
         if let Some(f) = rpc_server {
             f.await
@@ -197,7 +200,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "manager",
             manager_l,
             manager::router(app.clone()),
-            None,
+            manager_tls,
             shutdown.clone(),
             grace
         ),
@@ -205,7 +208,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "client",
             client_l,
             client::router(app.clone()),
-            None,
+            client_tls,
             shutdown.clone(),
             grace
         ),
@@ -221,6 +224,71 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     bgtasks.shutdown(grace).await;
     tracing::info!("storage-agent stopped");
     Ok(())
+}
+
+/// TLS for the manager, client and RPC listeners when `ssl-enabled`: the operator's
+/// `ssl-cert`/`ssl-privkey`, or a certificate from the node CA (`<state-dir>/tls/ca.crt`, which
+/// clients pin) for the names this host answers to.
+struct ListenerTls {
+    ca: Option<crate::tls::Ca>,
+    names: Vec<String>,
+}
+
+impl ListenerTls {
+    fn new(config: &Config) -> anyhow::Result<Self> {
+        let any = [
+            &config.manager_api.listener,
+            &config.client_api,
+            &config.agent.rpc.listener,
+        ]
+        .iter()
+        .any(|l| l.ssl_enabled && l.ssl_cert.is_none());
+        let ca = if any {
+            Some(crate::tls::Ca::node(
+                &config.daemon.state_dir.join("tls"),
+                &config.proxy.node_id,
+            )?)
+        } else {
+            None
+        };
+        let mut names = vec!["localhost".to_string()];
+        for l in [&config.manager_api.listener, &config.client_api] {
+            let ip = l.addr.ip();
+            if !ip.is_unspecified() {
+                names.push(ip.to_string());
+            }
+        }
+        names.push("127.0.0.1".to_string());
+        if let Ok(h) = nix::unistd::gethostname() {
+            names.push(h.to_string_lossy().into_owned());
+        }
+        names.push(config.agent.public_host.clone());
+        if let Some(a) = &config.manager_api.announce_addr {
+            names.push(
+                a.rsplit_once(':')
+                    .map_or(a.as_str(), |(h, _)| h)
+                    .to_string(),
+            );
+        }
+        names.sort();
+        names.dedup();
+        Ok(ListenerTls { ca, names })
+    }
+
+    fn for_listener(
+        &self,
+        l: &crate::config::ListenerConfig,
+    ) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+        if !l.ssl_enabled {
+            return Ok(None);
+        }
+        Ok(Some(crate::tls::listener_config(
+            l.ssl_cert.as_deref(),
+            l.ssl_privkey.as_deref(),
+            self.ca.as_ref(),
+            &self.names,
+        )?))
+    }
 }
 
 fn spawn_upload_reaper(

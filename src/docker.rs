@@ -200,6 +200,31 @@ impl Docker {
         }
     }
 
+    /// `docker pull`.
+    pub async fn pull(&self, image: &str) -> Result<(), DockerError> {
+        let client = self.client().await?;
+        let (name, tag) = match image.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, t),
+            _ => (image, "latest"),
+        };
+        let mut s = client.create_image(
+            Some(bollard::query_parameters::CreateImageOptions {
+                from_image: Some(name.to_string()),
+                tag: Some(tag.to_string()),
+                ..Default::default()
+            }),
+            None,
+            None,
+        );
+        while let Some(item) = s.next().await {
+            let info = item.map_err(|e| self.map(e))?;
+            if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                return Err(DockerError::Api(e));
+            }
+        }
+        Ok(())
+    }
+
     /// `docker build` from an in-memory tar context (legacy builder, as Debian's dockerd has).
     pub async fn build_image(
         &self,

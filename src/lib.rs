@@ -14,6 +14,7 @@ pub mod ids;
 pub mod rpc;
 pub mod session;
 pub mod state;
+pub mod tls;
 pub mod upload;
 pub mod volume;
 

@@ -42,6 +42,33 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     pub rpc: RpcConfig,
     pub sftp: SftpConfig,
+    pub filebrowser: FilebrowserConfig,
+    pub tls: AgentTlsConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct FilebrowserConfig {
+    /// "dufs" (built here) or "filebrowser" (the official, archived image).
+    pub engine: String,
+    /// An operator's own image for the engine instead of the default.
+    pub image: Option<String>,
+    /// The dufs binary copied into the built image (`cargo install dufs`).
+    pub dufs_binary: PathBuf,
+    /// The official image, pulled when missing on nodes that reach a registry.
+    pub filebrowser_image: String,
+}
+
+/// Certificates of file browser sessions (and, with `[api.*] ssl-enabled`, the listeners).
+#[derive(Debug, Clone)]
+pub struct AgentTlsConfig {
+    /// An operator certificate and key used as they are.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// An operator CA that signs the per-session certificates.
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    /// Upper bound of a session certificate's validity (it also ends with the session).
+    pub leaf_validity: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -102,6 +129,24 @@ pub(super) fn read(root: &Section) -> AgentConfig {
         image: sftp_sec.opt_string("image").filter(|s| !s.is_empty()),
     };
     sftp_sec.finish(&[]);
+    let fb = a.section("filebrowser");
+    let filebrowser = FilebrowserConfig {
+        engine: fb.choice("engine", &["dufs", "filebrowser"], "dufs"),
+        image: fb.opt_string("image").filter(|s| !s.is_empty()),
+        dufs_binary: fb.path("dufs-binary", "/usr/local/bin/dufs"),
+        filebrowser_image: fb.string("filebrowser-image", "filebrowser/filebrowser:v2.63.23"),
+    };
+    fb.finish(&[]);
+    let tls_sec = a.section("tls");
+    let tls = AgentTlsConfig {
+        cert: tls_sec.opt_path("cert"),
+        key: tls_sec.opt_path("key"),
+        ca_cert: tls_sec.opt_path("ca-cert"),
+        ca_key: tls_sec.opt_path("ca-key"),
+        leaf_validity: tls_sec.duration("leaf-validity", Duration::from_secs(7 * 86400)),
+    };
+    check_tls_files(&tls_sec, &tls);
+    tls_sec.finish(&[]);
     let cfg = AgentConfig {
         enabled: a.bool("enabled", true),
         public_addr,
@@ -129,6 +174,8 @@ pub(super) fn read(root: &Section) -> AgentConfig {
         heartbeat_interval: a.duration("heartbeat-interval", Duration::from_secs(20)),
         rpc,
         sftp,
+        filebrowser,
+        tls,
     };
     for (what, d, m) in [
         ("cpus", cfg.default_limits.cpus, cfg.max_limits.cpus),
@@ -181,6 +228,50 @@ pub(super) fn read(root: &Section) -> AgentConfig {
     }
     a.finish(&["rpc", "sftp", "filebrowser", "tls"]);
     cfg
+}
+
+/// Operator certificates must be usable: both halves given, readable, matching, not expired.
+/// These are start-up errors with the path and the reason, never a failure at first use.
+fn check_tls_files(sec: &Section, t: &AgentTlsConfig) {
+    let pairs = [
+        ("cert", "key", &t.cert, &t.key, false),
+        ("ca-cert", "ca-key", &t.ca_cert, &t.ca_key, true),
+    ];
+    for (ck, kk, c, k, is_ca) in pairs {
+        match (c, k) {
+            (None, None) => {}
+            (Some(c), Some(k)) => {
+                let r = if is_ca {
+                    crate::tls::check_ca(c, k)
+                } else {
+                    crate::tls::check_cert_key(c, k)
+                };
+                if let Err(e) = r {
+                    sec.problems().push(
+                        sec.key_path(ck),
+                        e.to_string(),
+                        if is_ca {
+                            "a valid CA certificate (PEM) and its PKCS#8 key"
+                        } else {
+                            "a valid certificate chain (PEM) and its private key"
+                        },
+                    );
+                }
+            }
+            (Some(_), None) | (None, Some(_)) => sec.problems().push(
+                sec.key_path(if c.is_some() { kk } else { ck }),
+                "missing",
+                format!("{ck} and {kk} together"),
+            ),
+        }
+    }
+    if t.cert.is_some() && t.ca_cert.is_some() {
+        sec.problems().push(
+            sec.key_path("ca-cert"),
+            "given together with cert",
+            "either cert/key (used as is) or ca-cert/ca-key (signs per-session certificates)",
+        );
+    }
 }
 
 fn read_port_range(a: &Section) -> (u16, u16) {

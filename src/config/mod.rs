@@ -478,17 +478,14 @@ pub(crate) fn read_listener_at(sec: &Section, default_addr: &str) -> ListenerCon
             "ssl-cert and ssl-privkey together, or neither (a self-signed certificate is made)",
         );
     }
-    for (key, path) in [("ssl-cert", &l.ssl_cert), ("ssl-privkey", &l.ssl_privkey)] {
-        if let Some(p) = path
-            && l.ssl_enabled
-            && !p.is_file()
-        {
-            sec.problems().push(
-                sec.key_path(key),
-                format!("{} (no such file)", p.display()),
-                "a readable PEM file",
-            );
-        }
+    if let (true, Some(c), Some(k)) = (l.ssl_enabled, &l.ssl_cert, &l.ssl_privkey)
+        && let Err(e) = crate::tls::check_cert_key(c, k)
+    {
+        sec.problems().push(
+            sec.key_path("ssl-cert"),
+            e.to_string(),
+            "a valid certificate chain (PEM) and its private key",
+        );
     }
     l
 }

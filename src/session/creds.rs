@@ -33,7 +33,9 @@ pub fn parse_public_keys(keys: &[String]) -> Result<Vec<String>, String> {
             let key = PublicKey::from_openssh(k)
                 .map_err(|e| format!("public key #{i} is not an OpenSSH public key: {e}"))?;
             if key.comment().chars().any(char::is_control) {
-                return Err(format!("public key #{i} has control characters in its comment"));
+                return Err(format!(
+                    "public key #{i} has control characters in its comment"
+                ));
             }
             // Re-encoding drops options or anything else a hostile line could smuggle in.
             key.to_openssh()

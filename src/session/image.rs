@@ -20,8 +20,8 @@ pub struct ContextFile {
     pub mode: u32,
 }
 
-pub fn sftp_context() -> Vec<ContextFile> {
-    vec![
+pub fn sftp_context() -> std::io::Result<Vec<ContextFile>> {
+    Ok(vec![
         ContextFile {
             name: "Dockerfile",
             data: include_bytes!("../../docker/sftp/Dockerfile").to_vec(),
@@ -37,7 +37,7 @@ pub fn sftp_context() -> Vec<ContextFile> {
             data: include_bytes!("../../docker/sftp/entrypoint.sh").to_vec(),
             mode: 0o755,
         },
-    ]
+    ])
 }
 
 fn tar_of(files: &[ContextFile]) -> std::io::Result<Vec<u8>> {
@@ -87,12 +87,36 @@ impl Images {
         }
     }
 
+    /// A registry image, pulled when it is not present (once at a time per image).
+    pub async fn pulled(&self, image: &str) -> Result<String> {
+        let cell = self
+            .builds
+            .lock()
+            .await
+            .entry(image.to_string())
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| async {
+            if !self.docker.image_exists(image).await? {
+                tracing::info!(image, "pulling session image");
+                self.docker.pull(image).await.map_err(|e| {
+                    SessionError::Unavailable(format!(
+                        "image {image} is not present and cannot be pulled: {e}"
+                    ))
+                })?;
+            }
+            Ok::<(), SessionError>(())
+        })
+        .await?;
+        Ok(image.to_string())
+    }
+
     /// The image to run for a kind: the operator's (must be present) or ours (built if missing).
     pub async fn ensure(
         &self,
         name: &str,
         operator_image: Option<&str>,
-        context: impl FnOnce() -> Vec<ContextFile>,
+        context: impl FnOnce() -> std::io::Result<Vec<ContextFile>>,
     ) -> Result<String> {
         if let Some(img) = operator_image {
             if self.docker.image_exists(img).await? {
@@ -102,7 +126,7 @@ impl Images {
                 "image {img} (configured for {name} sessions) is not present on this node"
             )));
         }
-        let files = context();
+        let files = context().map_err(|e| SessionError::Unavailable(e.to_string()))?;
         let tag = tag_for(name, &files, &self.base_image);
         let cell = self
             .builds

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::capacity::{self, Capacity, HostHeadroom};
 use super::creds::{self, HostKey};
+use super::filebrowser::{self, Engine};
 use super::image::{self, Images};
 use super::limiter::{LocalLimiter, UserLimiter};
 use super::{
@@ -25,6 +26,7 @@ use crate::config::agent::AgentConfig;
 use crate::docker::Docker;
 use crate::ids::{QuotaScopeKind, VFolderId};
 use crate::state::{State as Db, now_unix};
+use crate::tls::{Leaf, SessionCerts};
 use crate::volume::{RelPath, VolumeError, Volumes};
 
 const MAX_MOUNTS: usize = 32;
@@ -39,6 +41,8 @@ pub struct SessionManager {
     pub docker: Arc<Docker>,
     images: Images,
     host_key: HostKey,
+    certs: SessionCerts,
+    engine: Engine,
     admission: tokio::sync::Mutex<()>,
     pub(super) limiter: RwLock<Arc<dyn UserLimiter>>,
     capacity_tx: watch::Sender<Capacity>,
@@ -58,6 +62,25 @@ fn valid_username(u: &str) -> bool {
         && !RESERVED_USERS.contains(&u)
 }
 
+/// Mount names become directory names in sessions and parts of dufs' auth rules (which use
+/// `,`, `:` and `@` as separators): plain characters only.
+fn valid_mount_name(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n != "."
+        && n != ".."
+        && !n.starts_with('-')
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ' '))
+}
+
+/// What `validate` prepares for `admit` and `start`.
+struct Prepared {
+    session: Session,
+    password: Option<String>,
+    limit: u32,
+    leaf: Option<Leaf>,
+}
+
 fn valid_group_name(g: &str) -> bool {
     (1..=64).contains(&g.len())
         && g.chars()
@@ -71,6 +94,8 @@ impl SessionManager {
         std::fs::create_dir_all(agent_dir.join("sessions"))?;
         let host_key = HostKey::load_or_create(&agent_dir.join("ssh"))?;
         let docker = Arc::new(Docker::new(&cfg.docker_socket));
+        let certs = session_certs(&cfg, &config.daemon.state_dir, &config.proxy.node_id)
+            .map_err(std::io::Error::other)?;
         let initial = capacity::compute(
             &cfg,
             &config.proxy.node_id,
@@ -87,6 +112,8 @@ impl SessionManager {
             db,
             docker,
             host_key,
+            certs,
+            engine: Engine::parse(&config.agent.filebrowser.engine),
             admission: tokio::sync::Mutex::new(()),
             limiter: RwLock::new(Arc::new(LocalLimiter)),
             capacity_tx: watch::channel(initial).0,
@@ -193,6 +220,11 @@ impl SessionManager {
         for (i, m) in req.mounts.iter().enumerate() {
             let name = RelPath::parse_name(&m.name)
                 .map_err(|e| invalid(format!("mounts[{i}].name {:?}: {e}", m.name)))?;
+            if !valid_mount_name(&name) {
+                return Err(invalid(format!(
+                    "mounts[{i}].name {name:?}: letters, digits, ' ', '.', '_' and '-' only"
+                )));
+            }
             if !names.insert(name.clone()) {
                 return Err(invalid(format!("duplicate mount name {name:?}")));
             }
@@ -243,7 +275,7 @@ impl SessionManager {
     }
 
     /// Checks everything that can be checked before touching Docker.
-    async fn validate(&self, req: &CreateRequest) -> Result<(Session, Option<String>, u32)> {
+    async fn validate(&self, req: &CreateRequest) -> Result<Prepared> {
         let user = uuid::Uuid::parse_str(&req.user_id)
             .map_err(|_| invalid(format!("user_id {:?} is not a UUID", req.user_id)))?
             .hyphenated()
@@ -268,10 +300,18 @@ impl SessionManager {
             )));
         }
         let public_keys = creds::parse_public_keys(&req.public_keys).map_err(invalid)?;
-        if req.kind == Kind::Sftp && public_keys.is_empty() && !req.generate_password {
-            return Err(invalid(
-                "no credentials: give public keys and/or ask for a generated password",
-            ));
+        match req.kind {
+            Kind::Sftp if public_keys.is_empty() && !req.generate_password => {
+                return Err(invalid(
+                    "no credentials: give public keys and/or ask for a generated password",
+                ));
+            }
+            Kind::Filebrowser if !public_keys.is_empty() => {
+                return Err(invalid(
+                    "public keys are for SFTP sessions; a file browser session always gets a generated password",
+                ));
+            }
+            _ => {}
         }
         let (d, m) = (self.cfg.default_limits, self.cfg.max_limits);
         let cpus = req.limits.cpus.unwrap_or(d.cpus);
@@ -305,7 +345,17 @@ impl SessionManager {
         }
         let idle = req.idle_timeout.unwrap_or(self.cfg.idle_timeout);
         let mounts = self.resolve_mounts(req, &user).await?;
-        let password = req.generate_password.then(creds::generate_password);
+        // A file browser always logs in with a password.
+        let password =
+            (req.generate_password || req.kind == Kind::Filebrowser).then(creds::generate_password);
+        let leaf = match req.kind {
+            Kind::Filebrowser => Some(
+                self.certs
+                    .leaf(ttl + Duration::from_secs(3600))
+                    .map_err(|e| SessionError::Internal(e.to_string()))?,
+            ),
+            Kind::Sftp => None,
+        };
         let limit = req
             .max_sessions_per_user
             .unwrap_or(self.cfg.max_sessions_per_user);
@@ -325,8 +375,8 @@ impl SessionManager {
                 memory,
                 pids,
                 idle_timeout_secs: idle.as_secs(),
-                tls_cert_fingerprint: None,
-                engine: None,
+                tls_cert_fingerprint: leaf.as_ref().map(|l| l.fingerprint.clone()),
+                engine: (req.kind == Kind::Filebrowser).then(|| self.engine.as_str().to_string()),
             },
             state: State::Starting,
             reason: None,
@@ -335,7 +385,12 @@ impl SessionManager {
             created_at: now,
             expires_at: now + ttl.as_secs() as i64,
         };
-        Ok((session, password, limit))
+        Ok(Prepared {
+            session,
+            password,
+            limit,
+            leaf,
+        })
     }
 
     /// Capacity and per-user limit, checked and reserved under one lock: the `starting` row is
@@ -385,23 +440,36 @@ impl SessionManager {
     }
 
     pub async fn create(&self, req: CreateRequest) -> Result<Created> {
-        let (session, password, limit) = self.validate(&req).await?;
+        let p = self.validate(&req).await?;
         // Refuse early, before a reservation, when Docker cannot be reached.
         self.docker.ping().await?;
-        let session = self.admit(session, limit).await?;
+        let session = self.admit(p.session, p.limit).await?;
         let span = tracing::info_span!(
             "session",
             id = %session.id,
             kind = session.kind.as_str(),
             user = %session.user_id
         );
-        self.launch(session, password).instrument(span).await
+        self.launch(session, p.password, p.leaf)
+            .instrument(span)
+            .await
     }
 
-    async fn launch(&self, session: Session, password: Option<String>) -> Result<Created> {
+    async fn launch(
+        &self,
+        session: Session,
+        password: Option<String>,
+        leaf: Option<Leaf>,
+    ) -> Result<Created> {
         tracing::info!(port = session.port, "session admitted");
         self.publish_capacity().await;
-        let hash = match password.as_deref().map(creds::shadow_hash).transpose() {
+        let hash_of = |pw: &str| match (session.kind, self.engine) {
+            (Kind::Filebrowser, Engine::Filebrowser) => {
+                bcrypt::hash(pw, 10).map_err(|e| e.to_string())
+            }
+            _ => creds::shadow_hash(pw),
+        };
+        let hash = match password.as_deref().map(hash_of).transpose() {
             Ok(h) => h,
             Err(e) => {
                 self.fail(&session, &format!("cannot hash the password: {e}"))
@@ -410,12 +478,12 @@ impl SessionManager {
             }
         };
         let started = Instant::now();
-        match self.start(&session, hash.as_deref()).await {
+        match self.start(&session, hash.as_deref(), leaf.as_ref()).await {
             Ok(s) => {
                 tracing::info!(ms = started.elapsed().as_millis() as u64, "session running");
                 self.publish_capacity().await;
                 Ok(Created {
-                    ca_cert_pem: None,
+                    ca_cert_pem: leaf.map(|l| l.ca_pem),
                     session: s,
                     password,
                 })
@@ -428,38 +496,85 @@ impl SessionManager {
         }
     }
 
-    async fn start(&self, s: &Session, password_hash: Option<&str>) -> Result<Session> {
-        let image = self
-            .images
-            .ensure("sftp", self.cfg.sftp.image.as_deref(), image::sftp_context)
-            .await?;
+    async fn start(
+        &self,
+        s: &Session,
+        password_hash: Option<&str>,
+        leaf: Option<&Leaf>,
+    ) -> Result<Session> {
         let dir = self.files_dir(s.id);
-        sftp::render_accounts(
-            &dir,
-            s,
-            password_hash,
-            self.cfg.kernel_uid,
-            self.cfg.kernel_gid,
-        )
-        .map_err(|e| SessionError::Internal(format!("cannot write session files: {e}")))?;
         let port = s
             .port
             .ok_or_else(|| SessionError::Internal("no port".into()))?;
         let addr = self.cfg.public_addr.to_string();
-        let spec = sftp::container_spec(
-            s,
-            &sftp::SftpParams {
-                node: &self.node_id,
-                image: &image,
-                files_dir: &dir,
-                host_key: &self.host_key.private_path,
-                public_addr: &addr,
-                port,
-            },
-        );
+        let files_err =
+            |e: std::io::Error| SessionError::Internal(format!("cannot write session files: {e}"));
+        let spec = match s.kind {
+            Kind::Sftp => {
+                let image = self
+                    .images
+                    .ensure("sftp", self.cfg.sftp.image.as_deref(), image::sftp_context)
+                    .await?;
+                sftp::render_accounts(
+                    &dir,
+                    s,
+                    password_hash,
+                    self.cfg.kernel_uid,
+                    self.cfg.kernel_gid,
+                )
+                .map_err(files_err)?;
+                sftp::container_spec(
+                    s,
+                    &sftp::SftpParams {
+                        node: &self.node_id,
+                        image: &image,
+                        files_dir: &dir,
+                        host_key: &self.host_key.private_path,
+                        public_addr: &addr,
+                        port,
+                    },
+                )
+            }
+            Kind::Filebrowser => {
+                let fb = &self.cfg.filebrowser;
+                let image = match self.engine {
+                    Engine::Dufs => {
+                        self.images
+                            .ensure("filebrowser", fb.image.as_deref(), || {
+                                filebrowser::dufs_context(&fb.dufs_binary)
+                            })
+                            .await?
+                    }
+                    Engine::Filebrowser => {
+                        self.images
+                            .pulled(fb.image.as_deref().unwrap_or(&fb.filebrowser_image))
+                            .await?
+                    }
+                };
+                let leaf = leaf.ok_or_else(|| SessionError::Internal("no certificate".into()))?;
+                filebrowser::render_files(&dir, leaf, self.cfg.kernel_uid, self.cfg.kernel_gid)
+                    .map_err(files_err)?;
+                let hash =
+                    password_hash.ok_or_else(|| SessionError::Internal("no password".into()))?;
+                filebrowser::container_spec(
+                    s,
+                    &filebrowser::FbParams {
+                        node: &self.node_id,
+                        engine: self.engine,
+                        image: &image,
+                        files_dir: &dir,
+                        public_addr: &addr,
+                        port,
+                        uid: self.cfg.kernel_uid,
+                        gid: self.cfg.kernel_gid,
+                        password_hash: hash,
+                    },
+                )
+            }
+        };
         let id = self.docker.run(&spec).await?;
         store::set_container(&self.db, s.id, &id).await?;
-        self.wait_ready(&id, port).await?;
+        self.wait_ready(s.kind, &id, port).await?;
         if !store::transition(&self.db, s.id, &[State::Starting], State::Running, None).await? {
             return Err(SessionError::Internal(
                 "the session was destroyed while it started".into(),
@@ -474,8 +589,9 @@ impl SessionManager {
             .ok_or(SessionError::NotFound(s.id))
     }
 
-    /// Ready when the service answers on the published port: the SSH banner for SFTP.
-    async fn wait_ready(&self, container: &str, port: u16) -> Result<()> {
+    /// Ready when the service answers on the published port: the SSH banner for SFTP, an HTTP
+    /// answer over TLS for the file browser.
+    async fn wait_ready(&self, kind: Kind, container: &str, port: u16) -> Result<()> {
         let addr = if self.cfg.public_addr.is_unspecified() {
             IpAddr::from([127, 0, 0, 1])
         } else {
@@ -483,19 +599,12 @@ impl SessionManager {
         };
         let deadline = Instant::now() + self.cfg.start_timeout;
         loop {
-            if let Ok(Ok(mut c)) = tokio::time::timeout(
-                Duration::from_secs(2),
-                tokio::net::TcpStream::connect((addr, port)),
-            )
-            .await
-            {
-                let mut buf = [0u8; 8];
-                if let Ok(Ok(n)) =
-                    tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await
-                    && buf[..n].starts_with(b"SSH-")
-                {
-                    return Ok(());
-                }
+            let answered = match kind {
+                Kind::Sftp => probe_ssh(addr, port).await,
+                Kind::Filebrowser => probe_https(addr, port).await,
+            };
+            if answered {
+                return Ok(());
             }
             match self.docker.inspect(container).await? {
                 Some(st) if st.running => {}
@@ -604,4 +713,62 @@ impl SessionManager {
         self.publish_capacity().await;
         self.get(id).await
     }
+}
+
+async fn probe_ssh(addr: IpAddr, port: u16) -> bool {
+    let Ok(Ok(mut c)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect((addr, port)),
+    )
+    .await
+    else {
+        return false;
+    };
+    let mut buf = [0u8; 8];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await,
+        Ok(Ok(n)) if buf[..n].starts_with(b"SSH-")
+    )
+}
+
+async fn probe_https(addr: IpAddr, port: u16) -> bool {
+    use tokio::io::AsyncWriteExt;
+    let probe = async {
+        let tcp = tokio::net::TcpStream::connect((addr, port)).await.ok()?;
+        let connector = tokio_rustls::TlsConnector::from(crate::tls::probe_client_config());
+        let name = rustls_pki_types::ServerName::IpAddress(addr.into());
+        let mut tls = connector.connect(name, tcp).await.ok()?;
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = [0u8; 12];
+        let n = tls.read(&mut buf).await.ok()?;
+        Some(buf[..n].starts_with(b"HTTP/1."))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), probe).await,
+        Ok(Some(true))
+    )
+}
+
+/// Session certificates from `[agent.tls]`: the operator's certificate as is, the operator's CA,
+/// or the node CA (made on first start under `<state-dir>/tls`).
+fn session_certs(
+    cfg: &AgentConfig,
+    state_dir: &std::path::Path,
+    node_id: &str,
+) -> std::result::Result<SessionCerts, crate::tls::TlsError> {
+    let t = &cfg.tls;
+    if let (Some(c), Some(k)) = (&t.cert, &t.key) {
+        return SessionCerts::fixed(c, k);
+    }
+    let ca = match (&t.ca_cert, &t.ca_key) {
+        (Some(c), Some(k)) => crate::tls::Ca::from_files(c, k)?,
+        _ => crate::tls::Ca::node(&state_dir.join("tls"), node_id)?,
+    };
+    Ok(SessionCerts::Issued {
+        ca,
+        names: vec![cfg.public_host.clone()],
+        max_validity: t.leaf_validity,
+    })
 }

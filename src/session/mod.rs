@@ -6,6 +6,7 @@
 
 mod capacity;
 pub mod creds;
+mod filebrowser;
 mod image;
 mod lifecycle;
 pub mod limiter;
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use capacity::{Capacity, HostHeadroom, KindCounts};
+pub use filebrowser::Engine;
 pub use manager::SessionManager;
 
 use crate::config::agent::Limits;
