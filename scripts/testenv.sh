@@ -31,8 +31,8 @@ wait_for() { # wait_for SECONDS CMD...
 
 packages() {
   local want=(docker.io debootstrap redis-server sshpass openssh-client openssh-server curl
-              btrfs-progs xfsprogs nginx-light chromium busybox-static python3 nodejs npm
-              iproute2 procps psmisc)
+              btrfs-progs xfsprogs e2fsprogs s3fs nginx-light chromium busybox-static
+              python3 nodejs npm iproute2 procps psmisc openssl)
   local missing=()
   for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -50,7 +50,10 @@ packages() {
     }
   fi
   # The distribution's sshd and redis may autostart on their default ports; tests use their own.
-  python3 -c 'import tusclient' 2>/dev/null || { log "pip: tuspy"; pip install -q tuspy 2>/dev/null || python3 -m pip install -q tuspy; }
+  python3 -c 'import tusclient, moto, boto3' 2>/dev/null || {
+    log "pip: tuspy, moto, boto3"
+    python3 -m pip install -q tuspy 'moto[server]' boto3
+  }
   if [ ! -d "$HERE/tests/clients/node_modules/tus-js-client" ]; then
     log "npm: tus-js-client (tests/clients)"
     (cd "$HERE/tests/clients" && npm ci --no-audit --no-fund --silent)

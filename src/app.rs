@@ -17,6 +17,26 @@ use crate::session::SessionManager;
 use crate::state::State;
 use crate::upload::Uploads;
 use crate::volume::Volumes;
+use crate::volume::health::VolumeHealth;
+
+/// Redis reachability, for /health (not gating: one node works without it).
+struct RedisCheck(Arc<crate::coord::Redis>);
+
+#[async_trait::async_trait]
+impl crate::health::Check for RedisCheck {
+    fn service_group(&self) -> &str {
+        "redis"
+    }
+    fn component_id(&self) -> String {
+        self.0.addr().to_string()
+    }
+    fn gating(&self) -> bool {
+        false
+    }
+    async fn check(&self) -> Result<(), String> {
+        self.0.ping().await.map_err(|e| e.to_string())
+    }
+}
 
 /// Docker reachability, for /health (not gating: the storage proxy works without it).
 struct DockerCheck(Arc<SessionManager>);
@@ -73,7 +93,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let state = State::open(state_dir).await?;
     tracing::info!(path = %state_dir.join("state.db").display(), "state database ready");
-    let volumes = Volumes::open(&config.volumes, config.proxy.owner)?;
+    let volume_health = VolumeHealth::new(
+        &config
+            .volumes
+            .iter()
+            .map(|v| (v.name.clone(), v.path.clone()))
+            .collect::<Vec<_>>(),
+        config.daemon.volume_check_timeout,
+        &config.proxy.node_id,
+    );
+    volume_health.check_all().await;
+    let volumes =
+        Volumes::open(&config.volumes, config.proxy.owner)?.with_health(volume_health.clone());
     for v in volumes.iter() {
         tracing::info!(
             volume = v.name(),
@@ -81,7 +112,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "volume {v} opened"
         );
     }
-    let events = Events::none();
+    let shutdown = CancellationToken::new();
+    let redis = match &config.redis {
+        Some(r) => Some(crate::coord::Redis::new(r)?),
+        None => None,
+    };
+    let events = match &redis {
+        Some(r) => {
+            tracing::info!(redis = r.addr(), "events go to the Backend.AI event stream");
+            Events::new(crate::coord::RedisEvents::start(
+                r.clone(),
+                config.proxy.node_id.clone(),
+                shutdown.clone(),
+            ))
+        }
+        None => Events::none(),
+    };
     let bgtasks = BgTasks::new(state.clone(), volumes.clone(), events.clone());
     let uploads = Uploads::new(
         state.clone(),
@@ -90,7 +136,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     uploads.recover().await?;
     let health = Health::new(state.clone(), volumes.clone());
-    let shutdown = CancellationToken::new();
+    if let Some(r) = &redis {
+        health.add(Arc::new(RedisCheck(r.clone())));
+    }
     let config = Arc::new(config);
     let app = AppState {
         config: config.clone(),
@@ -154,7 +202,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 config.agent.rpc.listener.addr
             )
         })?;
-        Some((sessions, rpc_l, rpc_secret))
+        let heartbeat = if let Some(r) = &redis {
+            let limiter =
+                crate::coord::RedisLimiter::new(r.clone(), config.agent.heartbeat_interval * 3);
+            sessions.set_limiter(limiter.clone());
+            let addr = |l: &tokio::net::TcpListener| {
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+            };
+            Some(Arc::new(crate::coord::Heartbeat {
+                redis: r.clone(),
+                limiter,
+                sessions: sessions.clone(),
+                volumes: app.volumes.clone(),
+                addresses: crate::coord::Addresses {
+                    manager_api: addr(&manager_l),
+                    client_api: addr(&client_l),
+                    rpc: addr(&rpc_l),
+                    public_host: config.agent.public_host.clone(),
+                },
+                interval: config.agent.heartbeat_interval,
+            }))
+        } else {
+            None
+        };
+        Some((sessions, rpc_l, rpc_secret, heartbeat))
     } else {
         None
     };
@@ -166,8 +237,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     );
     let rpc_server = match agent {
-        Some((sessions, rpc_l, rpc_secret)) => {
-            // Adoption runs first thing in the event watcher, and again whenever Docker returns.
+        Some((sessions, rpc_l, rpc_secret, heartbeat)) => {
+            // Adopt (or remove) this node's containers before the first heartbeat re-registers
+            // their leases; the event watcher does it again whenever Docker comes back.
+            if let Err(e) = sessions.reconcile().await {
+                tracing::warn!(error = %e, "cannot reconcile sessions with Docker yet");
+            }
+            if let Some(hb) = heartbeat {
+                hb.spawn(shutdown.clone());
+            }
             sessions.spawn_event_watcher(shutdown.clone());
             sessions.spawn_reaper(shutdown.clone());
             let router = crate::rpc::router(sessions, &rpc_secret).await;
@@ -182,6 +260,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    volume_health.spawn(config.daemon.volume_check_interval, shutdown.clone());
     spawn_signal_handler(shutdown.clone());
     println!("ready node={}", config.proxy.node_id);
     tracing::info!("storage-agent ready");

@@ -7,6 +7,7 @@ pub mod api;
 pub mod app;
 pub mod bgtask;
 pub mod config;
+pub mod coord;
 pub mod docker;
 pub mod events;
 pub mod health;

@@ -244,6 +244,13 @@ impl From<VolumeError> for ApiError {
             )
             .code("storage_access_invalid-parameters")
             .msg(name),
+            V::Offline { name, reason } => Self::problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage/volume/offline",
+                "Volume Offline",
+            )
+            .code("storage_access_unavailable")
+            .msg(format!("volume {name} is offline: {reason}")),
             V::VFolderNotFound(vf) => Self::problem(
                 StatusCode::NOT_FOUND,
                 "storage/vfolder/not-found",

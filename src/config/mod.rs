@@ -106,6 +106,8 @@ pub struct Config {
     pub manager_api: ManagerApiConfig,
     pub volumes: Vec<VolumeConfig>,
     pub agent: agent::AgentConfig,
+    /// Cross-node coordination and the Backend.AI event bus; absent on a single node.
+    pub redis: Option<RedisConfig>,
     /// Keys and tables accepted for compatibility and ignored; logged at start.
     pub ignored: Vec<String>,
 }
@@ -141,6 +143,28 @@ pub struct DaemonConfig {
     /// Largest JSON body the manager API reads.
     pub max_json_body: usize,
     pub upload_reap_interval: Duration,
+    /// How often each volume is checked (statvfs, device id, marker file).
+    pub volume_check_interval: Duration,
+    /// A check not finished by then marks the volume offline (a hung mount).
+    pub volume_check_timeout: Duration,
+}
+
+/// `[redis]`
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub addr: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// The storage agent's own keys: per-user session leases and node discovery
+    /// (Backend.AI's LIVE database).
+    pub db: i64,
+    /// The Backend.AI event stream `events` (Backend.AI's STREAM database).
+    pub stream_db: i64,
+    /// `container_count.<node-id>` (Backend.AI's STAT database).
+    pub stat_db: i64,
+    pub tls: bool,
+    /// A CA (PEM) to verify the Redis server with, instead of the system roots.
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -305,7 +329,16 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
         upload_lock_stale_after: ours.duration("upload-lock-stale-after", Duration::from_secs(10)),
         max_json_body: ours.size("max-json-body", 1 << 20) as usize,
         upload_reap_interval: ours.duration("upload-reap-interval", Duration::from_secs(60)),
+        volume_check_interval: ours.duration("volume-check-interval", Duration::from_secs(10)),
+        volume_check_timeout: ours.duration("volume-check-timeout", Duration::from_secs(5)),
     };
+    if daemon.volume_check_interval.is_zero() || daemon.volume_check_timeout.is_zero() {
+        problems.push(
+            ours.key_path("volume-check-interval"),
+            "0",
+            "volume-check-interval and volume-check-timeout above zero",
+        );
+    }
     if tracing_subscriber::EnvFilter::try_new(&daemon.log_level).is_err() {
         problems.push(
             ours.key_path("log-level"),
@@ -365,6 +398,42 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
         ],
     );
 
+    let redis_sec = root.section("redis");
+    let redis = redis_sec.get("addr").map(|_| {
+        let r = RedisConfig {
+            addr: redis_sec.string("addr", "127.0.0.1:6379"),
+            username: redis_sec.opt_string("username").filter(|s| !s.is_empty()),
+            password: redis_sec.opt_string("password").filter(|s| !s.is_empty()),
+            db: redis_sec.int_in("db", 0, 15, 2),
+            stream_db: redis_sec.int_in("stream-db", 0, 15, 4),
+            stat_db: redis_sec.int_in("stat-db", 0, 15, 0),
+            tls: redis_sec.bool("tls", false),
+            tls_ca: redis_sec.opt_path("tls-ca"),
+        };
+        if r.addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            problems.push(
+                redis_sec.key_path("addr"),
+                format!("{:?}", r.addr),
+                "\"host:port\"",
+            );
+        }
+        if let Some(ca) = &r.tls_ca
+            && !ca.is_file()
+        {
+            problems.push(
+                redis_sec.key_path("tls-ca"),
+                format!("{} (no such file)", ca.display()),
+                "a PEM file",
+            );
+        }
+        r
+    });
+    redis_sec.finish(&[]);
+
     for t in IGNORED_TABLES {
         if root.get(t).is_some() {
             ignored.push(format!("[{t}]"));
@@ -380,6 +449,7 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
         manager_api,
         volumes,
         agent,
+        redis,
         ignored,
     }
 }

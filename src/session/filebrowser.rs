@@ -249,6 +249,7 @@ mod tests {
                 idle_timeout_secs: 3600,
                 tls_cert_fingerprint: None,
                 engine: Some("filebrowser".into()),
+                user_limit: 1,
             },
             state: State::Starting,
             reason: None,

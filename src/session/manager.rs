@@ -228,10 +228,10 @@ impl SessionManager {
             if !names.insert(name.clone()) {
                 return Err(invalid(format!("duplicate mount name {name:?}")));
             }
-            let vol = self
-                .volumes
-                .get(&m.volume)
-                .map_err(|_| invalid(format!("mounts[{i}]: unknown volume {:?}", m.volume)))?;
+            let vol = self.volumes.get(&m.volume).map_err(|e| match e {
+                VolumeError::Offline { .. } => SessionError::Unavailable(e.to_string()),
+                _ => invalid(format!("mounts[{i}]: unknown volume {:?}", m.volume)),
+            })?;
             let vfid =
                 VFolderId::parse(&m.vfid).map_err(|e| invalid(format!("mounts[{i}].vfid: {e}")))?;
             // A user's own quota scope, or a project's (the manager checked membership). Another
@@ -344,6 +344,9 @@ impl SessionManager {
             )));
         }
         let idle = req.idle_timeout.unwrap_or(self.cfg.idle_timeout);
+        let limit = req
+            .max_sessions_per_user
+            .unwrap_or(self.cfg.max_sessions_per_user);
         let mounts = self.resolve_mounts(req, &user).await?;
         // A file browser always logs in with a password.
         let password =
@@ -356,9 +359,6 @@ impl SessionManager {
             ),
             Kind::Sftp => None,
         };
-        let limit = req
-            .max_sessions_per_user
-            .unwrap_or(self.cfg.max_sessions_per_user);
         let now = now_unix();
         let session = Session {
             id: Uuid::new_v4(),
@@ -377,6 +377,7 @@ impl SessionManager {
                 idle_timeout_secs: idle.as_secs(),
                 tls_cert_fingerprint: leaf.as_ref().map(|l| l.fingerprint.clone()),
                 engine: (req.kind == Kind::Filebrowser).then(|| self.engine.as_str().to_string()),
+                user_limit: limit,
             },
             state: State::Starting,
             reason: None,
@@ -670,6 +671,11 @@ impl SessionManager {
 
     pub async fn list(&self, f: &Filter) -> Result<Vec<Session>> {
         store::list(&self.db, f).await
+    }
+
+    /// Sessions holding (or about to hold) a container.
+    pub async fn live_sessions(&self) -> Result<Vec<Session>> {
+        store::live(&self.db).await
     }
 
     // ---- destroy ---------------------------------------------------------------------------

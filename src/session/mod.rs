@@ -143,6 +143,10 @@ pub struct SessionSpec {
     pub tls_cert_fingerprint: Option<String>,
     #[serde(default)]
     pub engine: Option<String>,
+    /// The per-user limit this session was admitted under (re-checked when its lease is
+    /// re-registered after an outage); 0 in records from before it was kept.
+    #[serde(default)]
+    pub user_limit: u32,
 }
 
 impl SessionSpec {

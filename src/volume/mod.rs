@@ -3,6 +3,7 @@
 //! knows about HTTP or gRPC.
 
 pub mod fsops;
+pub mod health;
 pub mod path;
 mod scan;
 pub mod vfs;
@@ -29,6 +30,8 @@ pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
 pub enum VolumeError {
     #[error("unknown volume {0:?}")]
     UnknownVolume(String),
+    #[error("volume {name} is offline: {reason}")]
+    Offline { name: String, reason: String },
     #[error("VFolder not found or not a directory: {0}")]
     VFolderNotFound(VFolderId),
     #[error("VFolder already exists: {0}")]
@@ -312,10 +315,11 @@ pub trait Volume: Send + Sync + fmt::Display {
     fn staging(&self) -> &dyn UploadStaging;
 }
 
-/// All configured volumes by name.
+/// All configured volumes by name, with their health.
 #[derive(Clone)]
 pub struct Volumes {
     by_name: Arc<BTreeMap<String, Arc<dyn Volume>>>,
+    health: Option<Arc<health::VolumeHealth>>,
 }
 
 impl Volumes {
@@ -335,13 +339,51 @@ impl Volumes {
         }
         Ok(Volumes {
             by_name: Arc::new(by_name),
+            health: None,
         })
     }
 
+    /// Starts gating requests on the health monitor's verdicts.
+    pub fn with_health(mut self, h: Arc<health::VolumeHealth>) -> Self {
+        self.health = Some(h);
+        self
+    }
+
+    pub fn health(&self) -> Option<&Arc<health::VolumeHealth>> {
+        self.health.as_ref()
+    }
+
+    /// A volume to work on. An offline volume fails here at once, before any I/O could hang.
     pub fn get(&self, name: &str) -> Result<&Arc<dyn Volume>> {
+        let v = self.get_ungated(name)?;
+        if let Some(h) = &self.health
+            && let Err(reason) = h.gate(name)
+        {
+            return Err(VolumeError::Offline {
+                name: name.to_string(),
+                reason,
+            });
+        }
+        Ok(v)
+    }
+
+    /// A volume whatever its health (to report on it).
+    pub fn get_ungated(&self, name: &str) -> Result<&Arc<dyn Volume>> {
         self.by_name
             .get(name)
             .ok_or_else(|| VolumeError::UnknownVolume(name.to_string()))
+    }
+
+    /// What `/volume/hwinfo` and heartbeats report: the health verdict over the backend's own.
+    pub async fn hwinfo(&self, name: &str) -> Result<HwInfo> {
+        let mut hw = self.get_ungated(name)?.hwinfo().await;
+        if let Some(v) = self.health.as_ref().and_then(|h| h.verdict(name)) {
+            hw.status = v.status;
+            hw.status_info = v.reason;
+            hw.metadata
+                .insert("checked_at".into(), v.checked_at.to_rfc3339());
+        }
+        Ok(hw)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Volume>> {

@@ -5,6 +5,7 @@ mod common;
 
 mod bgtasks;
 mod config_check;
+mod coord;
 mod crash;
 mod download;
 mod filebrowser;
@@ -16,3 +17,4 @@ mod sftp;
 mod tls;
 mod tus;
 mod tus_clients;
+mod volume_health;

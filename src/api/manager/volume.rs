@@ -48,7 +48,7 @@ async fn hwinfo(
     State(st): State<AppState>,
     ApiJson(req): ApiJson<VolumeReq>,
 ) -> ApiResult<Json<Value>> {
-    let hw = st.volumes.get(&req.volume)?.hwinfo().await;
+    let hw = st.volumes.hwinfo(&req.volume).await?;
     Ok(Json(json!({
         "status": hw.status.as_str(),
         "status_info": hw.status_info,

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod redis;
 pub mod tools;
 
 use std::io::{BufRead, BufReader};
@@ -104,8 +105,12 @@ enabled = false
     pub async fn start(self) -> Daemon {
         let path = self.dir.path().join("storage-agent.toml");
         std::fs::write(&path, toml::to_string(&self.config).unwrap()).unwrap();
+        let vol_dir = self.config["volume"]["vol1"]["path"]
+            .as_str()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.dir.path().join("vol1"));
         let mut d = Daemon {
-            vol_dir: self.dir.path().join("vol1"),
+            vol_dir,
             state_dir: self.dir.path().join("state"),
             config_path: path,
             dir: self.dir,

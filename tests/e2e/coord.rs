@@ -1,0 +1,470 @@
+//! Several storage nodes and one real redis-server: the cluster-wide per-user limit under
+//! concurrency and node crashes, heartbeats on the Backend.AI event stream, Redis outages, and
+//! background-task events.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+use storage_agent::pb;
+
+use crate::common::agent::{ContainerGuard, keypair, mount};
+use crate::common::redis::RedisServer;
+use crate::common::{Builder, Daemon};
+
+fn clustered(b: Builder, redis: &RedisServer, hb: &str) -> Builder {
+    b.agent()
+        .set("redis.addr", redis.url())
+        .set("agent.heartbeat-interval", hb)
+        .set("agent.resource-group", "storage-rg")
+        .set("agent.max-containers", 20)
+}
+
+fn req(user: &uuid::Uuid, vf: &str, key: &str, limit: u32) -> pb::CreateSessionRequest {
+    pb::CreateSessionRequest {
+        kind: pb::SessionKind::Sftp as i32,
+        user_id: user.to_string(),
+        resource_group: "storage-rg".into(),
+        mounts: vec![mount("vol1", vf, "data", false)],
+        credentials: Some(pb::Credentials {
+            public_keys: vec![key.into()],
+            generate_password: false,
+        }),
+        max_sessions_per_user: Some(limit),
+        ..Default::default()
+    }
+}
+
+/// Reads the whole event stream as (name, source, payload) tuples.
+async fn events(redis: &RedisServer) -> Vec<(String, String, Value)> {
+    let mut c = redis
+        .client(4)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let r: redis::streams::StreamRangeReply = c.xrange_all("events").await.unwrap();
+    r.ids
+        .iter()
+        .map(|e| {
+            let s = |k: &str| -> String { e.get(k).unwrap_or_default() };
+            (
+                s("name"),
+                s("source"),
+                serde_json::from_str(&s("payload")).unwrap_or(Value::Null),
+            )
+        })
+        .collect()
+}
+
+async fn live_count(nodes: &[&Daemon]) -> usize {
+    let mut n = 0;
+    for d in nodes {
+        if d.addrs.contains_key("rpc") {
+            let l = d
+                .rpc()
+                .await
+                .list_sessions(pb::ListSessionsRequest {
+                    state: pb::SessionState::Running as i32,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            n += l.sessions.len();
+        }
+    }
+    n
+}
+
+#[tokio::test]
+async fn three_nodes_never_exceed_the_per_user_limit() {
+    let redis = RedisServer::start();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(clustered(Daemon::builder(), &redis, "1s").start().await);
+    }
+    let _guards: Vec<_> = nodes.iter().map(|d| ContainerGuard(d.node_id())).collect();
+    let user = uuid::Uuid::new_v4();
+    let (_, key) = keypair(nodes[0].dir.path(), "k");
+    let mut vfs = Vec::new();
+    for d in &nodes {
+        vfs.push(d.user_vfolder(&user).await.0);
+    }
+    // Warm the SFTP image on every node so the race is on admission.
+    for (d, vf) in nodes.iter().zip(&vfs) {
+        let s = d
+            .rpc()
+            .await
+            .create_session(req(&user, vf, &key, 5))
+            .await
+            .unwrap()
+            .into_inner()
+            .session
+            .unwrap();
+        d.rpc()
+            .await
+            .destroy_session(pb::DestroySessionRequest { id: s.id })
+            .await
+            .unwrap();
+    }
+
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let d = &nodes[i % 3];
+        let mut rpc = d.rpc().await;
+        let r = req(&user, &vfs[i % 3], &key, 5);
+        tasks.push(tokio::spawn(async move { rpc.create_session(r).await }));
+    }
+    let (mut ok, mut exhausted) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                assert!(
+                    e.message().contains(&format!(
+                        "user {user} has 5/5 sessions in resource group storage-rg"
+                    )),
+                    "{}",
+                    e.message()
+                );
+                exhausted += 1;
+            }
+        }
+    }
+    assert_eq!((ok, exhausted), (5, 55));
+    let refs: Vec<&Daemon> = nodes.iter().collect();
+    assert_eq!(live_count(&refs).await, 5);
+    let zkey = format!("storage_agent.user_sessions.storage-rg.{user}");
+    assert_eq!(redis.cli(&["-n", "2", "ZCARD", &zkey]), "5");
+
+    // Kill the node holding the most sessions; after its leases (3 heartbeats) they stop
+    // counting and other nodes admit new sessions.
+    let mut per_node = Vec::new();
+    for d in &nodes {
+        per_node.push(
+            d.rpc()
+                .await
+                .list_sessions(pb::ListSessionsRequest {
+                    state: pb::SessionState::Running as i32,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .sessions
+                .len(),
+        );
+    }
+    let victim = (0..3).max_by_key(|i| per_node[*i]).unwrap();
+    let held = per_node[victim];
+    assert!(held > 0);
+    nodes[victim].kill9();
+    let survivor = (victim + 1) % 3;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut admitted = 0;
+    while admitted < held {
+        match nodes[survivor]
+            .rpc()
+            .await
+            .create_session(req(&user, &vfs[survivor], &key, 5))
+            .await
+        {
+            Ok(_) => admitted += 1,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "the crashed node's sessions still count after their lease"
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+    assert_eq!(redis.cli(&["-n", "2", "ZCARD", &zkey]), "5");
+
+    // The crashed node comes back: it adopts its containers, but re-registering them would exceed
+    // the limit, so they are ended; nothing ever counts more than 5.
+    nodes[victim].restart().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let refs: Vec<&Daemon> = nodes.iter().collect();
+        let live = live_count(&refs).await;
+        let counted: usize = redis.cli(&["-n", "2", "ZCARD", &zkey]).parse().unwrap();
+        assert!(counted <= 5, "Redis counts {counted}");
+        if live == 5 {
+            break;
+        }
+        assert!(
+            live >= 5 && Instant::now() < deadline,
+            "{live} live sessions"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let ended = nodes[victim]
+        .rpc()
+        .await
+        .list_sessions(pb::ListSessionsRequest {
+            state: pb::SessionState::Terminated as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        ended
+            .sessions
+            .iter()
+            .any(|s| s.reason.contains("session limit")),
+        "{:?}",
+        ended.sessions.iter().map(|s| &s.reason).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_discovery_and_redis_outages() {
+    let mut redis = RedisServer::start();
+    let d = clustered(Daemon::builder(), &redis, "2s")
+        .set("agent.region", "kr-seoul")
+        .start()
+        .await;
+    let _g = ContainerGuard(d.node_id());
+    let node = d.node_id();
+    let t0 = Instant::now();
+    // The first heartbeat comes at start.
+    let hb = loop {
+        let evs = events(&redis).await;
+        if let Some(e) = evs.into_iter().find(|e| e.0 == "storage_agent_heartbeat") {
+            break e;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no heartbeat");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(hb.1, node, "source is the node id");
+    let p = &hb.2;
+    assert_eq!(p["node_id"], node);
+    assert_eq!(p["resource_group"], "storage-rg");
+    assert_eq!(p["region"], "kr-seoul");
+    assert!(p["version"].is_string());
+    for k in ["manager_api", "client_api", "rpc", "public_host"] {
+        assert!(
+            p["addresses"][k].as_str().is_some_and(|s| !s.is_empty()),
+            "{k}: {p}"
+        );
+    }
+    assert_eq!(p["addresses"]["rpc"], d.addrs["rpc"]);
+    assert_eq!(p["addresses"]["manager_api"], d.addrs["manager"]);
+    let cap = &p["capacity"];
+    for k in ["max_containers", "running", "starting", "available"] {
+        assert!(cap[k].is_u64(), "{k}: {cap}");
+        for kind in ["sftp", "filebrowser"] {
+            assert!(cap["kinds"][kind][k].is_u64(), "{kind}.{k}: {cap}");
+        }
+    }
+    // Configured 20, possibly bounded lower by this host's CPU or memory (2 cores here).
+    let max = cap["max_containers"].as_u64().unwrap();
+    assert!((1..=20).contains(&max), "{cap}");
+    assert_eq!(cap["available"].as_u64(), Some(max));
+    assert!(["config", "cpu", "memory", "ports"].contains(&cap["bounded_by"].as_str().unwrap()));
+    for k in [
+        "memory_total",
+        "memory_available",
+        "memory_reserved",
+        "cpus",
+        "cpus_reserved",
+    ] {
+        assert!(p["host"][k].is_number(), "{k}");
+    }
+    assert_eq!(p["volumes"][0]["name"], "vol1");
+    assert_eq!(p["volumes"][0]["status"], "healthy");
+    assert_eq!(
+        redis.cli(&["-n", "0", "GET", &format!("container_count.{node}")]),
+        "0"
+    );
+    assert_eq!(
+        redis.cli(&[
+            "-n",
+            "2",
+            "HGET",
+            &format!("storage_agent.node.{node}"),
+            "resource_group"
+        ]),
+        "storage-rg"
+    );
+    let ttl: i64 = redis
+        .cli(&["-n", "2", "PTTL", &format!("storage_agent.node.{node}")])
+        .parse()
+        .unwrap();
+    assert!(
+        ttl > 0 && ttl <= 6000,
+        "discovery TTL is 3 heartbeats: {ttl}"
+    );
+
+    // A capacity change is published at once, not at the next interval.
+    let user = uuid::Uuid::new_v4();
+    let (vf, _) = d.user_vfolder(&user).await;
+    let (_, key) = keypair(d.dir.path(), "k");
+    let s = d
+        .rpc()
+        .await
+        .create_session(req(&user, &vf, &key, 3))
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let after = Instant::now();
+    loop {
+        let evs = events(&redis).await;
+        if evs.iter().any(|e| {
+            e.0 == "storage_agent_heartbeat"
+                && e.2["capacity"]["running"] == 1
+                && e.2["capacity"]["kinds"]["sftp"]["running"] == 1
+        }) {
+            break;
+        }
+        assert!(
+            after.elapsed() < Duration::from_secs(5),
+            "no heartbeat after the capacity change"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        redis.cli(&["-n", "0", "GET", &format!("container_count.{node}")]),
+        "1"
+    );
+    let zkey = format!("storage_agent.user_sessions.storage-rg.{user}");
+    assert_eq!(redis.cli(&["-n", "2", "ZRANGE", &zkey, "0", "-1"]), s.id);
+
+    // Redis goes away: the storage proxy keeps working, admission needing Redis is UNAVAILABLE.
+    redis.stop();
+    let r = d
+        .mgr(
+            "GET",
+            "/folder/usage",
+            json!({"volume": "vol1", "vfid": vf}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let e = d
+        .rpc()
+        .await
+        .create_session(req(&user, &vf, &key, 3))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("per-user session limit"),
+        "{}",
+        e.message()
+    );
+    let health = d.get("internal", "/health").await.json();
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(d.get("internal", "/readyz").await.status, 200);
+
+    // It returns empty: heartbeats resume and the live session's lease is re-registered.
+    redis.restart();
+    let back = Instant::now();
+    loop {
+        let evs = events(&redis).await;
+        if evs.iter().any(|e| e.0 == "storage_agent_heartbeat")
+            && redis.cli(&["-n", "2", "ZRANGE", &zkey, "0", "-1"]) == s.id
+        {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(15),
+            "heartbeats did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    d.rpc()
+        .await
+        .create_session(req(&user, &vf, &key, 3))
+        .await
+        .expect("admission works again");
+}
+
+#[tokio::test]
+async fn background_task_events() {
+    let redis = RedisServer::start();
+    let d = Daemon::builder()
+        .set("redis.addr", redis.url())
+        .start()
+        .await;
+    let (vfid, path) = d.create_vfolder().await;
+    std::fs::write(path.join("f"), b"x").unwrap();
+    let dst = format!(
+        "user:{}/{}",
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let r = d
+        .mgr(
+            "POST",
+            "/folder/clone",
+            json!({"src_volume": "vol1", "src_vfid": vfid, "dst_volume": "vol1", "dst_vfid": dst}),
+        )
+        .await;
+    let clone_task = r.json()["bgtask_id"].as_str().unwrap().to_string();
+    d.wait_task(&clone_task).await;
+    let r = d
+        .mgr(
+            "POST",
+            "/folder/delete",
+            json!({"volume": "vol1", "vfid": vfid}),
+        )
+        .await;
+    let delete_task = r.json()["bgtask_id"].as_str().unwrap().to_string();
+    d.wait_task(&delete_task).await;
+    // A clone that fails: the destination's shard directory is occupied by a file.
+    let bad_dst_qs = uuid::Uuid::new_v4();
+    let bad_dst_id = uuid::Uuid::new_v4().simple().to_string();
+    let qs_dir = d.vol_dir.join(bad_dst_qs.simple().to_string());
+    std::fs::create_dir_all(&qs_dir).unwrap();
+    std::fs::write(qs_dir.join(&bad_dst_id[..2]), b"in the way").unwrap();
+    let (src2, _) = d.create_vfolder().await;
+    let bad_dst = format!("user:{bad_dst_qs}/{bad_dst_id}");
+    let r = d.mgr("POST", "/folder/clone", json!({"src_volume": "vol1", "src_vfid": src2, "dst_volume": "vol1", "dst_vfid": bad_dst})).await;
+    let failing = r.json()["bgtask_id"].as_str().unwrap().to_string();
+    let t = d.wait_task(&failing).await;
+    assert_eq!(t["status"], "failed");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let evs = loop {
+        let evs = events(&redis).await;
+        if evs.iter().any(|e| e.0 == "vfolder_clone_failure") {
+            break evs;
+        }
+        assert!(Instant::now() < deadline, "events missing: {evs:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let by_name: HashMap<&str, &Value> = evs.iter().map(|e| (e.0.as_str(), &e.2)).collect();
+    assert_eq!(by_name["vfolder_clone_success"]["vfid"], vfid);
+    assert_eq!(by_name["vfolder_clone_success"]["dst_vfid"], dst);
+    assert_eq!(by_name["vfolder_deletion_success"]["vfid"], vfid);
+    assert_eq!(by_name["vfolder_clone_failure"]["dst_vfid"], bad_dst);
+    assert!(
+        by_name["vfolder_clone_failure"]["message"]
+            .as_str()
+            .unwrap()
+            .len()
+            > 5
+    );
+    let done: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e.0 == "bgtask_done")
+        .map(|e| &e.2)
+        .collect();
+    assert!(done.iter().any(|p| p["task_id"] == clone_task));
+    assert!(done.iter().any(|p| p["task_id"] == delete_task));
+    assert!(
+        evs.iter()
+            .any(|e| e.0 == "bgtask_failed" && e.2["task_id"] == failing)
+    );
+    assert!(
+        evs.iter().all(|e| e.1 == d.node_id()),
+        "source is the node id"
+    );
+}
