@@ -198,3 +198,27 @@ async fn missing_secrets_are_generated_once_and_kept() {
     let r = d.get("client", &format!("/download?token={t}")).await;
     assert_eq!(r.status, 404, "{}", r.text());
 }
+
+/// The documented sample stays a valid config (with its volume path pointed somewhere real).
+#[test]
+fn the_sample_config_is_valid() {
+    let sample = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/configs/storage-agent.toml"
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = sample
+        .replace(
+            "path = \"/vfroot/local\"",
+            &format!("path = {:?}", dir.path()),
+        )
+        .replace(
+            "state-dir = \"/var/lib/storage-agent\"",
+            &format!("state-dir = {:?}", dir.path().join("state")),
+        );
+    let p = dir.path().join("sample.toml");
+    std::fs::write(&p, text).unwrap();
+    let (code, out, err) = check(&p);
+    assert_eq!(code, 0, "{out}{err}");
+}
