@@ -40,6 +40,7 @@ cp "$src" "$dst/dl.bin"; cat "$dst/dl.bin" >/dev/null
 NPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 mkdir -p "$W/nginx"
 cat >"$W/nginx/nginx.conf" <<NGINX
+user root;
 worker_processes 1;
 daemon off;
 pid $W/nginx/pid;

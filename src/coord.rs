@@ -43,6 +43,9 @@ pub enum CoordError {
     Unavailable { addr: String, message: String },
     #[error("invalid [redis] configuration: {0}")]
     Config(String),
+    /// Something on this node (the session table) failed while building a heartbeat.
+    #[error("{0}")]
+    Local(String),
 }
 
 #[derive(Clone, Copy)]
@@ -469,13 +472,13 @@ impl Heartbeat {
         let payload = self
             .payload()
             .await
-            .map_err(|e| CoordError::Config(e.to_string()))?;
+            .map_err(|e| CoordError::Local(e.to_string()))?;
         if !quick {
             let live = self
                 .sessions
                 .live_sessions()
                 .await
-                .map_err(|e| CoordError::Config(e.to_string()))?;
+                .map_err(|e| CoordError::Local(e.to_string()))?;
             let over = self
                 .limiter
                 .refresh(&live, self.sessions.config().max_sessions_per_user)

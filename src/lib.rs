@@ -12,6 +12,7 @@ pub mod docker;
 pub mod events;
 pub mod health;
 pub mod ids;
+pub mod private_file;
 pub mod rpc;
 pub mod session;
 pub mod state;

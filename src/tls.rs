@@ -3,8 +3,6 @@
 //! at start: readable, matching key, not expired), and rustls server configs for the listeners.
 //! Everything uses the process-wide aws-lc-rs provider installed in `main`.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -139,19 +137,6 @@ pub struct Ca {
     key: KeyPair,
 }
 
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 impl Ca {
     /// `<dir>/ca.crt` and `<dir>/ca.key` (0600), made on first use.
     pub fn node(dir: &Path, node_id: &str) -> Result<Self, TlsError> {
@@ -186,7 +171,7 @@ impl Ca {
             path: key_path.clone(),
             source: e,
         };
-        write_private(&key_path, &key.serialize_pem()).map_err(io)?;
+        crate::private_file::write(&key_path, key.serialize_pem().as_bytes()).map_err(io)?;
         std::fs::write(&cert_path, cert.pem()).map_err(|e| TlsError::Read {
             path: cert_path.clone(),
             source: e,

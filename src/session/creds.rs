@@ -2,8 +2,7 @@
 //! only as a sha512-crypt hash), and the node's SSH host key, generated once in the state dir so
 //! fingerprints stay the same across sessions and restarts.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use rand::Rng;
@@ -77,16 +76,7 @@ impl HostKey {
                 let pem = key
                     .to_openssh(LineEnding::LF)
                     .map_err(std::io::Error::other)?;
-                let tmp = path.with_extension("tmp");
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                f.write_all(pem.as_bytes())?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &path)?;
+                crate::private_file::write(&path, pem.as_bytes())?;
                 let public = key
                     .public_key()
                     .to_openssh()

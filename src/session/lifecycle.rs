@@ -80,14 +80,7 @@ impl SessionManager {
             Some(reason),
         )
         .await;
-        let _ = std::fs::remove_dir_all(self.files_dir(s.id));
-        self.limiter()
-            .release(&s.resource_group, &s.user_id, s.id)
-            .await;
-        self.activity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&s.id);
+        self.forget(s).await;
         tracing::info!(session = %s.id, reason, state = to.as_str(), "session ended");
     }
 

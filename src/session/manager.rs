@@ -642,7 +642,6 @@ impl SessionManager {
         if let Err(e) = self.docker.remove(&container).await {
             tracing::error!(session = %s.id, error = %e, "cannot remove the container of a failed session");
         }
-        let _ = std::fs::remove_dir_all(self.files_dir(s.id));
         let _ = store::transition(
             &self.db,
             s.id,
@@ -651,6 +650,13 @@ impl SessionManager {
             Some(reason),
         )
         .await;
+        self.forget(s).await;
+        self.publish_capacity().await;
+    }
+
+    /// What goes with every session however it ends: its files, its lease, its idle counter.
+    pub(super) async fn forget(&self, s: &Session) {
+        let _ = std::fs::remove_dir_all(self.files_dir(s.id));
         self.limiter()
             .release(&s.resource_group, &s.user_id, s.id)
             .await;
@@ -658,7 +664,6 @@ impl SessionManager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&s.id);
-        self.publish_capacity().await;
     }
 
     // ---- read ------------------------------------------------------------------------------
@@ -699,7 +704,6 @@ impl SessionManager {
             .clone()
             .unwrap_or_else(|| sftp::container_name(&self.node_id, s.kind, s.id));
         self.docker.remove(&container).await?;
-        let _ = std::fs::remove_dir_all(self.files_dir(id));
         store::transition(
             &self.db,
             id,
@@ -708,13 +712,7 @@ impl SessionManager {
             Some(reason),
         )
         .await?;
-        self.limiter()
-            .release(&s.resource_group, &s.user_id, s.id)
-            .await;
-        self.activity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        self.forget(&s).await;
         tracing::info!(session = %id, reason, "session destroyed");
         self.publish_capacity().await;
         self.get(id).await

@@ -35,7 +35,10 @@ pub struct VfsVolume {
     staging: staging::VfsStaging,
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+/// Filesystem calls block; they run on the blocking pool.
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| VolumeError::Internal(format!("blocking task failed: {e}")))?

@@ -3,7 +3,6 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -14,9 +13,46 @@ use futures::stream::BoxStream;
 use crate::volume::fsops::{self, DType};
 use crate::volume::{ByteStream, EntryKind, EntryStat, ReadHandle, RelPath, WalkEntry};
 
-/// Read size per blocking call; two reads are kept in flight so disk and network overlap.
-const CHUNK: u64 = 512 * 1024;
+/// Read size per blocking call; reads are kept in flight so disk and network overlap.
+const CHUNK: u64 = 1 << 20;
 const READ_AHEAD: usize = 2;
+
+/// `pread` of exactly `len` bytes at `off` into a fresh buffer, without zero-filling it first
+/// (for downloads that would be one more pass over every byte served).
+fn pread_exact(file: &File, off: u64, len: usize) -> std::io::Result<Bytes> {
+    use std::os::fd::AsRawFd;
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let (filled, want) = (buf.len(), len - buf.len());
+        let spare = buf.spare_capacity_mut();
+        // The kernel writes into the spare capacity through a raw pointer; only the bytes it
+        // reports as read are then counted as initialized.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                want,
+                (off + filled as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            // The file shrank under us: end the stream rather than invent bytes.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file was truncated while being read",
+            ));
+        }
+        unsafe { buf.set_len(buf.len() + n as usize) };
+    }
+    Ok(buf.freeze())
+}
 
 pub fn entry_stat(st: &libc::stat) -> EntryStat {
     let kind = match st.st_mode & libc::S_IFMT {
@@ -69,28 +105,9 @@ impl ReadHandle for VfsReadHandle {
                 let file = file.clone();
                 let len = CHUNK.min(end - off) as usize;
                 async move {
-                    tokio::task::spawn_blocking(move || {
-                        let mut buf = BytesMut::zeroed(len);
-                        let mut filled = 0;
-                        while filled < len {
-                            match file.read_at(&mut buf[filled..], off + filled as u64) {
-                                // The file shrank under us: end the stream with what there is,
-                                // the client sees a short body rather than invented bytes.
-                                Ok(0) => {
-                                    return Err(std::io::Error::new(
-                                        std::io::ErrorKind::UnexpectedEof,
-                                        "file was truncated while being read",
-                                    ));
-                                }
-                                Ok(n) => filled += n,
-                                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                                Err(e) => return Err(e),
-                            }
-                        }
-                        Ok::<Bytes, std::io::Error>(buf.freeze())
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                    tokio::task::spawn_blocking(move || pread_exact(&file, off, len))
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
                 }
             })
             .buffered(READ_AHEAD)

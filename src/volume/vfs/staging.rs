@@ -8,19 +8,79 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 
+use super::blocking;
 use crate::ids::VFolderId;
 use crate::volume::fsops::{self, Owner};
 use crate::volume::{ByteStream, RelPath, Result, StagedWrite, UploadStaging, VolumeError};
 
 /// Body chunks are gathered to this size before one write call.
 const WRITE_BLOCK: usize = 1 << 20;
+/// Writeback of written data is started every this many bytes.
+const WRITEBACK_STEP: u64 = 2 << 20;
+
+/// Writes all of `batch` at `pos` (pwritev, retried on short writes); returns the bytes written.
+fn write_batch_at(file: &File, batch: &[Bytes], pos: u64) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let total: usize = batch.iter().map(Bytes::len).sum();
+    let mut done = 0usize;
+    while done < total {
+        // Skip what is written, then hand the rest over in one call.
+        let mut skip = done;
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(batch.len());
+        for b in batch {
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            iov.push(libc::iovec {
+                iov_base: b[skip..].as_ptr() as *mut libc::c_void,
+                iov_len: b.len() - skip,
+            });
+            skip = 0;
+        }
+        let iovcnt = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        let n = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                iov.as_ptr(),
+                iovcnt,
+                (pos + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        done += n as usize;
+    }
+    Ok(total as u64)
+}
+
+/// Asks the kernel to start writing a range back now (no waiting); a hint, so errors are moot:
+/// the fsync that follows reports any real failure.
+fn start_writeback(file: &File, from: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            from as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
 
 pub struct VfsStaging {
     pub(super) root_fd: Arc<OwnedFd>,
@@ -47,12 +107,6 @@ impl VfsStaging {
         let p = staging_dir(vf).join_name(session);
         fsops::open_beneath(self.root_fd.as_fd(), &p, flags, 0o644)
     }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| VolumeError::Internal(format!("blocking task failed: {e}")))?
 }
 
 #[async_trait]
@@ -109,29 +163,37 @@ impl UploadStaging for VfsStaging {
         .await?;
 
         // One blocking writer per PATCH, fed through a short channel: the network and the disk
-        // overlap, and at most a few blocks are in memory.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(3);
+        // overlap, and at most a few batches (~1 MiB each) are in memory. The body's own chunks
+        // are handed over as they are and written with one pwritev per batch: no copy of ours.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(3);
         let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
             let mut pos = offset;
-            while let Some(block) = rx.blocking_recv() {
-                file.write_all_at(&block, pos)?;
-                pos += block.len() as u64;
+            let mut flushed = offset;
+            while let Some(batch) = rx.blocking_recv() {
+                pos += write_batch_at(&file, &batch, pos)?;
+                // Start writeback now rather than at the fsync below, so disk writes overlap
+                // with receiving and the fsync before the 204 finds little left to do.
+                if pos - flushed >= WRITEBACK_STEP {
+                    start_writeback(&file, flushed, pos - flushed);
+                    flushed = pos;
+                }
             }
             file.sync_data()?;
             Ok(pos - offset)
         });
 
-        let mut buf = BytesMut::with_capacity(WRITE_BLOCK);
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut batched = 0usize;
         let mut body_error = None;
         let mut writer_gone = false;
         while let Some(item) = body.next().await {
             match item {
                 Ok(chunk) => {
-                    buf.extend_from_slice(&chunk);
-                    if buf.len() >= WRITE_BLOCK {
-                        let block = buf.split().freeze();
-                        buf.reserve(WRITE_BLOCK);
-                        if tx.send(block).await.is_err() {
+                    batched += chunk.len();
+                    batch.push(chunk);
+                    if batched >= WRITE_BLOCK {
+                        batched = 0;
+                        if tx.send(std::mem::take(&mut batch)).await.is_err() {
                             writer_gone = true;
                             break;
                         }
@@ -143,8 +205,8 @@ impl UploadStaging for VfsStaging {
                 }
             }
         }
-        if !writer_gone && !buf.is_empty() {
-            let _ = tx.send(buf.freeze()).await;
+        if !writer_gone && !batch.is_empty() {
+            let _ = tx.send(batch).await;
         }
         drop(tx);
         let written = writer
