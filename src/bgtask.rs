@@ -157,19 +157,18 @@ impl BgTasks {
             Err(VolumeError::Cancelled) if self.shutting_down.load(Ordering::Relaxed) => {
                 // Left "running": resumed (delete) or rolled back (clone) at the next start.
                 tracing::info!("background task interrupted by shutdown");
-                self.save(id, "running", current, total, None, None).await;
+                self.save(id, "running", current, total, None).await;
             }
             Ok(()) => {
                 tracing::info!("background task done");
-                self.save(id, "done", current, total.max(current), None, None)
+                self.save(id, "done", current, total.max(current), None)
                     .await;
                 self.emit_outcome(id, &spec, None).await;
             }
             Err(e) => {
                 let msg = e.to_string();
                 tracing::warn!(error = %msg, "background task failed");
-                self.save(id, "failed", current, total, None, Some(&msg))
-                    .await;
+                self.save(id, "failed", current, total, Some(&msg)).await;
                 self.emit_outcome(id, &spec, Some(msg)).await;
             }
         }
@@ -283,22 +282,13 @@ impl BgTasks {
             .await;
     }
 
-    async fn save(
-        &self,
-        id: Uuid,
-        status: &str,
-        current: u64,
-        total: u64,
-        message: Option<&str>,
-        error: Option<&str>,
-    ) {
+    async fn save(&self, id: Uuid, status: &str, current: u64, total: u64, error: Option<&str>) {
         let r = sqlx::query(
-            "UPDATE bgtasks SET status = ?, current = ?, total = ?, message = ?, error = ?, updated_at = ? WHERE id = ?",
+            "UPDATE bgtasks SET status = ?, current = ?, total = ?, error = ?, updated_at = ? WHERE id = ?",
         )
         .bind(status)
         .bind(current as i64)
         .bind(total as i64)
-        .bind(message)
         .bind(error)
         .bind(now_unix())
         .bind(id.to_string())
@@ -380,7 +370,7 @@ impl BgTasks {
                             "interrupted by a restart; removing the partial copy failed: {e}"
                         ),
                     };
-                    self.save(id, "failed", 0, 0, None, Some(&msg)).await;
+                    self.save(id, "failed", 0, 0, Some(&msg)).await;
                     self.emit_outcome(id, &spec, Some(msg)).await;
                 }
                 _ => {

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use crate::api::AppState;
 use crate::api::error::{ApiError, ApiResult, python_exc_name};
+use crate::api::extract::ApiJson;
 use crate::bgtask::TaskSpec;
 use crate::ids::VFolderId;
 use crate::volume::{Progress, RelPath, VolumeError};
@@ -30,8 +31,6 @@ pub fn routes() -> Router<AppState> {
         .route("/folder/file/delete-async", post(delete_async))
         .route("/folder/file/fetch", post(fetch))
 }
-
-use crate::api::extract::ApiJson;
 
 /// At most this many paths per mkdir call, as in Backend.AI.
 const MKDIR_MAX: usize = 50;
