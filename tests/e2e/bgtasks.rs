@@ -58,11 +58,7 @@ async fn interrupted_clone_is_rolled_back() {
     let mut d = Daemon::start().await;
     let (vfid, path) = d.create_vfolder().await;
     many_files(&path, 60, 500);
-    let dst = format!(
-        "user:{}/{}",
-        uuid::Uuid::new_v4(),
-        uuid::Uuid::new_v4().simple()
-    );
+    let dst = crate::common::random_vfid();
     let r = d
         .mgr(
             "POST",

@@ -395,11 +395,7 @@ async fn background_task_events() {
         .await;
     let (vfid, path) = d.create_vfolder().await;
     std::fs::write(path.join("f"), b"x").unwrap();
-    let dst = format!(
-        "user:{}/{}",
-        uuid::Uuid::new_v4(),
-        uuid::Uuid::new_v4().simple()
-    );
+    let dst = crate::common::random_vfid();
     let r = d
         .mgr(
             "POST",

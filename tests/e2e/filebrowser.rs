@@ -31,7 +31,7 @@ pub fn dufs_binary() -> PathBuf {
     p
 }
 
-trait FilebrowserBuilder {
+pub trait FilebrowserBuilder {
     fn filebrowser(self) -> Self;
 }
 

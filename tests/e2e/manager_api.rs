@@ -329,11 +329,7 @@ async fn folder_lifecycle_and_usage() {
     assert_eq!(r.json(), json!({"used_bytes": du}));
 
     // Clone: same tree (symlink kept as a link, modes kept), done as a background task.
-    let dst = format!(
-        "user:{}/{}",
-        uuid::Uuid::new_v4(),
-        uuid::Uuid::new_v4().simple()
-    );
+    let dst = crate::common::random_vfid();
     std::fs::set_permissions(path.join("a/b/f2"), std::fs::Permissions::from_mode(0o600)).unwrap();
     let r = d
         .mgr(
@@ -372,7 +368,7 @@ async fn folder_lifecycle_and_usage() {
         .await;
     r.problem(409);
     let r = d
-        .mgr("POST", "/folder/clone", json!({"src_volume": "vol1", "src_vfid": format!("user:{}/{}", uuid::Uuid::new_v4(), uuid::Uuid::new_v4().simple()), "dst_volume": null, "dst_vfid": format!("user:{}/{}", uuid::Uuid::new_v4(), uuid::Uuid::new_v4().simple())}))
+        .mgr("POST", "/folder/clone", json!({"src_volume": "vol1", "src_vfid": crate::common::random_vfid(), "dst_volume": null, "dst_vfid": crate::common::random_vfid()}))
         .await;
     r.problem(404);
 
@@ -425,11 +421,7 @@ async fn auto_quota_scope_creation_can_be_disabled() {
         .set("storage-proxy.allow-auto-quota-scope-creation", false)
         .start()
         .await;
-    let vfid = format!(
-        "user:{}/{}",
-        uuid::Uuid::new_v4(),
-        uuid::Uuid::new_v4().simple()
-    );
+    let vfid = crate::common::random_vfid();
     let r = d
         .mgr(
             "POST",

@@ -269,11 +269,7 @@ async fn every_route_refuses_malformed_requests() {
 #[tokio::test]
 async fn routes_on_a_missing_vfolder_are_404() {
     let d = Daemon::start().await;
-    let missing = format!(
-        "user:{}/{}",
-        uuid::Uuid::new_v4(),
-        uuid::Uuid::new_v4().simple()
-    );
+    let missing = crate::common::random_vfid();
     for r in routes() {
         let body = (r.body)(&missing, "a.txt");
         let resp = d.mgr(r.method, r.path, body).await;

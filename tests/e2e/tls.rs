@@ -10,7 +10,7 @@ use storage_agent::pb;
 use crate::common::agent::{ContainerGuard, mount};
 use crate::common::tools::require;
 use crate::common::{Daemon, run};
-use crate::filebrowser::{dufs_binary, fb_req};
+use crate::filebrowser::{FilebrowserBuilder, fb_req};
 
 fn openssl(args: &[&str]) -> String {
     require("openssl", "apt-get install openssl");
@@ -91,11 +91,7 @@ async fn operator_certificate_is_used_as_is() {
     let dir = tempfile::tempdir().unwrap();
     let (c, k) = operator_cert(dir.path());
     let d = Daemon::builder()
-        .agent()
-        .set(
-            "agent.filebrowser.dufs-binary",
-            dufs_binary().display().to_string(),
-        )
+        .filebrowser()
         .set("agent.tls.cert", c.display().to_string())
         .set("agent.tls.key", k.display().to_string())
         .start()
@@ -141,11 +137,7 @@ async fn operator_ca_signs_session_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let (c, k) = operator_ca(dir.path());
     let d = Daemon::builder()
-        .agent()
-        .set(
-            "agent.filebrowser.dufs-binary",
-            dufs_binary().display().to_string(),
-        )
+        .filebrowser()
         .set("agent.tls.ca-cert", c.display().to_string())
         .set("agent.tls.ca-key", k.display().to_string())
         .start()

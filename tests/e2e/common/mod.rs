@@ -426,6 +426,15 @@ impl Drop for Daemon {
     }
 }
 
+/// A vfid in a fresh user quota scope (nothing exists for it yet).
+pub fn random_vfid() -> String {
+    format!(
+        "user:{}/{}",
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
 pub fn sha256_file(p: &Path) -> String {
     use sha2::Digest;
     let mut f = std::fs::File::open(p).unwrap();
