@@ -5,8 +5,9 @@
 //! The limit never drifts because nothing is counted: each (resource group, user) has a sorted
 //! set of live session ids scored by lease expiry. Admission is one Lua script (drop expired
 //! members, compare the live count with the limit, add), using Redis' clock so node clocks do
-//! not matter. The owning node refreshes its sessions' leases on every heartbeat and removes them
-//! on destroy; a crashed node's sessions stop counting when their leases run out. A session whose
+//! not matter. The owning node refreshes its sessions' leases three times per heartbeat (a
+//! lease lasts three heartbeats) and removes them on destroy; a crashed node's sessions stop
+//! counting when their leases run out. A session whose
 //! lease was lost (Redis restarted, node partitioned) is re-registered through the same check,
 //! and ended if that would exceed the limit.
 //!
@@ -465,35 +466,62 @@ impl Heartbeat {
         }))
     }
 
-    /// One heartbeat: the event, container_count, the discovery hash (TTL 3 heartbeats), and,
-    /// unless `quick` (a capacity change between beats), the lease refresh.
-    async fn beat(&self, quick: bool) -> Result<(), CoordError> {
+    /// Renews the leases of this node's live sessions, ending those that can no longer be
+    /// counted without exceeding their limit.
+    async fn refresh_leases(&self) -> Result<(), CoordError> {
+        let live = self
+            .sessions
+            .live_sessions()
+            .await
+            .map_err(|e| CoordError::Local(e.to_string()))?;
+        let over = self
+            .limiter
+            .refresh(&live, self.sessions.config().max_sessions_per_user)
+            .await?;
+        for id in over {
+            tracing::warn!(session = %id, "per-user limit reached while this session's lease was lost; ending it");
+            if let Err(e) = self
+                .sessions
+                .destroy(
+                    id,
+                    "the user's session limit was reached on other nodes while this session was not counted",
+                )
+                .await
+            {
+                tracing::warn!(session = %id, error = %e, "cannot end an over-limit session");
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps leases alive on a schedule of its own, three times per heartbeat: a lease (3
+    /// heartbeats long) then survives eight missed refreshes, so a busy node never loses the
+    /// count of its live sessions, and other nodes cannot over-admit because of it.
+    fn spawn_lease_keeper(self: &Arc<Self>, shutdown: CancellationToken) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(this.interval / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {
+                        if let Err(e) = this.refresh_leases().await {
+                            tracing::debug!(error = %e, "lease refresh failed");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// One heartbeat: the event, container_count, and the discovery hash (TTL 3 heartbeats).
+    async fn beat(&self) -> Result<(), CoordError> {
         let node = self.sessions.node_id().to_string();
         let payload = self
             .payload()
             .await
             .map_err(|e| CoordError::Local(e.to_string()))?;
-        if !quick {
-            let live = self
-                .sessions
-                .live_sessions()
-                .await
-                .map_err(|e| CoordError::Local(e.to_string()))?;
-            let over = self
-                .limiter
-                .refresh(&live, self.sessions.config().max_sessions_per_user)
-                .await?;
-            for id in over {
-                tracing::warn!(session = %id, "per-user limit reached while this session's lease was lost; ending it");
-                if let Err(e) = self
-                    .sessions
-                    .destroy(id, "the user's session limit was reached on other nodes while this session was not counted")
-                    .await
-                {
-                    tracing::warn!(session = %id, error = %e, "cannot end an over-limit session");
-                }
-            }
-        }
         let count = payload["capacity"]["running"].as_u64().unwrap_or(0)
             + payload["capacity"]["starting"].as_u64().unwrap_or(0);
         deliver(&self.redis, &node, &Event::Heartbeat(payload.clone())).await?;
@@ -548,19 +576,19 @@ impl Heartbeat {
     /// Beats every interval (±10% jitter) and right away when capacity changes (at most once a
     /// second). A failing Redis pauses heartbeats; they resume by themselves.
     pub fn spawn(self: Arc<Self>, shutdown: CancellationToken) {
+        self.spawn_lease_keeper(shutdown.clone());
         tokio::spawn(async move {
             let mut cap = self.sessions.watch_capacity();
             let mut down = false;
-            let mut quick = false;
             loop {
-                let r = self.beat(quick).await;
+                let r = self.beat().await;
                 match (&r, down) {
                     (Err(e), false) => {
                         tracing::warn!(error = %e, "heartbeat failed; retrying every interval");
                         down = true;
                     }
                     (Ok(()), true) => {
-                        tracing::info!("heartbeats resumed; leases re-registered");
+                        tracing::info!("heartbeats resumed");
                         down = false;
                     }
                     _ => {}
@@ -569,14 +597,13 @@ impl Heartbeat {
                 let wait = self.interval.mul_f64(jitter);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => quick = false,
+                    _ = tokio::time::sleep(wait) => {}
                     r = cap.changed() => {
                         if r.is_err() {
                             return;
                         }
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         cap.borrow_and_update();
-                        quick = true;
                     }
                 }
             }
