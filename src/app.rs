@@ -140,7 +140,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         health.add(Arc::new(RedisCheck(r.clone())));
     }
     let config = Arc::new(config);
-    let app = AppState {
+    let mut app = AppState {
         config: config.clone(),
         volumes,
         state,
@@ -150,6 +150,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         manager_secret: Arc::new(manager_secret),
         health,
         shutdown: shutdown.clone(),
+        sessions: None,
     };
 
     let listener_tls = ListenerTls::new(&config)?;
@@ -190,6 +191,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let sessions = SessionManager::new(&config, app.state.clone(), app.volumes.clone())
             .context("preparing the session manager")?;
         app.health.add(Arc::new(DockerCheck(sessions.clone())));
+        app.sessions = Some(sessions.clone());
         let rpc_l = serve::bind(
             "rpc",
             config.agent.rpc.listener.addr,

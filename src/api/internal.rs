@@ -14,6 +14,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
+        .route("/capacity", get(capacity))
         .layer(super::trace_layer())
         .with_state(state)
 }
@@ -26,6 +27,44 @@ pub async fn health(State(st): State<AppState>) -> Response {
 /// The process is up and answering.
 pub async fn livez(State(st): State<AppState>) -> Response {
     Json(st.health.report().await).into_response()
+}
+
+/// How many more session containers this node can host (the same numbers as gRPC
+/// `GetCapacity` and heartbeats), for probes and schedulers without gRPC.
+pub async fn capacity(State(st): State<AppState>) -> Response {
+    let Some(sessions) = &st.sessions else {
+        return super::error::ApiError::problem(
+            StatusCode::NOT_FOUND,
+            "storage/agent-disabled",
+            "Sessions are disabled on this node",
+        )
+        .msg("[agent] enabled = false")
+        .into_response();
+    };
+    match sessions.capacity().await {
+        Ok(c) => Json(serde_json::json!({
+            "node_id": c.node_id,
+            "max_containers": c.max_containers,
+            "configured_max_containers": c.configured_max,
+            "bounded_by": c.bounded_by,
+            "running": c.running,
+            "starting": c.starting,
+            "available": c.available,
+            "kinds": c.kinds.iter().map(|k| (k.kind.as_str().to_string(), serde_json::json!({
+                "running": k.running,
+                "starting": k.starting,
+            }))).collect::<serde_json::Map<_, _>>(),
+            "host": {
+                "memory_total": c.host.memory_total,
+                "memory_available": c.host.memory_available,
+                "memory_reserved": c.host.memory_reserved,
+                "cpus": c.host.cpus,
+                "cpus_reserved": c.host.cpus_reserved,
+            },
+        }))
+        .into_response(),
+        Err(e) => super::error::ApiError::internal(e.to_string()).into_response(),
+    }
 }
 
 /// 503 while a gating check (state database, a volume) fails.

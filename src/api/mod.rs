@@ -40,6 +40,8 @@ pub struct AppState {
     pub manager_secret: Arc<String>,
     pub health: Arc<Health>,
     pub shutdown: CancellationToken,
+    /// The storage agent, when `[agent] enabled`.
+    pub sessions: Option<Arc<crate::session::SessionManager>>,
 }
 
 /// Request spans carry the method and path but never the query string: client-API tokens

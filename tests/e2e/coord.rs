@@ -36,15 +36,25 @@ fn req(user: &uuid::Uuid, vf: &str, key: &str, limit: u32) -> pb::CreateSessionR
     }
 }
 
-/// Reads the whole event stream as (name, source, payload) tuples.
+/// Reads the whole event stream with XREAD, as (name, source, payload) tuples.
 async fn events(redis: &RedisServer) -> Vec<(String, String, Value)> {
     let mut c = redis
         .client(4)
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let r: redis::streams::StreamRangeReply = c.xrange_all("events").await.unwrap();
-    r.ids
+    let r: redis::streams::StreamReadReply = c
+        .xread_options(
+            &["events"],
+            &["0"],
+            &redis::streams::StreamReadOptions::default().count(100_000),
+        )
+        .await
+        .unwrap();
+    r.keys
+        .into_iter()
+        .flat_map(|k| k.ids)
+        .collect::<Vec<_>>()
         .iter()
         .map(|e| {
             let s = |k: &str| -> String { e.get(k).unwrap_or_default() };

@@ -659,5 +659,64 @@ async fn listing_says_when_it_is_truncated() {
 #[tokio::test]
 async fn sigterm_exits_zero() {
     let mut d = Daemon::start().await;
+    // Sessions are disabled in this config: the capacity route says so.
+    d.get("internal", "/capacity").await.problem(404);
     assert_eq!(d.terminate(), Some(0));
+}
+
+/// SIGTERM while an upload is streaming: the PATCH is checkpointed (what arrived is synced and
+/// acknowledged, the client is told 503), the daemon exits 0, and the upload resumes after a
+/// restart from exactly what was received.
+#[tokio::test]
+async fn sigterm_checkpoints_an_upload_in_flight() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut d = Daemon::start().await;
+    let (vfid, path) = d.create_vfolder().await;
+    let token = d
+        .token(
+            "/folder/file/upload",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "f.bin", "size": 100_000}),
+        )
+        .await;
+    let mut s = tokio::net::TcpStream::connect(&d.addrs["client"])
+        .await
+        .unwrap();
+    let head = format!(
+        "PATCH /upload?token={token} HTTP/1.1\r\nHost: x\r\nContent-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\nContent-Length: 100000\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&[6u8; 40_000]).await.unwrap();
+    s.flush().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let exit = tokio::task::spawn_blocking(move || {
+        let code = d.terminate();
+        (d, code)
+    });
+    let mut buf = vec![0u8; 2048];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    let (mut d, code) = exit.await.unwrap();
+    assert_eq!(code, Some(0));
+    d.restart().await;
+    let r = crate::common::send(
+        d.http
+            .head(d.url("client", &format!("/upload?token={token}"))),
+    )
+    .await;
+    assert_eq!(r.header("upload-offset").as_deref(), Some("40000"));
+    let r = crate::common::send(
+        d.http
+            .patch(d.url("client", &format!("/upload?token={token}")))
+            .header("Content-Type", "application/offset+octet-stream")
+            .header("Upload-Offset", "40000")
+            .body(vec![7u8; 60_000]),
+    )
+    .await;
+    assert_eq!(r.status, 204);
+    let got = std::fs::read(path.join("f.bin")).unwrap();
+    assert!(got[..40_000].iter().all(|&b| b == 6) && got[40_000..].iter().all(|&b| b == 7));
 }

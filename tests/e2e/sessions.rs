@@ -217,6 +217,16 @@ async fn capacity_and_per_user_limits() {
     );
     assert_eq!(cap.bounded_by, "config");
     assert_eq!(cap.configured_max_containers, 3);
+    // The same numbers on the internal listener, for probes without gRPC.
+    let internal = d.get("internal", "/capacity").await.json();
+    assert_eq!(
+        (
+            internal["max_containers"].as_u64(),
+            internal["available"].as_u64()
+        ),
+        (Some(3), Some(3))
+    );
+    assert_eq!(internal["kinds"]["sftp"]["running"], 0);
     assert!(cap.host.as_ref().unwrap().memory_total_bytes > 0);
     let mut watch = rpc
         .watch_capacity(pb::WatchCapacityRequest {})
@@ -356,7 +366,8 @@ async fn adoption_after_kill9_and_containers_that_die() {
     let (keyfile, key) = keypair(d.dir.path(), "k");
     let mut ids = Vec::new();
     let mut ports = Vec::new();
-    for _ in 0..3 {
+    // Four sessions: three to be adopted, one whose container disappears while the daemon is down.
+    for _ in 0..4 {
         let user = uuid::Uuid::new_v4();
         let (vf, path) = d.user_vfolder(&user).await;
         std::fs::write(path.join("hello.txt"), b"hi").unwrap();
@@ -375,7 +386,7 @@ async fn adoption_after_kill9_and_containers_that_die() {
     // One container is removed behind the daemon's back while it is down.
     d.kill9();
     let out = Command::new("docker")
-        .args(["rm", "-f", &ids[2].1])
+        .args(["rm", "-f", &ids[3].1])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -385,7 +396,7 @@ async fn adoption_after_kill9_and_containers_that_die() {
     loop {
         let s = rpc
             .get_session(pb::GetSessionRequest {
-                id: ids[2].0.clone(),
+                id: ids[3].0.clone(),
             })
             .await
             .unwrap()
@@ -400,7 +411,7 @@ async fn adoption_after_kill9_and_containers_that_die() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for (i, (id, _)) in ids.iter().take(2).enumerate() {
+    for (i, (id, _)) in ids.iter().take(3).enumerate() {
         let s = rpc
             .get_session(pb::GetSessionRequest { id: id.clone() })
             .await
@@ -419,8 +430,8 @@ async fn adoption_after_kill9_and_containers_that_die() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(cap.running, 2, "counts are exact after the crash");
-    assert_eq!(d.containers().len(), 2);
+    assert_eq!(cap.running, 3, "counts are exact after the crash");
+    assert_eq!(d.containers().len(), 3);
 
     // A container that dies on its own: the session is marked failed with a reason.
     let out = Command::new("docker")
@@ -449,7 +460,7 @@ async fn adoption_after_kill9_and_containers_that_die() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(cap.running, 1);
+    assert_eq!(cap.running, 2);
 }
 
 #[tokio::test]
