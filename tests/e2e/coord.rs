@@ -474,3 +474,39 @@ async fn background_task_events() {
         "source is the node id"
     );
 }
+
+#[tokio::test]
+async fn redis_over_tls_with_a_pinned_ca() {
+    let redis = RedisServer::start_tls();
+    let cert = redis.tls_cert.clone().unwrap();
+    let d = clustered(Daemon::builder(), &redis, "1s")
+        .set("redis.tls", true)
+        .set("redis.tls-ca", cert.display().to_string())
+        .start()
+        .await;
+    let node = d.node_id();
+    let start = Instant::now();
+    while redis.cli(&[
+        "-n",
+        "2",
+        "HGET",
+        &format!("storage_agent.node.{node}"),
+        "node_id",
+    ]) != node
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no heartbeat over TLS"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let h = d.get("internal", "/health").await.json();
+    let check = h["connectivity"]["connectivity_checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["service_group"] == "redis")
+        .unwrap()
+        .clone();
+    assert_eq!(check["is_healthy"], true, "{check}");
+}

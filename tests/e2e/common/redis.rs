@@ -9,6 +9,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// With TLS: the CA that signed the server's certificate, which clients pin.
+    pub tls_cert: Option<std::path::PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -26,23 +28,62 @@ impl RedisServer {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            tls_cert: None,
+        };
+        r.spawn();
+        r
+    }
+
+    /// A TLS-only server whose certificate for 127.0.0.1 is signed by a CA of its own
+    /// (openssl), as an operator would set it up.
+    pub fn start_tls() -> Self {
+        require("redis-server", "apt-get install redis-server");
+        require("openssl", "apt-get install openssl");
+        let dir = tempfile::tempdir().unwrap();
+        let script = r#"set -e
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=redis-test-ca -keyout ca.key -out ca.pem 2>/dev/null
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+  -subj /CN=127.0.0.1 -keyout key.pem -out req.csr 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > ext
+openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+  -extfile ext -out cert.pem 2>/dev/null
+"#;
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut r = RedisServer {
+            port: free_port(),
+            child: None,
+            tls_cert: Some(dir.path().join("ca.pem")),
+            dir,
         };
         r.spawn();
         r
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        let mut cmd = Command::new("redis-server");
+        match &self.tls_cert {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some(_) => cmd
+                .args(["--port", "0", "--tls-auth-clients", "no", "--tls-port"])
+                .arg(self.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(self.dir.path().join("cert.pem"))
+                .arg("--tls-key-file")
+                .arg(self.dir.path().join("key.pem")),
+        };
+        let child = cmd
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -80,7 +121,11 @@ impl RedisServer {
 
     /// redis-cli against database `db` (0 unless given as "-n N" first).
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
+        let mut cmd = Command::new("redis-cli");
+        if let Some(cert) = &self.tls_cert {
+            cmd.args(["--tls", "--cacert"]).arg(cert);
+        }
+        let out = cmd
             .args(["-p", &self.port.to_string()])
             .args(args)
             .output()
