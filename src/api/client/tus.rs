@@ -528,8 +528,8 @@ fn guarded(g: Guard) -> ByteStream {
 }
 
 enum Precheck {
-    /// Go ahead and write through this volume.
-    Write(Arc<dyn crate::volume::Volume>),
+    /// Go ahead: the record as read under the lock, and its volume.
+    Write(Box<UploadRecord>, Arc<dyn crate::volume::Volume>),
     /// Nothing to write; the upload is at this offset.
     Done(u64),
 }
@@ -555,7 +555,7 @@ async fn precheck(st: &AppState, session: &str, offset: u64, dst: &RelPath) -> A
         st.uploads.complete(&rec, dst).await?;
         return Ok(Precheck::Done(rec.size));
     }
-    Ok(Precheck::Write(v))
+    Ok(Precheck::Write(Box::new(rec), v))
 }
 
 /// Reads and drops what is left of an over-long body (bounded), so the client finishes sending
@@ -610,15 +610,14 @@ async fn write_locked(
     expected: Option<Expected>,
     body: Body,
 ) -> ApiResult<u64> {
-    let v = match precheck(st, &rec.session, offset, &dst).await {
-        Ok(Precheck::Write(v)) => v,
+    let (rec, v) = match precheck(st, &rec.session, offset, &dst).await {
+        Ok(Precheck::Write(rec, v)) => (rec, v),
         Ok(Precheck::Done(n)) => return Ok(n),
         Err(e) => {
             drain(&mut body.into_data_stream()).await;
             return Err(e);
         }
     };
-    let rec = st.uploads.get(&rec.session).await?.ok_or_else(not_found)?;
     let lock = Arc::new(lock);
     let digest = Arc::new(std::sync::Mutex::new(None));
     let received = Arc::new(AtomicU64::new(0));
