@@ -350,8 +350,8 @@ async fn patch_with(
     let rec = load(st, &c).await?;
     let dst = destination(q, &rec)?;
     let announced = parse_u64_header(headers, "content-length")?;
-    let offset = write_at(st, rec, dst, offset, announced, expected, body).await?;
-    let rec = load_any(st, &c).await?;
+    let offset = write_at(st, &rec, dst, offset, announced, expected, body).await?;
+    // Length and expiry never change, so the record read before the write still answers.
     Ok((StatusCode::NO_CONTENT, upload_headers(&rec, offset)).into_response())
 }
 
@@ -359,11 +359,6 @@ fn expected_checksum(headers: &HeaderMap) -> ApiResult<Option<Expected>> {
     header_str(headers, "upload-checksum")
         .map(|v| checksum::parse(v).map_err(|e| bad_header("upload-checksum", e.to_string())))
         .transpose()
-}
-
-/// Like `load`, but an upload completed a moment ago is fine (its headers are still due).
-async fn load_any(st: &AppState, c: &UploadClaims) -> ApiResult<UploadRecord> {
-    st.uploads.get(&c.session).await?.ok_or_else(not_found)
 }
 
 /// `POST /upload?token=…`: tus creation for clients that create their own uploads. The record
@@ -424,11 +419,10 @@ async fn create(
         let expected = expected_checksum(headers)?;
         let announced = parse_u64_header(headers, "content-length")?;
         let at = offset_of(&rec);
-        write_at(st, rec, dst, at, announced, expected, body).await?
+        write_at(st, &rec, dst, at, announced, expected, body).await?
     } else {
         offset_of(&rec)
     };
-    let rec = load_any(st, &c).await?;
     let mut location = format!(
         "upload?token={}",
         percent_encoding::utf8_percent_encode(
@@ -576,7 +570,7 @@ async fn drain(inner: &mut axum::body::BodyDataStream) {
 /// synced is acknowledged (or, with a checksum, discarded) and the lock is released.
 async fn write_at(
     st: &AppState,
-    rec: UploadRecord,
+    rec: &UploadRecord,
     dst: RelPath,
     offset: u64,
     announced: Option<u64>,
@@ -595,22 +589,25 @@ async fn write_at(
         .await
         .map_err(|_| locked())?;
     let st = st.clone();
+    let session = rec.session.clone();
     let body = body.take().unwrap_or_default();
-    tokio::spawn(async move { write_locked(&st, lock, rec, dst, offset, expected, body).await })
-        .await
-        .map_err(|e| ApiError::internal(format!("upload task failed: {e}")))?
+    tokio::spawn(
+        async move { write_locked(&st, lock, &session, dst, offset, expected, body).await },
+    )
+    .await
+    .map_err(|e| ApiError::internal(format!("upload task failed: {e}")))?
 }
 
 async fn write_locked(
     st: &AppState,
     lock: UploadLock,
-    rec: UploadRecord,
+    session: &str,
     dst: RelPath,
     offset: u64,
     expected: Option<Expected>,
     body: Body,
 ) -> ApiResult<u64> {
-    let (rec, v) = match precheck(st, &rec.session, offset, &dst).await {
+    let (rec, v) = match precheck(st, session, offset, &dst).await {
         Ok(Precheck::Write(rec, v)) => (rec, v),
         Ok(Precheck::Done(n)) => return Ok(n),
         Err(e) => {
