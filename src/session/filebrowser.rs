@@ -12,7 +12,7 @@
 //! only: plain HTTP on the port gets no files.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use super::Session;
@@ -78,14 +78,7 @@ pub fn render_files(dir: &Path, leaf: &Leaf, uid: u32, gid: u32) -> std::io::Res
     std::fs::create_dir_all(&tls)?;
     std::fs::write(tls.join("cert.pem"), &leaf.cert_pem)?;
     let key = tls.join("key.pem");
-    let _ = std::fs::remove_file(&key);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o400)
-        .open(&key)?;
-    std::io::Write::write_all(&mut f, leaf.key_pem.as_bytes())?;
-    f.sync_all()?;
+    crate::private_file::write_with_mode(&key, leaf.key_pem.as_bytes(), 0o400)?;
     std::os::unix::fs::chown(&key, Some(uid), Some(gid))?;
     let db = dir.join("db");
     std::fs::create_dir_all(&db)?;

@@ -4,8 +4,6 @@
 //! SETGID (creating users inside it would need CHOWN and more).
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::{Kind, Session};
@@ -48,14 +46,7 @@ pub fn labels(node: &str, s: &Session) -> HashMap<String, String> {
 }
 
 fn write_file(path: &Path, contents: &str, mode: u32) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()
+    crate::private_file::write_with_mode(path, contents.as_bytes(), mode)
 }
 
 /// passwd, group, shadow and authorized_keys for one session, in `dir`.
