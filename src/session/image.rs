@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::Mutex;
 
 use super::{Result, SessionError};
 use crate::docker::Docker;
@@ -74,8 +74,14 @@ pub fn tag_for(name: &str, files: &[ContextFile], base: &str) -> String {
 pub struct Images {
     docker: Arc<Docker>,
     base_image: String,
-    /// One build per tag, even when several sessions start at once.
-    builds: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
+    /// One pull or build per image at a time, even when several sessions start at once.
+    /// Presence is asked of Docker on every call, so an image pruned while the daemon runs is
+    /// pulled or built again by the next session.
+    pending: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// The tag of our own image per kind, once built or found. Its context (for file browser
+    /// sessions a multi-megabyte binary) is read and hashed again only when that image is
+    /// missing, not on every session; a replaced binary takes effect at the next restart.
+    built: std::sync::Mutex<HashMap<String, String>>,
 }
 
 impl Images {
@@ -83,31 +89,34 @@ impl Images {
         Images {
             docker,
             base_image: base_image.to_string(),
-            builds: Mutex::default(),
+            pending: Mutex::default(),
+            built: std::sync::Mutex::default(),
         }
     }
 
-    /// A registry image, pulled when it is not present (once at a time per image).
-    pub async fn pulled(&self, image: &str) -> Result<String> {
-        let cell = self
-            .builds
+    /// Holds the per-image lock, under which the caller checks presence and fetches.
+    async fn lock_image(&self, image: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = self
+            .pending
             .lock()
             .await
             .entry(image.to_string())
             .or_default()
             .clone();
-        cell.get_or_try_init(|| async {
-            if !self.docker.image_exists(image).await? {
-                tracing::info!(image, "pulling session image");
-                self.docker.pull(image).await.map_err(|e| {
-                    SessionError::Unavailable(format!(
-                        "image {image} is not present and cannot be pulled: {e}"
-                    ))
-                })?;
-            }
-            Ok::<(), SessionError>(())
-        })
-        .await?;
+        m.lock_owned().await
+    }
+
+    /// A registry image, pulled when it is not present.
+    pub async fn pulled(&self, image: &str) -> Result<String> {
+        let _one = self.lock_image(image).await;
+        if !self.docker.image_exists(image).await? {
+            tracing::info!(image, "pulling session image");
+            self.docker.pull(image).await.map_err(|e| {
+                SessionError::Unavailable(format!(
+                    "image {image} is not present and cannot be pulled: {e}"
+                ))
+            })?;
+        }
         Ok(image.to_string())
     }
 
@@ -116,7 +125,7 @@ impl Images {
         &self,
         name: &str,
         operator_image: Option<&str>,
-        context: impl FnOnce() -> std::io::Result<Vec<ContextFile>>,
+        context: impl FnOnce() -> std::io::Result<Vec<ContextFile>> + Send + 'static,
     ) -> Result<String> {
         if let Some(img) = operator_image {
             if self.docker.image_exists(img).await? {
@@ -126,37 +135,50 @@ impl Images {
                 "image {img} (configured for {name} sessions) is not present on this node"
             )));
         }
-        let files = context().map_err(|e| SessionError::Unavailable(e.to_string()))?;
-        let tag = tag_for(name, &files, &self.base_image);
-        let cell = self
-            .builds
-            .lock()
+        if let Some(tag) = self.built_tag(name)
+            && self.docker.image_exists(&tag).await?
+        {
+            return Ok(tag);
+        }
+        let files = tokio::task::spawn_blocking(context)
             .await
-            .entry(tag.clone())
-            .or_default()
-            .clone();
-        cell.get_or_try_init(|| async {
-            if self.docker.image_exists(&tag).await? {
-                return Ok(());
-            }
-            tracing::info!(image = %tag, base = %self.base_image, "building session image");
-            let started = std::time::Instant::now();
-            let tar = tar_of(&files).map_err(|e| SessionError::Internal(e.to_string()))?;
-            self.docker
-                .build_image(
-                    &tag,
-                    Bytes::from(tar),
-                    HashMap::from([("BASE_IMAGE".to_string(), self.base_image.clone())]),
-                    HashMap::from([(
-                        "ai.backend.storage-agent.image".to_string(),
-                        name.to_string(),
-                    )]),
-                )
-                .await?;
-            tracing::info!(image = %tag, secs = started.elapsed().as_secs_f32(), "session image built");
-            Ok::<(), SessionError>(())
-        })
-        .await?;
+            .map_err(|e| SessionError::Internal(e.to_string()))?
+            .map_err(|e| SessionError::Unavailable(e.to_string()))?;
+        let tag = tag_for(name, &files, &self.base_image);
+        let _one = self.lock_image(&tag).await;
+        if !self.docker.image_exists(&tag).await? {
+            self.build(name, &tag, &files).await?;
+        }
+        self.remember(name, &tag);
         Ok(tag)
+    }
+
+    fn built_tag(&self, name: &str) -> Option<String> {
+        let built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        built.get(name).cloned()
+    }
+
+    fn remember(&self, name: &str, tag: &str) {
+        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        built.insert(name.to_string(), tag.to_string());
+    }
+
+    async fn build(&self, name: &str, tag: &str, files: &[ContextFile]) -> Result<()> {
+        tracing::info!(image = %tag, base = %self.base_image, "building session image");
+        let started = std::time::Instant::now();
+        let tar = tar_of(files).map_err(|e| SessionError::Internal(e.to_string()))?;
+        self.docker
+            .build_image(
+                tag,
+                Bytes::from(tar),
+                HashMap::from([("BASE_IMAGE".to_string(), self.base_image.clone())]),
+                HashMap::from([(
+                    "ai.backend.storage-agent.image".to_string(),
+                    name.to_string(),
+                )]),
+            )
+            .await?;
+        tracing::info!(image = %tag, secs = started.elapsed().as_secs_f32(), "session image built");
+        Ok(())
     }
 }

@@ -540,9 +540,10 @@ impl SessionManager {
                 let fb = &self.cfg.filebrowser;
                 let image = match self.engine {
                     Engine::Dufs => {
+                        let binary = fb.dufs_binary.clone();
                         self.images
-                            .ensure("filebrowser", fb.image.as_deref(), || {
-                                filebrowser::dufs_context(&fb.dufs_binary)
+                            .ensure("filebrowser", fb.image.as_deref(), move || {
+                                filebrowser::dufs_context(&binary)
                             })
                             .await?
                     }

@@ -54,6 +54,16 @@ pub fn fb_req(user: &uuid::Uuid, mounts: Vec<pb::Mount>) -> pb::CreateSessionReq
     }
 }
 
+/// Starts a file browser session for `user` with their vfolder `vf` mounted as `work`.
+pub async fn start_fb(d: &Daemon, user: &uuid::Uuid, vf: &str) -> pb::CreateSessionResponse {
+    d.rpc()
+        .await
+        .create_session(fb_req(user, vec![mount("vol1", vf, "work", false)]))
+        .await
+        .expect("create file browser session")
+        .into_inner()
+}
+
 /// curl with the session's CA pinned; returns (status, body).
 fn curl(ca: &Path, args: &[&str]) -> (u16, Vec<u8>) {
     require("curl", "apt-get install curl");
@@ -409,12 +419,7 @@ async fn official_filebrowser_engine_end_to_end_when_its_image_is_present() {
     let user = uuid::Uuid::new_v4();
     let (vf, path) = d.user_vfolder(&user).await;
     std::fs::write(path.join("hello.txt"), b"hello").unwrap();
-    let mut rpc = d.rpc().await;
-    let c = rpc
-        .create_session(fb_req(&user, vec![mount("vol1", &vf, "work", false)]))
-        .await
-        .unwrap()
-        .into_inner();
+    let c = start_fb(&d, &user, &vf).await;
     let s = c.session.unwrap();
     let ca = d.dir.path().join("ca.pem");
     std::fs::write(&ca, &c.ca_cert_pem).unwrap();
@@ -455,13 +460,7 @@ async fn filebrowser_sessions_are_adopted_after_kill9() {
     let user = uuid::Uuid::new_v4();
     let (vf, path) = d.user_vfolder(&user).await;
     std::fs::write(path.join("kept.txt"), b"kept").unwrap();
-    let created = d
-        .rpc()
-        .await
-        .create_session(fb_req(&user, vec![mount("vol1", &vf, "work", false)]))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = start_fb(&d, &user, &vf).await;
     let s = created.session.unwrap();
     let ca = d.dir.path().join("ca.pem");
     std::fs::write(&ca, &created.ca_cert_pem).unwrap();
@@ -496,4 +495,47 @@ async fn filebrowser_sessions_are_adopted_after_kill9() {
         .find(|k| k.kind == pb::SessionKind::Filebrowser as i32)
         .unwrap();
     assert_eq!(fb.running, 1);
+}
+
+/// `docker image prune` while the daemon runs: the next session builds the image again instead
+/// of failing on a tag the daemon remembered.
+#[tokio::test]
+async fn a_pruned_session_image_is_built_again() {
+    crate::common::agent::require_docker();
+    // A base of its own gives this test an image tag no other test uses.
+    let base = format!("sa-test/prune-base:{}", uuid::Uuid::new_v4().simple());
+    run(Command::new("docker").args(["tag", crate::common::agent::BASE_IMAGE, &base]));
+    let d = Daemon::builder()
+        .filebrowser()
+        .set("agent.base-image", base.clone())
+        .start()
+        .await;
+    let _g = ContainerGuard(d.node_id());
+    let user = uuid::Uuid::new_v4();
+    let (vf, _) = d.user_vfolder(&user).await;
+    let first = start_fb(&d, &user, &vf).await.session.unwrap();
+    let image = inspect(&d.containers()[0])["Config"]["Image"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(image.starts_with("storage-agent/filebrowser:"), "{image}");
+    d.rpc()
+        .await
+        .destroy_session(pb::DestroySessionRequest { id: first.id })
+        .await
+        .unwrap();
+    run(Command::new("docker").args(["rmi", &image]));
+
+    let again = start_fb(&d, &user, &vf).await.session.unwrap();
+    assert_eq!(again.state, pb::SessionState::Running as i32);
+    assert_eq!(
+        inspect(&d.containers()[0])["Config"]["Image"],
+        image.as_str()
+    );
+    d.rpc()
+        .await
+        .destroy_session(pb::DestroySessionRequest { id: again.id })
+        .await
+        .unwrap();
+    run(Command::new("docker").args(["rmi", &image, &base]));
 }

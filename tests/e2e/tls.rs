@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use storage_agent::pb;
 
-use crate::common::agent::{ContainerGuard, mount};
+use crate::common::agent::ContainerGuard;
 use crate::common::tools::require;
 use crate::common::{Daemon, run};
-use crate::filebrowser::{FilebrowserBuilder, fb_req};
+use crate::filebrowser::{FilebrowserBuilder, start_fb};
 
 fn openssl(args: &[&str]) -> String {
     require("openssl", "apt-get install openssl");
@@ -99,13 +99,7 @@ async fn operator_certificate_is_used_as_is() {
     let _g = ContainerGuard(d.node_id());
     let user = uuid::Uuid::new_v4();
     let (vf, _) = d.user_vfolder(&user).await;
-    let created = d
-        .rpc()
-        .await
-        .create_session(fb_req(&user, vec![mount("vol1", &vf, "work", false)]))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = start_fb(&d, &user, &vf).await;
     let s = created.session.unwrap();
     assert_eq!(
         s.tls_cert_fingerprint,
@@ -145,13 +139,7 @@ async fn operator_ca_signs_session_certificates() {
     let _g = ContainerGuard(d.node_id());
     let user = uuid::Uuid::new_v4();
     let (vf, _) = d.user_vfolder(&user).await;
-    let created = d
-        .rpc()
-        .await
-        .create_session(fb_req(&user, vec![mount("vol1", &vf, "work", false)]))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = start_fb(&d, &user, &vf).await;
     let port = created.session.unwrap().endpoints[0].port;
     assert_eq!(
         created.ca_cert_pem.trim(),
