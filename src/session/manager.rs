@@ -81,6 +81,11 @@ struct Prepared {
     leaf: Option<Leaf>,
 }
 
+/// Ports our own sessions hold (not foreign listeners, which capacity counts separately).
+fn held_ports(live: &[Session]) -> HashSet<u16> {
+    live.iter().filter_map(|s| s.port).collect()
+}
+
 fn valid_group_name(g: &str) -> bool {
     (1..=64).contains(&g.len())
         && g.chars()
@@ -176,14 +181,17 @@ impl SessionManager {
 
     pub async fn capacity(&self) -> Result<Capacity> {
         let live = store::live(&self.db).await?;
-        let ours: HashSet<u16> = live.iter().filter_map(|s| s.port).collect();
-        Ok(capacity::compute(
+        Ok(self.capacity_with(&live, &held_ports(&live)))
+    }
+
+    fn capacity_with(&self, live: &[Session], held: &HashSet<u16>) -> Capacity {
+        capacity::compute(
             &self.cfg,
             &self.node_id,
-            &live,
+            live,
             HostHeadroom::read(&self.cfg),
-            capacity::foreign_listeners(self.cfg.port_range, &ours),
-        ))
+            capacity::foreign_listeners(self.cfg.port_range, held),
+        )
     }
 
     pub fn watch_capacity(&self) -> watch::Receiver<Capacity> {
@@ -399,14 +407,8 @@ impl SessionManager {
     async fn admit(&self, mut s: Session, limit: u32) -> Result<Session> {
         let _guard = self.admission.lock().await;
         let live = store::live(&self.db).await?;
-        let held: HashSet<u16> = live.iter().filter_map(|s| s.port).collect();
-        let cap = capacity::compute(
-            &self.cfg,
-            &self.node_id,
-            &live,
-            HostHeadroom::read(&self.cfg),
-            capacity::foreign_listeners(self.cfg.port_range, &held),
-        );
+        let held = held_ports(&live);
+        let cap = self.capacity_with(&live, &held);
         if cap.available == 0 {
             return Err(SessionError::Exhausted(format!(
                 "node full: {}/{} containers (bounded by {})",
@@ -464,13 +466,7 @@ impl SessionManager {
     ) -> Result<Created> {
         tracing::info!(port = session.port, "session admitted");
         self.publish_capacity().await;
-        let hash_of = |pw: &str| match (session.kind, self.engine) {
-            (Kind::Filebrowser, Engine::Filebrowser) => {
-                bcrypt::hash(pw, 10).map_err(|e| e.to_string())
-            }
-            _ => creds::shadow_hash(pw),
-        };
-        let hash = match password.as_deref().map(hash_of).transpose() {
+        let hash = match self.hash_password(session.kind, password.clone()).await {
             Ok(h) => h,
             Err(e) => {
                 self.fail(&session, &format!("cannot hash the password: {e}"))
@@ -495,6 +491,27 @@ impl SessionManager {
                 Err(e)
             }
         }
+    }
+
+    /// The stored form of a generated password: a shadow hash for sshd and dufs, bcrypt for
+    /// Filebrowser. Both are slow on purpose, so they run off the runtime threads.
+    async fn hash_password(
+        &self,
+        kind: Kind,
+        password: Option<String>,
+    ) -> std::result::Result<Option<String>, String> {
+        let Some(pw) = password else { return Ok(None) };
+        let bcrypt = kind == Kind::Filebrowser && self.engine == Engine::Filebrowser;
+        tokio::task::spawn_blocking(move || {
+            if bcrypt {
+                bcrypt::hash(&pw, 10).map_err(|e| e.to_string())
+            } else {
+                creds::shadow_hash(&pw)
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map(Some)
     }
 
     async fn start(
@@ -635,11 +652,9 @@ impl SessionManager {
 
     /// Cleans up a session that could not start and records why. Never leaves a container.
     pub(super) async fn fail(&self, s: &Session, reason: &str) {
+        // The row may know the container id by now; the caller's copy predates the start.
         let current = store::get(&self.db, s.id).await.ok().flatten();
-        let container = current
-            .as_ref()
-            .and_then(|c| c.container_id.clone())
-            .unwrap_or_else(|| sftp::container_name(&self.node_id, s.kind, s.id));
+        let container = self.container_of(current.as_ref().unwrap_or(s));
         if let Err(e) = self.docker.remove(&container).await {
             tracing::error!(session = %s.id, error = %e, "cannot remove the container of a failed session");
         }
@@ -665,6 +680,13 @@ impl SessionManager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&s.id);
+    }
+
+    /// The container id once Docker gave one, its deterministic name before.
+    fn container_of(&self, s: &Session) -> String {
+        s.container_id
+            .clone()
+            .unwrap_or_else(|| sftp::container_name(&self.node_id, s.kind, s.id))
     }
 
     // ---- read ------------------------------------------------------------------------------
@@ -700,11 +722,7 @@ impl SessionManager {
             Some(reason),
         )
         .await?;
-        let container = s
-            .container_id
-            .clone()
-            .unwrap_or_else(|| sftp::container_name(&self.node_id, s.kind, s.id));
-        self.docker.remove(&container).await?;
+        self.docker.remove(&self.container_of(&s)).await?;
         store::transition(
             &self.db,
             id,
