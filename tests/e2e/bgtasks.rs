@@ -37,15 +37,7 @@ async fn interrupted_delete_resumes_after_kill9() {
     let mut d = Daemon::start().await;
     let (vfid, path) = d.create_vfolder().await;
     many_files(&path, 60, 500);
-    let r = d
-        .mgr(
-            "POST",
-            "/folder/delete",
-            json!({"volume": "vol1", "vfid": vfid}),
-        )
-        .await;
-    assert_eq!(r.status, 202);
-    let id = r.json()["bgtask_id"].as_str().unwrap().to_string();
+    let id = d.start_delete(&vfid).await;
     wait_progress(&d, &id).await;
     d.restart().await;
     let t = d.wait_task(&id).await;
@@ -59,15 +51,7 @@ async fn interrupted_clone_is_rolled_back() {
     let (vfid, path) = d.create_vfolder().await;
     many_files(&path, 60, 500);
     let dst = crate::common::random_vfid();
-    let r = d
-        .mgr(
-            "POST",
-            "/folder/clone",
-            json!({"src_volume": "vol1", "src_vfid": vfid, "dst_volume": "vol1", "dst_vfid": dst}),
-        )
-        .await;
-    assert_eq!(r.status, 200);
-    let id = r.json()["bgtask_id"].as_str().unwrap().to_string();
+    let id = d.start_clone(&vfid, &dst).await;
     wait_progress(&d, &id).await;
     d.restart().await;
     let t = d.wait_task(&id).await;
@@ -96,14 +80,7 @@ async fn sigterm_during_delete_exits_zero_and_the_task_resumes() {
     let mut d = Daemon::start().await;
     let (vfid, path) = d.create_vfolder().await;
     many_files(&path, 60, 500);
-    let r = d
-        .mgr(
-            "POST",
-            "/folder/delete",
-            json!({"volume": "vol1", "vfid": vfid}),
-        )
-        .await;
-    let id = r.json()["bgtask_id"].as_str().unwrap().to_string();
+    let id = d.start_delete(&vfid).await;
     wait_progress(&d, &id).await;
     assert_eq!(d.terminate(), Some(0));
     d.restart().await;

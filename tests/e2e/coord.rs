@@ -406,23 +406,9 @@ async fn background_task_events() {
     let (vfid, path) = d.create_vfolder().await;
     std::fs::write(path.join("f"), b"x").unwrap();
     let dst = crate::common::random_vfid();
-    let r = d
-        .mgr(
-            "POST",
-            "/folder/clone",
-            json!({"src_volume": "vol1", "src_vfid": vfid, "dst_volume": "vol1", "dst_vfid": dst}),
-        )
-        .await;
-    let clone_task = r.json()["bgtask_id"].as_str().unwrap().to_string();
+    let clone_task = d.start_clone(&vfid, &dst).await;
     d.wait_task(&clone_task).await;
-    let r = d
-        .mgr(
-            "POST",
-            "/folder/delete",
-            json!({"volume": "vol1", "vfid": vfid}),
-        )
-        .await;
-    let delete_task = r.json()["bgtask_id"].as_str().unwrap().to_string();
+    let delete_task = d.start_delete(&vfid).await;
     d.wait_task(&delete_task).await;
     // A clone that fails: the destination's shard directory is occupied by a file.
     let bad_dst_qs = uuid::Uuid::new_v4();
@@ -432,8 +418,7 @@ async fn background_task_events() {
     std::fs::write(qs_dir.join(&bad_dst_id[..2]), b"in the way").unwrap();
     let (src2, _) = d.create_vfolder().await;
     let bad_dst = format!("user:{bad_dst_qs}/{bad_dst_id}");
-    let r = d.mgr("POST", "/folder/clone", json!({"src_volume": "vol1", "src_vfid": src2, "dst_volume": "vol1", "dst_vfid": bad_dst})).await;
-    let failing = r.json()["bgtask_id"].as_str().unwrap().to_string();
+    let failing = d.start_clone(&src2, &bad_dst).await;
     let t = d.wait_task(&failing).await;
     assert_eq!(t["status"], "failed");
 

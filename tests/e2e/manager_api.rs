@@ -395,14 +395,7 @@ async fn folder_lifecycle_and_usage() {
         .await;
     r.problem(404);
     // Deleting again is fine (idempotent), and unknown task ids are 404.
-    let r = d
-        .mgr(
-            "POST",
-            "/folder/delete",
-            json!({"volume": "vol1", "vfid": vfid}),
-        )
-        .await;
-    assert_eq!(r.status, 202);
+    d.start_delete(&vfid).await;
     let r = d
         .mgr(
             "GET",

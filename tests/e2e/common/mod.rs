@@ -383,6 +383,32 @@ impl Daemon {
     }
 
     /// Polls `GET /bgtask/{id}` until the task is no longer running.
+    /// `POST /folder/delete` on vol1; returns the background task's id (202 asserted).
+    pub async fn start_delete(&self, vfid: &str) -> String {
+        let r = self
+            .mgr(
+                "POST",
+                "/folder/delete",
+                json!({"volume": "vol1", "vfid": vfid}),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{}", r.text());
+        r.json()["bgtask_id"].as_str().unwrap().to_string()
+    }
+
+    /// `POST /folder/clone` within vol1; returns the background task's id (200 asserted).
+    pub async fn start_clone(&self, src: &str, dst: &str) -> String {
+        let r = self
+            .mgr(
+                "POST",
+                "/folder/clone",
+                json!({"src_volume": "vol1", "src_vfid": src, "dst_volume": "vol1", "dst_vfid": dst}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["bgtask_id"].as_str().unwrap().to_string()
+    }
+
     pub async fn wait_task(&self, id: &str) -> Value {
         let start = Instant::now();
         loop {
