@@ -1,5 +1,5 @@
 //! Session images. By default the daemon builds its own from the files in `docker/` (compiled
-//! into the binary, sent to Docker as an in-memory tar) on `[agent] base-image`, once, when the
+//! into the binary, sent to Docker as an in-memory tar) on `[agent] base-image` whenever the
 //! image is missing. The tag carries a digest of the build context, so a changed Dockerfile
 //! means a new image. An operator may name any other image per kind instead.
 
