@@ -28,17 +28,7 @@ i=0
 for n in a b c; do
   lo=$((34000 + RANDOM % 500 + i * 600)); i=$((i + 1))
   mkdir -p "$W/$n"
-  start_daemon "$W/$n" "
-[agent]
-enabled = true
-base-image = \"${BASE_IMAGE:-localbase:bookworm-slim}\"
-public-addr = \"127.0.0.1\"
-port-range = \"$lo-$((lo + 20))\"
-kernel-uid = 2301
-kernel-gid = 2301
-[agent.rpc]
-service-addr = \"127.0.0.1:0\"
-secret = \"$RPC_SECRET\"
+  start_daemon "$W/$n" "$(agent_toml "$lo" $((lo + 20)))
 [redis]
 addr = \"127.0.0.1:$RPORT\""
   PIDS+=("$DAEMON_PID"); rpcs+=("$RPC"); vfids+=("$(new_vfolder "$user")")

@@ -52,6 +52,23 @@ TOML
   RPC=$(awk '/api=rpc/{sub("addr=","",$3); print $3}' "$dir/out")
 }
 
+# agent_toml LO HI: the [agent] and [agent.rpc] sections for a session-hosting daemon whose
+# containers publish on 127.0.0.1:LO-HI.
+agent_toml() {
+  cat <<TOML
+[agent]
+enabled = true
+base-image = "${BASE_IMAGE:-localbase:bookworm-slim}"
+public-addr = "127.0.0.1"
+port-range = "$1-$2"
+kernel-uid = 2301
+kernel-gid = 2301
+[agent.rpc]
+service-addr = "127.0.0.1:0"
+secret = "$RPC_SECRET"
+TOML
+}
+
 stop_daemon() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 # mgr METHOD PATH JSON

@@ -14,17 +14,7 @@ cleanup() {
 }
 trap cleanup EXIT
 lo=$((33000 + RANDOM % 500))
-start_daemon "$W" "
-[agent]
-enabled = true
-base-image = \"${BASE_IMAGE:-localbase:bookworm-slim}\"
-public-addr = \"127.0.0.1\"
-port-range = \"$lo-$((lo + 50))\"
-kernel-uid = 2301
-kernel-gid = 2301
-[agent.rpc]
-service-addr = \"127.0.0.1:0\"
-secret = \"$RPC_SECRET\""
+start_daemon "$W" "$(agent_toml "$lo" $((lo + 50)))"
 user=$(cat /proc/sys/kernel/random/uuid)
 vfid=$(new_vfolder "$user")
 ssh-keygen -q -t ed25519 -N '' -f "$W/key"
