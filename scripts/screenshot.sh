@@ -12,9 +12,17 @@ hostport=$(printf '%s' "$url" | sed -E 's#^https://([^/]+)/?.*#\1#')
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-echo | openssl s_client -connect "$hostport" -showcerts 2>/dev/null \
-  | awk '/BEGIN CERT/{n++} n==1{print} /END CERT/&&n==1{exit}' >"$work/leaf.pem"
-openssl verify -CAfile "$ca" -untrusted <(echo | openssl s_client -connect "$hostport" -showcerts 2>/dev/null | awk '/BEGIN CERT/{n++} n>=2{print}') "$work/leaf.pem" >/dev/null
+# One handshake, read to the end: an awk that stopped early would SIGPIPE s_client, and with
+# pipefail that failed the script now and then without a word.
+echo | openssl s_client -connect "$hostport" -showcerts >"$work/chain.txt" 2>"$work/s_client.log" \
+  || { cat "$work/s_client.log" >&2; exit 1; }
+awk '/BEGIN CERT/{n++} n==1{print} /END CERT/{if (n==1) n++}' "$work/chain.txt" >"$work/leaf.pem"
+awk '/BEGIN CERT/{n++} n>=2{print}' "$work/chain.txt" >"$work/intermediates.pem"
+test -s "$work/leaf.pem" || { echo "no certificate served at $hostport" >&2; exit 1; }
+untrusted=()
+[ -s "$work/intermediates.pem" ] && untrusted=(-untrusted "$work/intermediates.pem")
+openssl verify -CAfile "$ca" "${untrusted[@]}" "$work/leaf.pem" >"$work/verify.log" 2>&1 \
+  || { cat "$work/verify.log" >&2; exit 1; }
 spki=$(openssl x509 -in "$work/leaf.pem" -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64)
 
 # Basic-auth credentials in the URL of the top-level navigation.
@@ -23,6 +31,10 @@ timeout 60 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-fi
   --disable-background-networking --disable-component-update --disable-sync \
   --user-data-dir="$work/profile" --ignore-certificate-errors-spki-list="$spki" \
   --window-size=1280,800 --virtual-time-budget=3000 --screenshot="$out" "$authed" \
-  >"$work/chromium.log" 2>&1 || { cat "$work/chromium.log" >&2; exit 1; }
-test -s "$out"
+  >"$work/chromium.log" 2>&1 \
+  || { rc=$?; echo "chromium failed (exit $rc); its log:"; cat "$work/chromium.log"; exit 1; } >&2
+if [ ! -s "$out" ]; then
+  { echo "chromium exited without writing $out; its log:"; cat "$work/chromium.log"; } >&2
+  exit 1
+fi
 echo "screenshot: $out"
