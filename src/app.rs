@@ -242,13 +242,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some((sessions, rpc_l, rpc_secret, heartbeat)) => {
             // Adopt (or remove) this node's containers before the first heartbeat re-registers
             // their leases; the event watcher does it again whenever Docker comes back.
-            if let Err(e) = sessions.reconcile().await {
-                tracing::warn!(error = %e, "cannot reconcile sessions with Docker yet");
-            }
+            let reconciled = match sessions.reconcile().await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reconcile sessions with Docker yet");
+                    false
+                }
+            };
             if let Some(hb) = heartbeat {
                 hb.spawn(shutdown.clone());
             }
-            sessions.spawn_event_watcher(shutdown.clone());
+            sessions.spawn_event_watcher(reconciled, shutdown.clone());
             sessions.spawn_reaper(shutdown.clone());
             let router = crate::rpc::router(sessions, &rpc_secret).await;
             Some(serve::serve(

@@ -17,18 +17,27 @@ impl SessionManager {
     /// Makes the session table and Docker agree: labelled containers of known, live, unexpired
     /// sessions are adopted; every other labelled container is removed; live sessions whose
     /// container is gone are marked terminated. Run at start and whenever Docker comes back.
+    /// Sessions a running operation here is starting or ending are left to it.
     pub async fn reconcile(&self) -> super::Result<()> {
-        let containers = self.docker.list_node(&self.node_id).await?;
+        // Sessions first, containers second: a session seen running here had its container
+        // before, so the listing has it too.
         let live = store::live(&self.db).await?;
+        let containers = self.docker.list_node(&self.node_id).await?;
         let by_id: HashMap<Uuid, &Session> = live.iter().map(|s| (s.id, s)).collect();
         let now = now_unix();
         let mut kept = std::collections::HashSet::new();
         for c in &containers {
-            let session = c
+            let id = c
                 .labels
                 .get(LABEL_SESSION)
-                .and_then(|v| Uuid::parse_str(v).ok())
-                .and_then(|id| by_id.get(&id).copied());
+                .and_then(|v| Uuid::parse_str(v).ok());
+            if let Some(id) = id
+                && self.is_in_flight(id)
+            {
+                kept.insert(id);
+                continue;
+            }
+            let session = id.and_then(|id| by_id.get(&id).copied());
             match session {
                 Some(s) if s.state == State::Running && c.running && s.expires_at > now => {
                     if s.container_id.as_deref() != Some(c.id.as_str()) {
@@ -43,6 +52,13 @@ impl SessionManager {
                     tracing::info!(session = %s.id, container = %c.id, "adopted running session");
                 }
                 Some(s) => {
+                    // An operation may have moved it on since the snapshot (a start that just
+                    // finished); then it is not a leftover.
+                    let current = store::get(&self.db, s.id).await?.map(|c| c.state);
+                    if current != Some(s.state) || self.is_in_flight(s.id) {
+                        kept.insert(s.id);
+                        continue;
+                    }
                     let reason = if s.expires_at <= now {
                         "ttl expired while the daemon was down"
                     } else if !c.running {
@@ -61,7 +77,7 @@ impl SessionManager {
             }
         }
         for s in &live {
-            if !kept.contains(&s.id) {
+            if !kept.contains(&s.id) && !self.is_in_flight(s.id) {
                 self.end(s, State::Terminated, "the container vanished")
                     .await;
             }
@@ -70,18 +86,17 @@ impl SessionManager {
         Ok(())
     }
 
-    /// Records the end of a session whose container is already gone.
+    /// Records the end of a session whose container is already gone, if it is still in the
+    /// state the caller saw (otherwise something else moved it on, and owns its end).
     async fn end(&self, s: &Session, to: State, reason: &str) {
-        let _ = store::transition(
-            &self.db,
-            s.id,
-            &[State::Starting, State::Running, State::Terminating],
-            to,
-            Some(reason),
-        )
-        .await;
-        self.forget(s).await;
-        tracing::info!(session = %s.id, reason, state = to.as_str(), "session ended");
+        match store::transition(&self.db, s.id, &[s.state], to, Some(reason)).await {
+            Ok(true) => {
+                self.forget(s).await;
+                tracing::info!(session = %s.id, reason, state = to.as_str(), "session ended");
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(session = %s.id, error = %e, "cannot record a session's end"),
+        }
     }
 
     /// Ends sessions past their TTL or idle (no network traffic) for their idle timeout.
@@ -143,14 +158,18 @@ impl SessionManager {
     /// session is running marks the session failed with the exit code (and OOM kill, and the
     /// last log lines) and is removed. When the event stream breaks (Docker restarted), it
     /// reconciles before following again, so nothing that happened meanwhile is missed.
-    pub fn spawn_event_watcher(self: &Arc<Self>, shutdown: CancellationToken) {
+    /// `reconciled`: the caller has just reconciled, so the first pass need not.
+    pub fn spawn_event_watcher(self: &Arc<Self>, reconciled: bool, shutdown: CancellationToken) {
         let this = self.clone();
         tokio::spawn(async move {
+            let mut reconciled = reconciled;
             loop {
                 if shutdown.is_cancelled() {
                     return;
                 }
-                if let Err(e) = this.reconcile().await {
+                if !std::mem::take(&mut reconciled)
+                    && let Err(e) = this.reconcile().await
+                {
                     tracing::debug!(error = %e, "reconcile: Docker not reachable yet");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,

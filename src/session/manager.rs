@@ -48,6 +48,32 @@ pub struct SessionManager {
     capacity_tx: watch::Sender<Capacity>,
     /// Network byte counters and the last time they moved, per running session (idle reaping).
     pub(super) activity: std::sync::Mutex<HashMap<Uuid, (u64, i64)>>,
+    /// Sessions an operation of this process is starting or ending right now (with a count, as
+    /// a failing start ends its session inside the start). `reconcile` leaves them alone: a
+    /// `starting` or `terminating` row is only a leftover when no one here is working on it.
+    in_flight: std::sync::Mutex<HashMap<Uuid, usize>>,
+}
+
+/// Marks a session as in flight until dropped.
+pub(super) struct InFlight<'a> {
+    manager: &'a SessionManager,
+    id: Uuid,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut m = self
+            .manager
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.id);
+            }
+        }
+    }
 }
 
 fn invalid(msg: impl Into<String>) -> SessionError {
@@ -123,6 +149,7 @@ impl SessionManager {
             limiter: RwLock::new(Arc::new(LocalLimiter)),
             capacity_tx: watch::channel(initial).0,
             activity: std::sync::Mutex::default(),
+            in_flight: std::sync::Mutex::default(),
         }))
     }
 
@@ -143,6 +170,23 @@ impl SessionManager {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    pub(super) fn in_flight(&self, id: Uuid) -> InFlight<'_> {
+        *self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default() += 1;
+        InFlight { manager: self, id }
+    }
+
+    pub(super) fn is_in_flight(&self, id: Uuid) -> bool {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&id)
     }
 
     pub fn host_key_fingerprints(&self) -> Vec<String> {
@@ -446,6 +490,7 @@ impl SessionManager {
         let p = self.validate(&req).await?;
         // Refuse early, before a reservation, when Docker cannot be reached.
         self.docker.ping().await?;
+        let _in_flight = self.in_flight(p.session.id);
         let session = self.admit(p.session, p.limit).await?;
         let span = tracing::info_span!(
             "session",
@@ -710,6 +755,7 @@ impl SessionManager {
 
     /// Stops and removes the container; idempotent on ended sessions.
     pub async fn destroy(&self, id: Uuid, reason: &str) -> Result<Session> {
+        let _in_flight = self.in_flight(id);
         let s = self.get(id).await?;
         if !s.state.is_live() {
             return Ok(s);
