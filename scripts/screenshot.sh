@@ -27,14 +27,30 @@ spki=$(openssl x509 -in "$work/leaf.pem" -pubkey -noout | openssl pkey -pubin -o
 
 # Basic-auth credentials in the URL of the top-level navigation.
 authed=$(printf '%s' "$url" | sed -E "s#^https://#https://${user}:${password}@#")
-timeout 60 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
-  --disable-background-networking --disable-component-update --disable-sync \
-  --user-data-dir="$work/profile" --ignore-certificate-errors-spki-list="$spki" \
-  --window-size=1280,800 --virtual-time-budget=3000 --screenshot="$out" "$authed" \
-  >"$work/chromium.log" 2>&1 \
-  || { rc=$?; echo "chromium failed (exit $rc); its log:"; cat "$work/chromium.log"; exit 1; } >&2
-if [ ! -s "$out" ]; then
-  { echo "chromium exited without writing $out; its log:"; cat "$work/chromium.log"; } >&2
+# Chromium aborts a page load with net::ERR_NETWORK_CHANGED whenever an interface comes or goes,
+# and Docker adds and removes veth pairs for every container that parallel tests start. Such a
+# load is tried again; any other failure ends the script at once.
+for attempt in 1 2 3 4 5; do
+  rm -f "$out"
+  rc=0
+  timeout 60 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+    --disable-background-networking --disable-component-update --disable-sync \
+    --user-data-dir="$work/profile" --ignore-certificate-errors-spki-list="$spki" \
+    --window-size=1280,800 --virtual-time-budget=3000 --screenshot="$out" "$authed" \
+    >"$work/chromium.log" 2>&1 || rc=$?
+  if [ "$rc" -eq 0 ] && [ -s "$out" ]; then
+    break
+  fi
+  if grep -q 'ERR_NETWORK_CHANGED' "$work/chromium.log" && [ "$attempt" -lt 5 ]; then
+    echo "attempt $attempt: the page load met a network change (a container came or went); again"
+    sleep 1
+    continue
+  fi
+  if [ "$rc" -ne 0 ]; then
+    { echo "chromium failed (exit $rc, attempt $attempt); its log:"; cat "$work/chromium.log"; } >&2
+  else
+    { echo "chromium exited without writing $out (attempt $attempt); its log:"; cat "$work/chromium.log"; } >&2
+  fi
   exit 1
-fi
+done
 echo "screenshot: $out"

@@ -342,6 +342,7 @@ async fn screenshot(d: &Daemon, base: &str, password: &str, ca: &Path) {
         .arg(password)
         .arg(ca)
         .arg(&out_png));
+    eprint!("{o}");
     let png = std::fs::read(&out_png).unwrap_or_else(|e| panic!("no screenshot ({e}): {o}"));
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
     assert!(
