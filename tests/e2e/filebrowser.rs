@@ -331,6 +331,7 @@ async fn dufs_session_over_https() {
 /// scripts/screenshot.sh drives headless Chromium with the session certificate pinned.
 async fn screenshot(d: &Daemon, base: &str, password: &str, ca: &Path) {
     require("chromium", "apt-get install chromium");
+    require("socat", "apt-get install socat");
     let out_png = std::env::var_os("SCREENSHOT_OUT")
         .map(PathBuf::from)
         .unwrap_or_else(|| d.dir.path().join("filebrowser.png"));
@@ -342,7 +343,6 @@ async fn screenshot(d: &Daemon, base: &str, password: &str, ca: &Path) {
         .arg(password)
         .arg(ca)
         .arg(&out_png));
-    eprint!("{o}");
     let png = std::fs::read(&out_png).unwrap_or_else(|e| panic!("no screenshot ({e}): {o}"));
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
     assert!(
