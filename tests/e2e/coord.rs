@@ -485,13 +485,81 @@ async fn redis_over_tls_with_a_pinned_ca() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let check = redis_check(&d).await;
+    assert_eq!(check["is_healthy"], true, "{check}");
+}
+
+#[tokio::test]
+async fn redis_with_an_acl_user() {
+    let redis = RedisServer::start_acl("storage-agent", "acl-s3cret");
+    let d = clustered(Daemon::builder(), &redis, "1s")
+        .set("redis.username", "storage-agent")
+        .set("redis.password", "acl-s3cret")
+        .start()
+        .await;
+    let node = d.node_id();
+    let start = Instant::now();
+    while redis.cli(&[
+        "-n",
+        "2",
+        "HGET",
+        &format!("storage_agent.node.{node}"),
+        "node_id",
+    ]) != node
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no heartbeat as the ACL user"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(redis_check(&d).await["is_healthy"], true);
+
+    // A wrong password is an outage, not a failed start: vfolders work, /health names it, and
+    // sessions that need the cross-node limit are refused rather than admitted unchecked.
+    let bad = clustered(Daemon::builder(), &redis, "1s")
+        .set("redis.username", "storage-agent")
+        .set("redis.password", "wrong")
+        .start()
+        .await;
+    let (vf, _) = bad.create_vfolder().await;
+    assert!(!vf.is_empty());
+    let start = Instant::now();
+    let check = loop {
+        let c = redis_check(&bad).await;
+        if c["is_healthy"] == false {
+            break c;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{c}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let msg = check["error_message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(
+        msg.contains("wrongpass") || msg.contains("auth"),
+        "the reason is given: {check}"
+    );
+    let user = uuid::Uuid::new_v4();
+    let (uvf, _) = bad.user_vfolder(&user).await;
+    let (_, key) = keypair(bad.dir.path(), "k");
+    let e = bad
+        .rpc()
+        .await
+        .create_session(req(&user, &uvf, &key, 2))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+}
+
+async fn redis_check(d: &Daemon) -> Value {
     let h = d.get("internal", "/health").await.json();
-    let check = h["connectivity"]["connectivity_checks"]
+    h["connectivity"]["connectivity_checks"]
         .as_array()
         .unwrap()
         .iter()
         .find(|c| c["service_group"] == "redis")
         .unwrap()
-        .clone();
-    assert_eq!(check["is_healthy"], true, "{check}");
+        .clone()
 }

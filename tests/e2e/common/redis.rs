@@ -11,6 +11,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// With TLS: the CA that signed the server's certificate, which clients pin.
     pub tls_cert: Option<std::path::PathBuf>,
+    /// With ACL: the only user that may log in (the default user is off).
+    acl_user: Option<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -29,6 +31,21 @@ impl RedisServer {
             dir: tempfile::tempdir().unwrap(),
             child: None,
             tls_cert: None,
+            acl_user: None,
+        };
+        r.spawn();
+        r
+    }
+
+    /// A server whose default user is switched off: only `user` with `password` gets in.
+    pub fn start_acl(user: &str, password: &str) -> Self {
+        require("redis-server", "apt-get install redis-server");
+        let mut r = RedisServer {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            tls_cert: None,
+            acl_user: Some((user.to_string(), password.to_string())),
         };
         r.spawn();
         r
@@ -64,6 +81,7 @@ openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
             port: free_port(),
             child: None,
             tls_cert: Some(dir.path().join("ca.pem")),
+            acl_user: None,
             dir,
         };
         r.spawn();
@@ -82,6 +100,10 @@ openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
                 .arg("--tls-key-file")
                 .arg(self.dir.path().join("key.pem")),
         };
+        if let Some((user, password)) = &self.acl_user {
+            cmd.args(["--user", "default", "off", "--user", user])
+                .args(["on", &format!(">{password}"), "~*", "&*", "+@all"]);
+        }
         let child = cmd
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -124,6 +146,9 @@ openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
         let mut cmd = Command::new("redis-cli");
         if let Some(cert) = &self.tls_cert {
             cmd.args(["--tls", "--cacert"]).arg(cert);
+        }
+        if let Some((user, password)) = &self.acl_user {
+            cmd.args(["--no-auth-warning", "--user", user, "--pass", password]);
         }
         let out = cmd
             .args(["-p", &self.port.to_string()])
