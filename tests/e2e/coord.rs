@@ -469,22 +469,7 @@ async fn redis_over_tls_with_a_pinned_ca() {
         .set("redis.tls-ca", cert.display().to_string())
         .start()
         .await;
-    let node = d.node_id();
-    let start = Instant::now();
-    while redis.cli(&[
-        "-n",
-        "2",
-        "HGET",
-        &format!("storage_agent.node.{node}"),
-        "node_id",
-    ]) != node
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no heartbeat over TLS"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_discovery(&redis, &d, "no heartbeat over TLS").await;
     let check = redis_check(&d).await;
     assert_eq!(check["is_healthy"], true, "{check}");
 }
@@ -497,22 +482,7 @@ async fn redis_with_an_acl_user() {
         .set("redis.password", "acl-s3cret")
         .start()
         .await;
-    let node = d.node_id();
-    let start = Instant::now();
-    while redis.cli(&[
-        "-n",
-        "2",
-        "HGET",
-        &format!("storage_agent.node.{node}"),
-        "node_id",
-    ]) != node
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no heartbeat as the ACL user"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_discovery(&redis, &d, "no heartbeat as the ACL user").await;
     assert_eq!(redis_check(&d).await["is_healthy"], true);
 
     // A wrong password is an outage, not a failed start: vfolders work, /health names it, and
@@ -562,4 +532,15 @@ async fn redis_check(d: &Daemon) -> Value {
         .find(|c| c["service_group"] == "redis")
         .unwrap()
         .clone()
+}
+
+/// Waits for the node's discovery hash, which its first heartbeat writes.
+async fn wait_for_discovery(redis: &RedisServer, d: &Daemon, what: &str) {
+    let node = d.node_id();
+    let key = format!("storage_agent.node.{node}");
+    let start = Instant::now();
+    while redis.cli(&["-n", "2", "HGET", &key, "node_id"]) != node {
+        assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -378,17 +378,7 @@ async fn filebrowser_sessions_reject_keys_and_need_the_dufs_binary() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert!(e.message().contains("dufs-binary"), "{}", e.message());
-    assert!(d.containers().is_empty(), "never a leaked container");
-    let cap = rpc
-        .get_capacity(pb::GetCapacityRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        cap.starting + cap.running,
-        0,
-        "the reservation was released"
-    );
+    d.assert_nothing_left().await;
 }
 
 /// The official Filebrowser engine runs a registry image. Where that image is present, the
@@ -472,17 +462,7 @@ async fn official_engine_without_its_image_fails_clearly(image: &str) {
         "{}",
         e.message()
     );
-    assert!(d.containers().is_empty(), "never a leaked container");
-    let cap = rpc
-        .get_capacity(pb::GetCapacityRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        cap.starting + cap.running,
-        0,
-        "the reservation was released"
-    );
+    d.assert_nothing_left().await;
 }
 
 #[tokio::test]
@@ -514,13 +494,7 @@ async fn filebrowser_sessions_are_adopted_after_kill9() {
         ],
     );
     assert_eq!((code, body.as_slice()), (200, &b"kept"[..]));
-    let cap = d
-        .rpc()
-        .await
-        .get_capacity(pb::GetCapacityRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let cap = d.capacity().await;
     let fb = cap
         .kinds
         .iter()

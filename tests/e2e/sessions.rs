@@ -206,11 +206,7 @@ async fn capacity_and_per_user_limits() {
     let _g = ContainerGuard(d.node_id());
     let (_, key) = keypair(d.dir.path(), "k");
     let mut rpc = d.rpc().await;
-    let cap = rpc
-        .get_capacity(pb::GetCapacityRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let cap = d.capacity().await;
     assert_eq!(
         (cap.max_containers, cap.running, cap.starting, cap.available),
         (3, 0, 0, 3)
@@ -275,11 +271,7 @@ async fn capacity_and_per_user_limits() {
         "{}",
         e.message()
     );
-    let cap = rpc
-        .get_capacity(pb::GetCapacityRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let cap = d.capacity().await;
     assert_eq!((cap.running, cap.available), (3, 0));
     assert_eq!(
         cap.kinds
@@ -425,11 +417,7 @@ async fn adoption_after_kill9_and_containers_that_die() {
             text(&out)
         );
     }
-    let cap = rpc
-        .get_capacity(pb::GetCapacityRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let cap = d.capacity().await;
     assert_eq!(cap.running, 3, "counts are exact after the crash");
     assert_eq!(d.containers().len(), 3);
 
@@ -455,11 +443,7 @@ async fn adoption_after_kill9_and_containers_that_die() {
         assert!(Instant::now() < deadline, "death not noticed: {s:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let cap = rpc
-        .get_capacity(pb::GetCapacityRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let cap = d.capacity().await;
     assert_eq!(cap.running, 2);
 }
 

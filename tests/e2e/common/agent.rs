@@ -90,6 +90,26 @@ impl Daemon {
         self.rpc_with(Some(RPC_SECRET)).await
     }
 
+    pub async fn capacity(&self) -> pb::Capacity {
+        self.rpc()
+            .await
+            .get_capacity(pb::GetCapacityRequest {})
+            .await
+            .expect("GetCapacity")
+            .into_inner()
+    }
+
+    /// After a failed CreateSession: no container left and the admission reservation released.
+    pub async fn assert_nothing_left(&self) {
+        assert!(self.containers().is_empty(), "never a leaked container");
+        let cap = self.capacity().await;
+        assert_eq!(
+            cap.starting + cap.running,
+            0,
+            "the reservation was released"
+        );
+    }
+
     /// A vfolder in the given user's quota scope; returns the vfid and its host path.
     pub async fn user_vfolder(&self, user: &uuid::Uuid) -> (String, PathBuf) {
         let vfid = format!("user:{user}/{}", uuid::Uuid::new_v4().simple());

@@ -25,27 +25,27 @@ fn free_port() -> u16 {
 
 impl RedisServer {
     pub fn start() -> Self {
-        require("redis-server", "apt-get install redis-server");
-        let mut r = RedisServer {
-            port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-            tls_cert: None,
-            acl_user: None,
-        };
-        r.spawn();
-        r
+        Self::launch(tempfile::tempdir().unwrap(), None, None)
     }
 
     /// A server whose default user is switched off: only `user` with `password` gets in.
     pub fn start_acl(user: &str, password: &str) -> Self {
+        let acl_user = Some((user.to_string(), password.to_string()));
+        Self::launch(tempfile::tempdir().unwrap(), None, acl_user)
+    }
+
+    fn launch(
+        dir: tempfile::TempDir,
+        tls_cert: Option<std::path::PathBuf>,
+        acl_user: Option<(String, String)>,
+    ) -> Self {
         require("redis-server", "apt-get install redis-server");
         let mut r = RedisServer {
             port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
+            dir,
             child: None,
-            tls_cert: None,
-            acl_user: Some((user.to_string(), password.to_string())),
+            tls_cert,
+            acl_user,
         };
         r.spawn();
         r
@@ -54,7 +54,6 @@ impl RedisServer {
     /// A TLS-only server whose certificate for 127.0.0.1 is signed by a CA of its own
     /// (openssl), as an operator would set it up.
     pub fn start_tls() -> Self {
-        require("redis-server", "apt-get install redis-server");
         require("openssl", "apt-get install openssl");
         let dir = tempfile::tempdir().unwrap();
         let script = r#"set -e
@@ -77,15 +76,8 @@ openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut r = RedisServer {
-            port: free_port(),
-            child: None,
-            tls_cert: Some(dir.path().join("ca.pem")),
-            acl_user: None,
-            dir,
-        };
-        r.spawn();
-        r
+        let ca = dir.path().join("ca.pem");
+        Self::launch(dir, Some(ca), None)
     }
 
     fn spawn(&mut self) {
