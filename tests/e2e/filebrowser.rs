@@ -477,13 +477,7 @@ async fn filebrowser_sessions_are_adopted_after_kill9() {
     let ca = d.dir.path().join("ca.pem");
     std::fs::write(&ca, &created.ca_cert_pem).unwrap();
     d.restart().await;
-    let got = d
-        .rpc()
-        .await
-        .get_session(pb::GetSessionRequest { id: s.id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = d.session(&s.id).await;
     assert_eq!(got.state, pb::SessionState::Running as i32);
     let (code, body) = curl(
         &ca,

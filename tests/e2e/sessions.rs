@@ -383,32 +383,17 @@ async fn adoption_after_kill9_and_containers_that_die() {
         .unwrap();
     assert!(out.status.success());
     d.restart().await;
-    let mut rpc = d.rpc().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = rpc
-            .get_session(pb::GetSessionRequest {
-                id: ids[3].0.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if s.state == pb::SessionState::Terminated as i32 {
-            assert!(s.reason.contains("vanished"), "{}", s.reason);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the vanished container's session is not terminated: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let s = d
+        .wait_session(
+            &ids[3].0,
+            pb::SessionState::Terminated,
+            20,
+            "the vanished container's session is not terminated",
+        )
+        .await;
+    assert!(s.reason.contains("vanished"), "{}", s.reason);
     for (i, (id, _)) in ids.iter().take(3).enumerate() {
-        let s = rpc
-            .get_session(pb::GetSessionRequest { id: id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
+        let s = d.session(id).await;
         assert_eq!(s.state, pb::SessionState::Running as i32, "adopted");
         let out = sftp_key(&keyfile, "work", ports[i], "get data/hello.txt /dev/null\n");
         assert!(
@@ -427,22 +412,10 @@ async fn adoption_after_kill9_and_containers_that_die() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = rpc
-            .get_session(pb::GetSessionRequest {
-                id: ids[0].0.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if s.state == pb::SessionState::Failed as i32 {
-            assert!(s.reason.contains("exited with code"), "{}", s.reason);
-            break;
-        }
-        assert!(Instant::now() < deadline, "death not noticed: {s:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let s = d
+        .wait_session(&ids[0].0, pb::SessionState::Failed, 20, "death not noticed")
+        .await;
+    assert!(s.reason.contains("exited with code"), "{}", s.reason);
     let cap = d.capacity().await;
     assert_eq!(cap.running, 2);
 }
@@ -475,27 +448,16 @@ async fn ttl_and_idle_reaping() {
         .into_inner()
         .session
         .unwrap();
-    let wait_end = |id: String| {
-        let mut rpc = rpc.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let s = rpc
-                    .get_session(pb::GetSessionRequest { id: id.clone() })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                if s.state == pb::SessionState::Terminated as i32 {
-                    return s.reason;
-                }
-                assert!(Instant::now() < deadline, "not reaped: {s:?}");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
-    };
-    let reason = wait_end(idle.id).await;
+    let reaped = pb::SessionState::Terminated;
+    let reason = d
+        .wait_session(&idle.id, reaped, 30, "not reaped")
+        .await
+        .reason;
     assert!(reason.starts_with("idle for"), "{reason}");
-    let reason = wait_end(ttl.id).await;
+    let reason = d
+        .wait_session(&ttl.id, reaped, 30, "not reaped")
+        .await
+        .reason;
     assert_eq!(reason, "ttl expired");
     assert!(d.containers().is_empty());
 }

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
 
 use storage_agent::pb;
 use storage_agent::pb::storage_agent_client::StorageAgentClient;
@@ -97,6 +98,34 @@ impl Daemon {
             .await
             .expect("GetCapacity")
             .into_inner()
+    }
+
+    pub async fn session(&self, id: &str) -> pb::Session {
+        self.rpc()
+            .await
+            .get_session(pb::GetSessionRequest { id: id.to_string() })
+            .await
+            .expect("GetSession")
+            .into_inner()
+    }
+
+    /// Polls a session until it reaches `state`; panics with `why` after `secs` seconds.
+    pub async fn wait_session(
+        &self,
+        id: &str,
+        state: pb::SessionState,
+        secs: u64,
+        why: &str,
+    ) -> pb::Session {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.session(id).await;
+            if s.state == state as i32 {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{why}: {s:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// After a failed CreateSession: no container left and the admission reservation released.
