@@ -71,8 +71,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     let state_dir = &config.daemon.state_dir;
-    std::fs::create_dir_all(state_dir)
-        .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    crate::state::secure_state_dir(state_dir)
+        .with_context(|| format!("preparing state directory {}", state_dir.display()))?;
 
     let mut secrets = SecretStore::open(state_dir)?;
     let (jwt_secret, jwt_stored) =
@@ -150,8 +150,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         manager_secret: Arc::new(manager_secret),
         health,
         shutdown: shutdown.clone(),
+        archives: client::archive::ArchiveSlots::new(
+            config.daemon.max_archives,
+            config.daemon.max_archives_per_token,
+            config.daemon.conn.write_idle_timeout,
+        ),
         sessions: None,
     };
+    let admission = crate::api::conn::Admission::new(config.daemon.conn);
 
     let listener_tls = ListenerTls::new(&config)?;
     let tls_of = |l: &crate::config::ListenerConfig| l.ssl_enabled;
@@ -260,6 +266,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 rpc_l,
                 router,
                 listener_tls.for_listener(&config.agent.rpc.listener)?,
+                admission.clone(),
                 shutdown.clone(),
                 config.daemon.shutdown_grace,
             ))
@@ -286,6 +293,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             manager_l,
             manager::router(app.clone()),
             manager_tls,
+            admission.clone(),
             shutdown.clone(),
             grace
         ),
@@ -294,6 +302,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             client_l,
             client::router(app.clone()),
             client_tls,
+            admission.clone(),
             shutdown.clone(),
             grace
         ),
@@ -302,6 +311,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             internal_l,
             internal::router(app.clone()),
             None,
+            admission.clone(),
             shutdown.clone(),
             grace
         ),
@@ -328,14 +338,6 @@ impl ListenerTls {
         ]
         .iter()
         .any(|l| l.ssl_enabled && l.ssl_cert.is_none());
-        let ca = if any {
-            Some(crate::tls::Ca::node(
-                &config.daemon.state_dir.join("tls"),
-                &config.proxy.node_id,
-            )?)
-        } else {
-            None
-        };
         let mut names = vec!["localhost".to_string()];
         for l in [&config.manager_api.listener, &config.client_api] {
             let ip = l.addr.ip();
@@ -357,6 +359,16 @@ impl ListenerTls {
         }
         names.sort();
         names.dedup();
+        let ca = if any {
+            Some(crate::tls::Ca::node(
+                &config.daemon.state_dir.join("tls"),
+                &config.proxy.node_id,
+                crate::tls::CaPurpose::Listeners,
+                &names,
+            )?)
+        } else {
+            None
+        };
         Ok(ListenerTls { ca, names })
     }
 

@@ -22,6 +22,9 @@ use crate::volume::{Progress, RelPath, VolumeError, Volumes};
 /// Finished tasks are kept this long for `GET /bgtask/{id}`.
 const RETENTION_SECS: i64 = 7 * 86400;
 
+/// Runs a task may start in all when the process dies under it: the first run and one resume.
+const MAX_CRASHED_RUNS: i64 = 2;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum TaskSpec {
@@ -158,6 +161,10 @@ impl BgTasks {
                 // Left "running": resumed (delete) or rolled back (clone) at the next start.
                 tracing::info!("background task interrupted by shutdown");
                 self.save(id, "running", current, total, None).await;
+                let _ = sqlx::query("UPDATE bgtasks SET interrupted = 1 WHERE id = ?")
+                    .bind(id.to_string())
+                    .execute(self.state.pool())
+                    .await;
             }
             Ok(()) => {
                 tracing::info!("background task done");
@@ -333,12 +340,16 @@ impl BgTasks {
             .bind(now_unix() - RETENTION_SECS)
             .execute(self.state.pool())
             .await?;
-        let rows = sqlx::query("SELECT id, params FROM bgtasks WHERE status = 'running'")
-            .fetch_all(self.state.pool())
-            .await?;
+        let rows = sqlx::query(
+            "SELECT id, params, attempts, interrupted FROM bgtasks WHERE status = 'running'",
+        )
+        .fetch_all(self.state.pool())
+        .await?;
         for row in rows {
             let id: String = row.get(0);
             let params: String = row.get(1);
+            let attempts: i64 = row.get(2);
+            let graceful = row.get::<i64, _>(3) != 0;
             let (Ok(id), Ok(spec)) = (
                 Uuid::parse_str(&id),
                 serde_json::from_str::<TaskSpec>(&params),
@@ -373,8 +384,27 @@ impl BgTasks {
                     self.save(id, "failed", 0, 0, Some(&msg)).await;
                     self.emit_outcome(id, &spec, Some(msg)).await;
                 }
+                _ if !graceful && attempts >= MAX_CRASHED_RUNS => {
+                    // The process died under this task after it had already been resumed once:
+                    // it may be what kills the process. Resuming it again could crash-loop the
+                    // node, so it ends here, reported as failed.
+                    let msg = format!(
+                        "the daemon stopped abnormally {attempts} times while this task ran; it is not resumed again"
+                    );
+                    tracing::error!(task_id = %id, kind = spec.kind(), "{msg}");
+                    self.save(id, "failed", 0, 0, Some(&msg)).await;
+                    self.emit_outcome(id, &spec, Some(msg)).await;
+                }
                 _ => {
-                    tracing::info!(task_id = %id, kind = spec.kind(), "resuming background task interrupted by a restart");
+                    tracing::info!(task_id = %id, kind = spec.kind(), attempts, graceful, "resuming background task interrupted by a restart");
+                    // A run after a graceful stop is not a crash retry; after a crash it is.
+                    sqlx::query(
+                        "UPDATE bgtasks SET attempts = attempts + ?, interrupted = 0 WHERE id = ?",
+                    )
+                    .bind(i64::from(!graceful))
+                    .bind(id.to_string())
+                    .execute(self.state.pool())
+                    .await?;
                     self.start(id, spec);
                 }
             }

@@ -8,7 +8,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
+use bollard::models::{
+    ContainerCreateBody, HostConfig, MountBindOptions, MountBindOptionsPropagationEnum, MountType,
+    PortBinding,
+};
 use bollard::query_parameters::{
     BuildImageOptions, CreateContainerOptions, EventsOptions, InspectContainerOptions,
     ListContainersOptions, LogsOptions, RemoveContainerOptions, StatsOptions,
@@ -45,8 +48,9 @@ pub struct ContainerSpec {
     pub env: Vec<String>,
     pub user: Option<String>,
     pub labels: HashMap<String, String>,
-    /// `host:container[:ro]` bind mounts.
-    pub binds: Vec<String>,
+    /// Bind mounts: typed, never `host:container[:ro]` strings (a `:` in a path cannot
+    /// change their meaning). Every source is a path only the daemon controls.
+    pub mounts: Vec<BindMount>,
     /// Container path → tmpfs options.
     pub tmpfs: HashMap<String, String>,
     /// (container port, host IP, host port).
@@ -94,7 +98,22 @@ impl ContainerSpec {
                     ..Default::default()
                 }),
             host_config: Some(HostConfig {
-                binds: Some(self.binds.clone()),
+                mounts: Some(
+                    self.mounts
+                        .iter()
+                        .map(|m| bollard::models::Mount {
+                            typ: Some(MountType::BIND),
+                            source: Some(m.source.clone()),
+                            target: Some(m.target.clone()),
+                            read_only: Some(m.read_only),
+                            bind_options: Some(MountBindOptions {
+                                propagation: Some(MountBindOptionsPropagationEnum::RPRIVATE),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
                 tmpfs: Some(self.tmpfs.clone()),
                 port_bindings: Some(port_bindings),
                 nano_cpus: Some(self.nano_cpus),
@@ -115,11 +134,31 @@ impl ContainerSpec {
     }
 }
 
+/// A bind mount of a host path the daemon controls.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BindMount {
+    pub source: String,
+    pub target: String,
+    pub read_only: bool,
+}
+
+impl BindMount {
+    pub fn new(source: impl Into<String>, target: impl Into<String>, read_only: bool) -> Self {
+        BindMount {
+            source: source.into(),
+            target: target.into(),
+            read_only,
+        }
+    }
+}
+
 /// What we need to know of a container.
 #[derive(Debug, Clone)]
 pub struct ContainerState {
     pub id: String,
     pub running: bool,
+    /// The container's init process on the host (inspect only; 0 when not running).
+    pub pid: i64,
     pub exit_code: Option<i64>,
     pub oom_killed: bool,
     pub error: Option<String>,
@@ -308,6 +347,7 @@ impl Docker {
                 Ok(Some(ContainerState {
                     id: c.id.unwrap_or_default(),
                     running: st.running.unwrap_or(false),
+                    pid: st.pid.unwrap_or(0),
                     exit_code: st.exit_code,
                     oom_killed: st.oom_killed.unwrap_or(false),
                     error: st.error.filter(|e| !e.is_empty()),
@@ -362,6 +402,7 @@ impl Docker {
             .map(|c| ContainerState {
                 id: c.id.unwrap_or_default(),
                 running: c.state.map(|s| s.to_string() == "running").unwrap_or(false),
+                pid: 0,
                 exit_code: None,
                 oom_killed: false,
                 error: None,

@@ -79,6 +79,36 @@ impl Check for DbCheck {
     }
 }
 
+/// File operations run on tokio's blocking pool. When every thread there is stuck (a hung mount,
+/// or anything else that parks threads), no file API can answer, so the node is not ready even
+/// though the process is up. The check asks the pool for a no-op and waits briefly.
+struct BlockingPoolCheck;
+
+/// How long a no-op may wait for a blocking thread before the pool counts as saturated.
+const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[async_trait]
+impl Check for BlockingPoolCheck {
+    fn service_group(&self) -> &str {
+        "io-pool"
+    }
+    fn component_id(&self) -> String {
+        "blocking".into()
+    }
+    fn gating(&self) -> bool {
+        true
+    }
+    async fn check(&self) -> Result<(), String> {
+        match tokio::time::timeout(POOL_WAIT, tokio::task::spawn_blocking(|| ())).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "no blocking thread free within {POOL_WAIT:?}: file I/O is saturated"
+            )),
+        }
+    }
+}
+
 struct VolumeCheck {
     volumes: Volumes,
     name: String,
@@ -119,7 +149,8 @@ pub struct Health {
 
 impl Health {
     pub fn new(state: State, volumes: Volumes) -> Arc<Self> {
-        let mut checks: Vec<Arc<dyn Check>> = vec![Arc::new(DbCheck(state))];
+        let mut checks: Vec<Arc<dyn Check>> =
+            vec![Arc::new(DbCheck(state)), Arc::new(BlockingPoolCheck)];
         for v in volumes.iter() {
             checks.push(Arc::new(VolumeCheck {
                 volumes: volumes.clone(),

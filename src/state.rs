@@ -29,13 +29,64 @@ pub struct State {
     pool: SqlitePool,
 }
 
+/// The state directory and what the daemon keeps there (session rows with user ids and keys,
+/// upload records, secrets, the CA key) are for the daemon's user only: directories 0700, files
+/// 0600. Wider modes found at start are narrowed, with a warning.
+pub fn secure_state_dir(state_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)?;
+    let narrow = |p: &Path, mode: u32| -> std::io::Result<()> {
+        let meta = match std::fs::symlink_metadata(p) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let have = meta.permissions().mode() & 0o777;
+        if have & !mode != 0 {
+            tracing::warn!(
+                path = %p.display(),
+                mode = format!("{have:o}"),
+                "narrowing the permissions of daemon state (was readable by others)"
+            );
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))?;
+        }
+        Ok(())
+    };
+    narrow(state_dir, 0o700)?;
+    for f in [
+        "state.db",
+        "state.db-wal",
+        "state.db-shm",
+        "secrets.toml",
+        "tls/ca.key",
+        "tls/sessions-ca.key",
+    ] {
+        narrow(&state_dir.join(f), 0o600)?;
+    }
+    Ok(())
+}
+
 impl State {
     pub async fn open(state_dir: &Path) -> Result<Self, StateError> {
-        std::fs::create_dir_all(state_dir).map_err(|e| StateError::Dir {
+        let dir_err = |e| StateError::Dir {
             path: state_dir.display().to_string(),
             source: e,
-        })?;
+        };
+        secure_state_dir(state_dir).map_err(dir_err)?;
         let path = state_dir.join("state.db");
+        // SQLite gives the -wal and -shm files the mode of the database file: create it 0600.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(dir_err)?;
+        }
         let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
             .map_err(|e| StateError::Open {
                 path: path.display().to_string(),

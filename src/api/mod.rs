@@ -2,6 +2,7 @@
 //! bytes) and the internal API (health, metrics). Backend.AI wire-compatible.
 
 pub mod client;
+pub mod conn;
 pub mod error;
 pub mod extract;
 pub mod internal;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub manager_secret: Arc<String>,
     pub health: Arc<Health>,
     pub shutdown: CancellationToken,
+    /// Caps on zip archives being produced.
+    pub archives: Arc<client::archive::ArchiveSlots>,
     /// The storage agent, when `[agent] enabled`.
     pub sessions: Option<Arc<crate::session::SessionManager>>,
 }

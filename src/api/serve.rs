@@ -1,6 +1,7 @@
 //! One accept loop for every listener (manager, client, internal, gRPC): plain or TLS, HTTP/1.1
 //! and HTTP/2 (gRPC needs h2), graceful drain on shutdown. TLS handshakes run in the connection
-//! task, so a slow client never stalls accepting.
+//! task, so a slow client never stalls accepting. Connection caps and the per-connection
+//! watchdog (silent, idle and stalled connections) are in `conn.rs`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,8 +19,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use super::conn::{self, Admission, ConnState, Watched};
+
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Concurrent HTTP/2 streams per connection (gRPC calls, pipelined requests).
+const H2_MAX_STREAMS: u32 = 256;
 
 /// Binds and prints the machine-readable line tests and scripts wait for:
 /// `listening api=<name> addr=<ip:port> tls=<bool>`.
@@ -36,6 +41,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     tls: Option<Arc<rustls::ServerConfig>>,
+    admission: Arc<Admission>,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
@@ -48,7 +54,8 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30));
+        .keep_alive_interval(Duration::from_secs(30))
+        .max_concurrent_streams(H2_MAX_STREAMS);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
 
     loop {
@@ -64,52 +71,75 @@ pub async fn serve(
                 }
             },
         };
+        // Over a cap: closed at once, before any handshake or parsing costs anything.
+        let Some(admitted) = admission.admit(peer.ip()) else {
+            tracing::debug!(api = name, %peer, "connection refused: at the connection cap");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
+        let state = ConnState::new();
         let router = router.clone();
+        let counter = state.clone();
         let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
             let router = router.clone();
+            let in_flight = counter.request_started();
             async move {
-                Ok::<_, Infallible>(
-                    router
-                        .oneshot(req.map(Body::new))
-                        .await
-                        .unwrap_or_else(|e| match e {}),
-                )
+                let resp = router
+                    .oneshot(req.map(Body::new))
+                    .await
+                    .unwrap_or_else(|e| match e {});
+                Ok::<_, Infallible>(resp.map(|b| conn::counted(b, in_flight)))
             }
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let acceptor = acceptor.clone();
+        let limits = *admission.limits();
         tokio::spawn(async move {
-            let result = match acceptor {
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => {
-                    let tls = match tokio::time::timeout(
-                        TLS_HANDSHAKE_TIMEOUT,
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(api = name, %peer, error = %e, "TLS handshake failed");
-                            return;
+            let _admitted = admitted;
+            let io = Watched::new(stream, state.clone());
+            let served = conn::supervise(
+                async {
+                    match acceptor {
+                        None => {
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+                            watcher.watch(conn.into_owned()).await
                         }
-                        Err(_) => {
-                            tracing::debug!(api = name, %peer, "TLS handshake timed out");
-                            return;
+                        Some(acceptor) => {
+                            let tls = match tokio::time::timeout(
+                                TLS_HANDSHAKE_TIMEOUT,
+                                acceptor.accept(io),
+                            )
+                            .await
+                            {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(api = name, %peer, error = %e, "TLS handshake failed");
+                                    return Ok(());
+                                }
+                                Err(_) => {
+                                    tracing::debug!(api = name, %peer, "TLS handshake timed out");
+                                    return Ok(());
+                                }
+                            };
+                            let conn =
+                                builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+                            watcher.watch(conn.into_owned()).await
                         }
-                    };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-                    watcher.watch(conn.into_owned()).await
+                    }
+                },
+                &state,
+                limits,
+            )
+            .await;
+            match served {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(api = name, %peer, error = %e, "connection ended with an error")
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(api = name, %peer, error = %e, "connection ended with an error");
+                Err(why) => tracing::debug!(api = name, %peer, reason = why, "connection closed"),
             }
         });
     }

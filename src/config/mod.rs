@@ -147,6 +147,11 @@ pub struct DaemonConfig {
     pub volume_check_interval: Duration,
     /// A check not finished by then marks the volume offline (a hung mount).
     pub volume_check_timeout: Duration,
+    /// Caps and timeouts for every listener's connections.
+    pub conn: crate::api::conn::ConnLimits,
+    /// Zip archives being produced at once on this node, and per download token.
+    pub max_archives: usize,
+    pub max_archives_per_token: usize,
 }
 
 /// `[redis]`
@@ -331,7 +336,26 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
         upload_reap_interval: ours.duration("upload-reap-interval", Duration::from_secs(60)),
         volume_check_interval: ours.duration("volume-check-interval", Duration::from_secs(10)),
         volume_check_timeout: ours.duration("volume-check-timeout", Duration::from_secs(5)),
+        conn: crate::api::conn::ConnLimits {
+            first_byte_timeout: ours.duration("first-byte-timeout", Duration::from_secs(10)),
+            idle_timeout: ours.duration("idle-timeout", Duration::from_secs(75)),
+            write_idle_timeout: ours.duration("write-idle-timeout", Duration::from_secs(60)),
+            max_connections: ours.int_in("max-connections", 1, 1 << 20, 8192) as usize,
+            max_connections_per_ip: ours.int_in("max-connections-per-ip", 1, 1 << 20, 512) as usize,
+        },
+        max_archives: ours.int_in("max-archives", 1, 4096, 16) as usize,
+        max_archives_per_token: ours.int_in("max-archives-per-token", 1, 4096, 2) as usize,
     };
+    let c = &daemon.conn;
+    for (key, d) in [
+        ("first-byte-timeout", c.first_byte_timeout),
+        ("idle-timeout", c.idle_timeout),
+        ("write-idle-timeout", c.write_idle_timeout),
+    ] {
+        if d.is_zero() {
+            problems.push(ours.key_path(key), "0", "a duration above zero");
+        }
+    }
     if daemon.volume_check_interval.is_zero() || daemon.volume_check_timeout.is_zero() {
         problems.push(
             ours.key_path("volume-check-interval"),
@@ -369,10 +393,12 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
     api.finish(&[]);
 
     let agent = agent::read(&root);
-    // Files the APIs create belong to the session uid unless Backend.AI's user/group say
-    // otherwise, so sessions can change what the APIs create and the other way round.
+    // What the daemon writes into volumes (uploads, mkdirs, clones, vfolder roots) belongs to
+    // Backend.AI's `[storage-proxy] user/group` when set, else to the kernel uid/gid that
+    // sessions and compute containers run as: never to root, whether or not the agent part is
+    // enabled. (The Python proxy gets the same effect by dropping to `user/group` after binding.)
     let mut proxy = proxy;
-    if proxy.owner.is_none() && agent.enabled && nix::unistd::geteuid().is_root() {
+    if proxy.owner.is_none() && nix::unistd::geteuid().is_root() {
         proxy.owner = Some(crate::volume::fsops::Owner {
             uid: agent.kernel_uid,
             gid: agent.kernel_gid,

@@ -18,7 +18,7 @@ use std::path::Path;
 use super::Session;
 use super::image::ContextFile;
 use super::sftp::{container_name, labels};
-use crate::docker::ContainerSpec;
+use crate::docker::{BindMount, ContainerSpec};
 use crate::tls::Leaf;
 
 /// The HTTPS port inside the container.
@@ -92,6 +92,8 @@ pub struct FbParams<'a> {
     pub engine: Engine,
     pub image: &'a str,
     pub files_dir: &'a Path,
+    /// The session's staging mount points (`mounts.rs`), one per mount, in order.
+    pub mounts_dir: &'a Path,
     pub public_addr: &'a str,
     pub port: u16,
     pub uid: u32,
@@ -101,10 +103,19 @@ pub struct FbParams<'a> {
 }
 
 pub fn container_spec(s: &Session, p: &FbParams) -> ContainerSpec {
-    let mut binds = vec![format!("{}:/tls:ro", p.files_dir.join("tls").display())];
-    for m in &s.spec.mounts {
-        let ro = if m.read_only { ":ro" } else { "" };
-        binds.push(format!("{}:/srv/{}{ro}", m.host_path.display(), m.name));
+    let mut mounts = vec![BindMount::new(
+        p.files_dir.join("tls").display().to_string(),
+        "/tls",
+        true,
+    )];
+    for (i, m) in s.spec.mounts.iter().enumerate() {
+        mounts.push(BindMount::new(
+            super::mounts::staged_path(p.mounts_dir, i)
+                .display()
+                .to_string(),
+            s.kind.mount_target(&s.username, &m.name),
+            m.read_only,
+        ));
     }
     let mut tmpfs = HashMap::from([(
         "/tmp".to_string(),
@@ -140,7 +151,11 @@ pub fn container_spec(s: &Session, p: &FbParams) -> ContainerSpec {
             (cmd, None)
         }
         Engine::Filebrowser => {
-            binds.push(format!("{}:/database", p.files_dir.join("db").display()));
+            mounts.push(BindMount::new(
+                p.files_dir.join("db").display().to_string(),
+                "/database",
+                false,
+            ));
             // The image's init script writes /config/settings.json; the root fs is read-only.
             tmpfs.insert(
                 "/config".to_string(),
@@ -185,7 +200,7 @@ pub fn container_spec(s: &Session, p: &FbParams) -> ContainerSpec {
         env: vec![],
         user: Some(format!("{}:{}", p.uid, p.gid)),
         labels: labels(p.node, s),
-        binds,
+        mounts,
         tmpfs,
         ports: vec![(HTTPS_PORT, p.public_addr.to_string(), p.port)],
         nano_cpus: (s.spec.cpus * 1e9) as i64,
@@ -263,6 +278,7 @@ mod tests {
                 "filebrowser/filebrowser:v2.63.23"
             },
             files_dir: Path::new("/state/agent/sessions/s1"),
+            mounts_dir: Path::new("/state/agent/mounts/s1"),
             public_addr: "203.0.113.7",
             port: 30005,
             uid: 1100,
@@ -301,13 +317,15 @@ mod tests {
             ]
         );
         assert!(spec.env.is_empty());
+        // Vfolders come from the staging mount points, never from their (user-changeable)
+        // paths on the volume.
         assert_eq!(
-            spec.binds,
+            spec.mounts,
             [
-                "/state/agent/sessions/s1/tls:/tls:ro",
-                "/vol/a:/srv/data",
-                "/vol/b:/srv/ref:ro",
-                "/state/agent/sessions/s1/db:/database",
+                BindMount::new("/state/agent/sessions/s1/tls", "/tls", true),
+                BindMount::new("/state/agent/mounts/s1/0", "/srv/data", false),
+                BindMount::new("/state/agent/mounts/s1/1", "/srv/ref", true),
+                BindMount::new("/state/agent/sessions/s1/db", "/database", false),
             ]
         );
         assert_eq!(spec.ports, [(8443, "203.0.113.7".to_string(), 30005)]);

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use super::image::{self, Images};
 use super::limiter::{LocalLimiter, UserLimiter};
 use super::{
     CreateRequest, Created, Endpoint, Filter, Kind, Mount, Result, Session, SessionError,
-    SessionSpec, State, sftp, store,
+    SessionSpec, State, mounts, sftp, store,
 };
 use crate::config::Config;
 use crate::config::agent::AgentConfig;
@@ -105,6 +106,8 @@ struct Prepared {
     password: Option<String>,
     limit: u32,
     leaf: Option<Leaf>,
+    /// The checked mount directories, parallel to `session.spec.mounts`.
+    sources: Vec<OwnedFd>,
 }
 
 /// Ports our own sessions hold (not foreign listeners, which capacity counts separately).
@@ -123,6 +126,7 @@ impl SessionManager {
         let cfg = config.agent.clone();
         let agent_dir = crate::config::agent::agent_dir(&config.daemon.state_dir);
         std::fs::create_dir_all(agent_dir.join("sessions"))?;
+        mounts::clean_leftovers(&agent_dir.join("mounts"));
         let host_key = HostKey::load_or_create(&agent_dir.join("ssh"))?;
         let docker = Arc::new(Docker::new(&cfg.docker_socket));
         let certs = session_certs(&cfg, &config.daemon.state_dir, &config.proxy.node_id)
@@ -197,6 +201,11 @@ impl SessionManager {
         self.agent_dir.join("sessions").join(id.to_string())
     }
 
+    /// The session's staging mount points (only while its container starts).
+    fn mounts_dir(&self, id: Uuid) -> PathBuf {
+        self.agent_dir.join("mounts").join(id.to_string())
+    }
+
     pub fn endpoints(&self, s: &Session) -> Vec<Endpoint> {
         let Some(port) = s.port else { return vec![] };
         let host = self.cfg.public_host.clone();
@@ -260,7 +269,12 @@ impl SessionManager {
 
     // ---- create ----------------------------------------------------------------------------
 
-    async fn resolve_mounts(&self, req: &CreateRequest, user: &str) -> Result<Vec<Mount>> {
+    /// Checks every mount and opens its directory: the fds are what gets mounted (`mounts.rs`).
+    async fn resolve_mounts(
+        &self,
+        req: &CreateRequest,
+        user: &str,
+    ) -> Result<(Vec<Mount>, Vec<OwnedFd>)> {
         if req.mounts.is_empty() {
             return Err(invalid("at least one mount is required"));
         }
@@ -269,6 +283,7 @@ impl SessionManager {
         }
         let mut names = HashSet::new();
         let mut out = Vec::with_capacity(req.mounts.len());
+        let mut sources = Vec::with_capacity(req.mounts.len());
         for (i, m) in req.mounts.iter().enumerate() {
             let name = RelPath::parse_name(&m.name)
                 .map_err(|e| invalid(format!("mounts[{i}].name {:?}: {e}", m.name)))?;
@@ -287,19 +302,23 @@ impl SessionManager {
             let vfid =
                 VFolderId::parse(&m.vfid).map_err(|e| invalid(format!("mounts[{i}].vfid: {e}")))?;
             // A user's own quota scope, or a project's (the manager checked membership). Another
-            // user's private folder is refused here whatever the manager says.
-            if let Some(qs) = &vfid.quota_scope
-                && qs.kind == QuotaScopeKind::User
-                && qs.id.to_string() != user
-            {
+            // user's private folder is refused here whatever the manager says; a vfid without a
+            // quota scope (pre-quota-scope layout) names no owner, so it cannot be checked and
+            // is refused too.
+            let Some(qs) = &vfid.quota_scope else {
+                return Err(invalid(format!(
+                    "mounts[{i}]: vfid {vfid} has no quota scope (user:<uuid>/... or project:<uuid>/...), so its owner cannot be checked"
+                )));
+            };
+            if qs.kind == QuotaScopeKind::User && qs.id.to_string() != user {
                 return Err(invalid(format!(
                     "mounts[{i}]: vfolder {vfid} belongs to another user"
                 )));
             }
             let subpath = RelPath::parse(&m.subpath)
                 .map_err(|e| invalid(format!("mounts[{i}].subpath {:?}: {e}", m.subpath)))?;
-            let host_path = vol
-                .vfolder_host_path(&vfid, &subpath)
+            let source = vol
+                .mount_source(&vfid, &subpath)
                 .await
                 .map_err(|e| match e {
                     VolumeError::VFolderNotFound(_) => invalid(format!(
@@ -320,10 +339,11 @@ impl SessionManager {
                 name,
                 read_only: m.read_only,
                 subpath,
-                host_path,
+                host_path: source.shown,
             });
+            sources.push(source.dir);
         }
-        Ok(out)
+        Ok((out, sources))
     }
 
     /// Checks everything that can be checked before touching Docker.
@@ -396,10 +416,19 @@ impl SessionManager {
             )));
         }
         let idle = req.idle_timeout.unwrap_or(self.cfg.idle_timeout);
+        // 0 turns idle reaping off; anything else is bounded by the longest session (a huge
+        // value would wrap negative where it is compared, and end the session at once).
+        if idle > self.cfg.max_session_ttl {
+            return Err(invalid(format!(
+                "idle_timeout {}s is above the longest session, {}s (0 turns idle reaping off)",
+                idle.as_secs(),
+                self.cfg.max_session_ttl.as_secs()
+            )));
+        }
         let limit = req
             .max_sessions_per_user
             .unwrap_or(self.cfg.max_sessions_per_user);
-        let mounts = self.resolve_mounts(req, &user).await?;
+        let (mounts, sources) = self.resolve_mounts(req, &user).await?;
         // A file browser always logs in with a password.
         let password =
             (req.generate_password || req.kind == Kind::Filebrowser).then(creds::generate_password);
@@ -443,6 +472,7 @@ impl SessionManager {
             password,
             limit,
             leaf,
+            sources,
         })
     }
 
@@ -498,7 +528,7 @@ impl SessionManager {
             kind = session.kind.as_str(),
             user = %session.user_id
         );
-        self.launch(session, p.password, p.leaf)
+        self.launch(session, p.password, p.leaf, p.sources)
             .instrument(span)
             .await
     }
@@ -508,6 +538,7 @@ impl SessionManager {
         session: Session,
         password: Option<String>,
         leaf: Option<Leaf>,
+        sources: Vec<OwnedFd>,
     ) -> Result<Created> {
         tracing::info!(port = session.port, "session admitted");
         self.publish_capacity().await;
@@ -520,7 +551,10 @@ impl SessionManager {
             }
         };
         let started = Instant::now();
-        match self.start(&session, hash.as_deref(), leaf.as_ref()).await {
+        match self
+            .start(&session, hash.as_deref(), leaf.as_ref(), &sources)
+            .await
+        {
             Ok(s) => {
                 tracing::info!(ms = started.elapsed().as_millis() as u64, "session running");
                 self.publish_capacity().await;
@@ -564,8 +598,10 @@ impl SessionManager {
         s: &Session,
         password_hash: Option<&str>,
         leaf: Option<&Leaf>,
+        sources: &[OwnedFd],
     ) -> Result<Session> {
         let dir = self.files_dir(s.id);
+        let mounts_dir = self.mounts_dir(s.id);
         let port = s
             .port
             .ok_or_else(|| SessionError::Internal("no port".into()))?;
@@ -592,6 +628,7 @@ impl SessionManager {
                         node: &self.node_id,
                         image: &image,
                         files_dir: &dir,
+                        mounts_dir: &mounts_dir,
                         host_key: &self.host_key.private_path,
                         public_addr: &addr,
                         port,
@@ -627,6 +664,7 @@ impl SessionManager {
                         engine: self.engine,
                         image: &image,
                         files_dir: &dir,
+                        mounts_dir: &mounts_dir,
                         public_addr: &addr,
                         port,
                         uid: self.cfg.kernel_uid,
@@ -636,8 +674,7 @@ impl SessionManager {
                 )
             }
         };
-        let id = self.docker.run(&spec).await?;
-        store::set_container(&self.db, s.id, &id).await?;
+        let id = self.run_with_mounts(s, &spec, &mounts_dir, sources).await?;
         self.wait_ready(s.kind, &id, port).await?;
         if !store::transition(&self.db, s.id, &[State::Starting], State::Running, None).await? {
             return Err(SessionError::Internal(
@@ -651,6 +688,46 @@ impl SessionManager {
         store::get(&self.db, s.id)
             .await?
             .ok_or(SessionError::NotFound(s.id))
+    }
+
+    /// Starts the container with the session's mounts made from their checked fds, and checks
+    /// that the container sees exactly those directories. The staging mounts are detached
+    /// whatever happens: a started container keeps its own.
+    async fn run_with_mounts(
+        &self,
+        s: &Session,
+        spec: &crate::docker::ContainerSpec,
+        mounts_dir: &std::path::Path,
+        sources: &[OwnedFd],
+    ) -> Result<String> {
+        let with_ro: Vec<(&OwnedFd, bool)> = sources
+            .iter()
+            .zip(&s.spec.mounts)
+            .map(|(fd, m)| (fd, m.read_only))
+            .collect();
+        let staged = mounts::stage(mounts_dir, &with_ro).map_err(|e| {
+            SessionError::Internal(format!("cannot prepare the session's mounts: {e}"))
+        })?;
+        let started = async {
+            let id = self.docker.run(spec).await?;
+            store::set_container(&self.db, s.id, &id).await?;
+            let pid = self.docker.inspect(&id).await?.map(|c| c.pid).unwrap_or(0);
+            let targets: Vec<(String, &OwnedFd)> = s
+                .spec
+                .mounts
+                .iter()
+                .zip(sources)
+                .map(|(m, fd)| (s.kind.mount_target(&s.username, &m.name), fd))
+                .collect();
+            mounts::verify(pid, &targets).map_err(|why| {
+                tracing::error!(session = %s.id, why, "session mount check failed");
+                SessionError::Internal(format!("session mount check failed: {why}"))
+            })?;
+            Ok(id)
+        }
+        .await;
+        staged.release();
+        started
     }
 
     /// Ready when the service answers on the published port: the SSH banner for SFTP, an HTTP
@@ -833,7 +910,12 @@ fn session_certs(
     }
     let ca = match (&t.ca_cert, &t.ca_key) {
         (Some(c), Some(k)) => crate::tls::Ca::from_files(c, k)?,
-        _ => crate::tls::Ca::node(&state_dir.join("tls"), node_id)?,
+        _ => crate::tls::Ca::node(
+            &state_dir.join("tls"),
+            node_id,
+            crate::tls::CaPurpose::Sessions,
+            std::slice::from_ref(&cfg.public_host),
+        )?,
     };
     Ok(SessionCerts::Issued {
         ca,

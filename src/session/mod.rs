@@ -11,6 +11,7 @@ mod image;
 mod lifecycle;
 pub mod limiter;
 mod manager;
+mod mounts;
 mod sftp;
 mod store;
 
@@ -92,8 +93,19 @@ pub struct Mount {
     pub name: String,
     pub read_only: bool,
     pub subpath: RelPath,
-    /// The checked host directory that is bind-mounted.
+    /// Where the checked directory was on the host when the session started (shown only; the
+    /// mount is made from an fd, see `mounts.rs`).
     pub host_path: std::path::PathBuf,
+}
+
+impl Kind {
+    /// Where a mount named `name` appears inside a session container of this kind.
+    pub fn mount_target(self, username: &str, name: &str) -> String {
+        match self {
+            Kind::Sftp => format!("/srv/sftp/{username}/{name}"),
+            Kind::Filebrowser => format!("/srv/{name}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::{Kind, Session};
-use crate::docker::{ContainerSpec, LABEL_KIND, LABEL_NODE, LABEL_SESSION, LABEL_USER};
+use crate::docker::{BindMount, ContainerSpec, LABEL_KIND, LABEL_NODE, LABEL_SESSION, LABEL_USER};
 
 /// The smallest capability set sshd's privilege separation and chroot need (TESTENV §3:
 /// dropping any one of them breaks login).
@@ -99,6 +99,8 @@ pub struct SftpParams<'a> {
     pub node: &'a str,
     pub image: &'a str,
     pub files_dir: &'a Path,
+    /// The session's staging mount points (`mounts.rs`), one per mount, in order.
+    pub mounts_dir: &'a Path,
     pub host_key: &'a Path,
     pub public_addr: &'a str,
     pub port: u16,
@@ -107,25 +109,28 @@ pub struct SftpParams<'a> {
 pub fn container_spec(s: &Session, p: &SftpParams) -> ContainerSpec {
     let user = &s.username;
     let f = |name: &str| p.files_dir.join(name).display().to_string();
-    let mut binds = vec![
-        format!("{}:/etc/passwd:ro", f("passwd")),
-        format!("{}:/etc/group:ro", f("group")),
-        format!("{}:/etc/shadow:ro", f("shadow")),
-        format!(
-            "{}:/etc/ssh/authorized_keys/{user}:ro",
-            f("authorized_keys")
+    let mut mounts = vec![
+        BindMount::new(f("passwd"), "/etc/passwd", true),
+        BindMount::new(f("group"), "/etc/group", true),
+        BindMount::new(f("shadow"), "/etc/shadow", true),
+        BindMount::new(
+            f("authorized_keys"),
+            format!("/etc/ssh/authorized_keys/{user}"),
+            true,
         ),
-        format!(
-            "{}:/etc/ssh/hostkeys/ssh_host_ed25519_key:ro",
-            p.host_key.display()
+        BindMount::new(
+            p.host_key.display().to_string(),
+            "/etc/ssh/hostkeys/ssh_host_ed25519_key",
+            true,
         ),
     ];
-    for m in &s.spec.mounts {
-        let ro = if m.read_only { ":ro" } else { "" };
-        binds.push(format!(
-            "{}:/srv/sftp/{user}/{}{ro}",
-            m.host_path.display(),
-            m.name
+    for (i, m) in s.spec.mounts.iter().enumerate() {
+        mounts.push(BindMount::new(
+            super::mounts::staged_path(p.mounts_dir, i)
+                .display()
+                .to_string(),
+            s.kind.mount_target(user, &m.name),
+            m.read_only,
         ));
     }
     ContainerSpec {
@@ -136,7 +141,7 @@ pub fn container_spec(s: &Session, p: &SftpParams) -> ContainerSpec {
         env: vec![],
         user: None,
         labels: labels(p.node, s),
-        binds,
+        mounts,
         tmpfs: HashMap::from([
             (
                 "/run".to_string(),

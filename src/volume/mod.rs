@@ -6,6 +6,7 @@ pub mod fsops;
 pub mod health;
 pub mod path;
 mod scan;
+pub mod tree;
 pub mod vfs;
 
 use std::collections::BTreeMap;
@@ -219,6 +220,14 @@ pub trait ReadHandle: Send + Sync {
     fn read_range(&self, start: u64, end: u64) -> ByteStream;
 }
 
+/// A checked directory for a session mount.
+#[derive(Debug)]
+pub struct MountSource {
+    pub dir: std::os::fd::OwnedFd,
+    /// Where it is on the host, for logs and session details only (never used to mount).
+    pub shown: PathBuf,
+}
+
 /// The outcome of streaming a body into staging. `written` bytes are durable (synced) even when
 /// the body broke off (`body_error`).
 #[derive(Debug)]
@@ -284,8 +293,12 @@ pub trait Volume: Send + Sync + fmt::Display {
         dst: &VFolderId,
         progress: Arc<Progress>,
     ) -> Result<()>;
-    /// The host path of the vfolder root after checking that `subpath` stays inside it.
+    /// The host path of the vfolder root after checking that `subpath` stays inside it (what
+    /// `/folder/mount` reports to compute agents).
     async fn vfolder_host_path(&self, vf: &VFolderId, subpath: &RelPath) -> Result<PathBuf>;
+    /// The directory a session container gets for `subpath` of the vfolder, opened and checked
+    /// now: its fd is what gets mounted, so no later change of the path can redirect the mount.
+    async fn mount_source(&self, vf: &VFolderId, subpath: &RelPath) -> Result<MountSource>;
     async fn usage(&self, vf: &VFolderId) -> Result<TreeUsage>;
     async fn used_bytes(&self, vf: &VFolderId) -> Result<u64>;
 

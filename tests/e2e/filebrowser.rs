@@ -123,14 +123,14 @@ async fn dufs_session_over_https() {
     assert_eq!(ep.url, format!("https://127.0.0.1:{port}/"));
     let ca = d.dir.path().join("ca.pem");
     std::fs::write(&ca, &created.ca_cert_pem).unwrap();
-    // The node CA in the state dir is the one returned, key 0600.
+    // The node's session CA in the state dir is the one returned, key 0600.
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
-        std::fs::read_to_string(d.state_dir.join("tls/ca.crt")).unwrap(),
+        std::fs::read_to_string(d.state_dir.join("tls/sessions-ca.crt")).unwrap(),
         created.ca_cert_pem
     );
     assert_eq!(
-        std::fs::metadata(d.state_dir.join("tls/ca.key"))
+        std::fs::metadata(d.state_dir.join("tls/sessions-ca.key"))
             .unwrap()
             .permissions()
             .mode()

@@ -9,6 +9,7 @@ mod coord;
 mod crash;
 mod download;
 mod filebrowser;
+mod hardening;
 mod manager_api;
 mod manager_bad_input;
 mod memory;

@@ -1,10 +1,17 @@
 //! Streaming zip archives of directories and file selections: deflate, zip64 for entries and
 //! archives over 4 GiB, data descriptors (no seeking), flat memory. The zip writer is
-//! synchronous, so it runs on a blocking thread that pulls from the volume and pushes 256 KiB
+//! synchronous, so it runs on a thread of its own that pulls from the volume and pushes 256 KiB
 //! blocks through a short channel into the response body.
+//!
+//! A client that stops reading must not take the node's I/O with it: archive threads are not
+//! taken from the blocking pool that serves every file operation; their number is capped per node
+//! and per token (`max-archives`, `max-archives-per-token`: beyond them, 429); and a block the
+//! client has not taken within `write-idle-timeout` ends the archive and frees its thread.
 
+use std::collections::HashMap;
 use std::io::{self, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
@@ -27,9 +34,73 @@ pub struct Root {
     pub stat: EntryStat,
 }
 
+/// Archive production slots: one per archive being built, capped per node and per token.
+pub struct ArchiveSlots {
+    node: Arc<tokio::sync::Semaphore>,
+    per_token: Mutex<HashMap<[u8; 32], usize>>,
+    per_token_max: usize,
+    /// How long a block may wait for the client to take it.
+    send_timeout: Duration,
+}
+
+/// Held by an archive's thread until it ends.
+pub struct Slot {
+    _node: tokio::sync::OwnedSemaphorePermit,
+    key: [u8; 32],
+    slots: Arc<ArchiveSlots>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self
+            .slots
+            .per_token
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl ArchiveSlots {
+    pub fn new(node_max: usize, per_token_max: usize, send_timeout: Duration) -> Arc<Self> {
+        Arc::new(ArchiveSlots {
+            node: Arc::new(tokio::sync::Semaphore::new(node_max)),
+            per_token: Mutex::default(),
+            per_token_max,
+            send_timeout,
+        })
+    }
+
+    /// A slot for an archive requested with `token`, or None when the node or the token is at
+    /// its cap.
+    pub fn take(self: &Arc<Self>, token: &str) -> Option<Slot> {
+        use sha2::Digest;
+        let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let permit = self.node.clone().try_acquire_owned().ok()?;
+        let mut m = self.per_token.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(key).or_default();
+        if *n >= self.per_token_max {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            _node: permit,
+            key,
+            slots: self.clone(),
+        })
+    }
+}
+
 struct ChannelWriter {
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: BytesMut,
+    rt: Handle,
+    send_timeout: Duration,
 }
 
 impl ChannelWriter {
@@ -38,9 +109,20 @@ impl ChannelWriter {
             return Ok(());
         }
         let block = self.buf.split().freeze();
-        self.tx
-            .blocking_send(Ok(block))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))
+        let sent = self.rt.block_on(async {
+            tokio::time::timeout(self.send_timeout, self.tx.send(Ok(block))).await
+        });
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the client went away",
+            )),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            )),
+        }
     }
 }
 
@@ -77,18 +159,22 @@ fn options(stat: &EntryStat) -> SimpleFileOptions {
         // Fast deflate: archives are built while the user waits, and much of what users
         // store is already compressed.
         .compression_level(Some(1))
-        .unix_permissions(stat.mode & 0o7777)
+        .unix_permissions(stat.mode & 0o777)
         .last_modified_time(zip_time(stat.modified))
         // zip64 only where needed; the size cannot grow, as exactly `size` bytes are read.
         .large_file(stat.size >= u32::MAX as u64)
 }
 
+/// The name of an entry in the archive. `\` is a path separator to Windows extractors, so a
+/// file named `..\..\evil.bat` would land outside the extraction directory there: it is
+/// stored with `_` instead.
 fn entry_name(prefix: &str, rel: &RelPath) -> String {
-    match (prefix.is_empty(), rel.is_root()) {
+    let name = match (prefix.is_empty(), rel.is_root()) {
         (true, _) => rel.as_str().to_string(),
         (false, true) => prefix.to_string(),
         (false, false) => format!("{prefix}/{}", rel.as_str()),
-    }
+    };
+    name.replace('\\', "_")
 }
 
 /// Keeps the errno of volume I/O errors (a file deleted mid-walk is skipped, not fatal).
@@ -141,8 +227,11 @@ fn add_root(
     match root.stat.kind {
         EntryKind::Directory => {
             if !root.name.is_empty() {
-                zw.add_directory(format!("{}/", root.name), options(&root.stat))
-                    .map_err(zip_err)?;
+                zw.add_directory(
+                    format!("{}/", entry_name(&root.name, &RelPath::root())),
+                    options(&root.stat),
+                )
+                .map_err(zip_err)?;
             }
             let mut walk = rt.block_on(v.walk(vf, &root.path)).map_err(vol_io)?;
             while let Some(entry) = rt.block_on(walk.next()) {
@@ -175,31 +264,49 @@ fn add_root(
             }
             Ok(())
         }
-        _ => add_file(zw, rt, v, vf, &root.path, &root.name),
+        _ => add_file(
+            zw,
+            rt,
+            v,
+            vf,
+            &root.path,
+            &entry_name(&root.name, &RelPath::root()),
+        ),
     }
 }
 
-/// The archive as a response body. Errors after the first byte can only end the stream early,
-/// which the client sees as a broken download; everything checkable is checked before.
-pub fn zip_body(v: Arc<dyn Volume>, vf: VFolderId, roots: Vec<Root>) -> Body {
+/// The archive as a response body, produced on its own thread while `slot` is held. Errors after
+/// the first byte can only end the stream early, which the client sees as a broken download;
+/// everything checkable is checked before.
+pub fn zip_body(v: Arc<dyn Volume>, vf: VFolderId, roots: Vec<Root>, slot: Slot) -> Body {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
     let rt = Handle::current();
-    tokio::task::spawn_blocking(move || {
-        let err_tx = tx.clone();
-        let sink = ChannelWriter {
-            tx,
-            buf: BytesMut::with_capacity(BLOCK),
-        };
-        let mut zw = zip::ZipWriter::new_stream(sink);
-        let result = roots
-            .iter()
-            .try_for_each(|r| add_root(&mut zw, &rt, v.as_ref(), &vf, r))
-            .and_then(|()| zw.finish().map_err(zip_err))
-            .and_then(|mut w| w.flush());
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "archive stream aborted");
-            let _ = err_tx.blocking_send(Err(e));
-        }
-    });
+    let send_timeout = slot.slots.send_timeout;
+    let spawned = std::thread::Builder::new()
+        .name("archive".into())
+        .spawn(move || {
+            let _slot = slot;
+            let err_tx = tx.clone();
+            let sink = ChannelWriter {
+                tx,
+                buf: BytesMut::with_capacity(BLOCK),
+                rt: rt.clone(),
+                send_timeout,
+            };
+            let mut zw = zip::ZipWriter::new_stream(sink);
+            let result = roots
+                .iter()
+                .try_for_each(|r| add_root(&mut zw, &rt, v.as_ref(), &vf, r))
+                .and_then(|()| zw.finish().map_err(zip_err))
+                .and_then(|mut w| w.flush());
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "archive stream aborted");
+                let _ = err_tx.try_send(Err(e));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start an archive thread");
+        return Body::from_stream(futures::stream::once(async move { Err::<Bytes, _>(e) }));
+    }
     Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
 }

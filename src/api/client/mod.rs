@@ -1,7 +1,7 @@
 //! Client-facing API (default 127.0.0.1:6021): users' bytes. No auth header; a JWT minted by the
 //! manager API travels in `?token=`.
 
-mod archive;
+pub mod archive;
 mod checksum;
 mod download;
 mod ranges;

@@ -68,8 +68,34 @@ pub fn parse(header: &str, size: u64) -> RangeRequest {
     if out.is_empty() {
         RangeRequest::Unsatisfiable
     } else {
-        RangeRequest::Ranges(out)
+        RangeRequest::Ranges(coalesce(out))
     }
+}
+
+/// Merges overlapping and adjacent ranges (RFC 9110 §14.2 allows it), so the response
+/// is never larger than the file plus part headers: `0-,0-,...` asks for the file 64 times and
+/// gets it once.
+fn coalesce(mut rs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    if rs.len() < 2 {
+        return rs;
+    }
+    let overlapping = {
+        let mut sorted = rs.clone();
+        sorted.sort_unstable();
+        sorted.windows(2).any(|w| w[1].0 <= w[0].1)
+    };
+    if !overlapping {
+        return rs; // disjoint: keep the order asked
+    }
+    rs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(rs.len());
+    for (a, b) in rs {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -95,5 +121,23 @@ mod tests {
         assert_eq!(parse("bytes=0-", 0), Unsatisfiable);
         assert_eq!(parse("items=0-1", 1000), Full);
         assert_eq!(parse("bytes=2000-3000, 0-1", 1000), Ranges(vec![(0, 2)]));
+    }
+
+    #[test]
+    fn overlapping_ranges_are_merged() {
+        let many = vec!["0-"; 64].join(",");
+        assert_eq!(
+            parse(&format!("bytes={many}"), 1 << 26),
+            Ranges(vec![(0, 1 << 26)])
+        );
+        assert_eq!(
+            parse("bytes=500-599,0-99,50-149", 1000),
+            Ranges(vec![(0, 150), (500, 600)])
+        );
+        // Disjoint ranges keep the order they were asked in.
+        assert_eq!(
+            parse("bytes=500-599,0-99", 1000),
+            Ranges(vec![(500, 600), (0, 100)])
+        );
     }
 }

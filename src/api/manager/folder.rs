@@ -59,10 +59,14 @@ async fn create(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<CreateReq>,
 ) -> ApiResult<StatusCode> {
-    if r.mode > 0o7777 {
+    // Permission bits only: a vfolder is never set-user-id, set-group-id or sticky.
+    if r.mode > 0o777 {
         return Err(ApiError::invalid_param(
             "mode",
-            format!("{} is not a file mode (0 to 0o7777)", r.mode),
+            format!(
+                "{:#o} is not a vfolder mode (permission bits 0 to 0o777; no set-id or sticky bits)",
+                r.mode
+            ),
         ));
     }
     let v = st.volumes.get(&r.volume)?;

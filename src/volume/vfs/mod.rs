@@ -18,13 +18,19 @@ use futures::stream::BoxStream;
 
 use super::fsops::{self, Owner};
 use super::scan;
+use super::tree;
 use super::{
-    DirEntry, EntryKind, EntryStat, FsUsage, HwInfo, Listing, Progress, QuotaUsage, ReadHandle,
-    RelPath, Result, TreeUsage, UploadStaging, Volume, VolumeError, VolumeStatus, WalkEntry,
+    DirEntry, EntryKind, EntryStat, FsUsage, HwInfo, Listing, MountSource, Progress, QuotaUsage,
+    ReadHandle, RelPath, Result, TreeUsage, UploadStaging, Volume, VolumeError, VolumeStatus,
+    WalkEntry,
 };
 use crate::config::VolumeConfig;
 use crate::ids::{QuotaScopeId, VFolderId};
 pub use read::entry_stat;
+
+/// Permission bits the daemon ever sets on what it creates: never set-user-id, set-group-id or
+/// sticky (a vfolder or a clone is data, not a program to run as its owner).
+const MODE_MASK: u32 = 0o777;
 
 pub struct VfsVolume {
     name: String,
@@ -238,8 +244,8 @@ impl Volume for VfsVolume {
             }
             // mkdir is subject to the umask; the requested mode is applied exactly.
             let fd = fsops::open_subdir_nofollow(pfd.as_fd(), leaf).map_err(io)?;
-            fsops::fchmod(fd.as_fd(), mode & 0o7777).map_err(io)?;
             fsops::fchown(fd.as_fd(), owner).map_err(io)?;
+            fsops::fchmod(fd.as_fd(), mode & MODE_MASK).map_err(io)?;
             fsops::fsync_dir(pfd.as_fd()).map_err(io)
         })
         .await
@@ -270,7 +276,7 @@ impl Volume for VfsVolume {
                 }
             };
             let (parent, leaf) = fsops::open_parent(root.as_fd(), &rel).map_err(io)?;
-            fsops::remove_tree_at(parent.as_fd(), OsStr::new(&leaf), &mut || {
+            tree::remove_tree_at(parent.as_fd(), OsStr::new(&leaf), &mut || {
                 progress.advance(1)
             })
             .map_err(io)?;
@@ -320,12 +326,14 @@ impl Volume for VfsVolume {
         let result = blocking(move || {
             let s = open_vfolder(root.as_fd(), &src)?;
             let d = open_vfolder(root.as_fd(), &dst)?;
-            let st = fsops::fstat(s.as_fd()).map_err(|e| VolumeError::Io {
-                path: src.to_string(),
+            let io = |e| VolumeError::Io {
+                path: dst.to_string(),
                 source: e,
-            })?;
-            copy::copy_dir_contents(s.as_fd(), d.as_fd(), owner, &p)
-                .and_then(|()| fsops::fchmod(d.as_fd(), st.st_mode & 0o7777))
+            };
+            let st = fsops::fstat(s.as_fd()).map_err(io)?;
+            let d_root = d.try_clone().map_err(io)?;
+            copy::copy_dir_contents(s, d, owner, &p)
+                .and_then(|()| fsops::fchmod(d_root.as_fd(), st.st_mode & MODE_MASK))
                 .map_err(|e| {
                     if errno(&e) == Some(libc::ECANCELED) {
                         VolumeError::Cancelled
@@ -362,6 +370,23 @@ impl Volume for VfsVolume {
             let fd = fsops::open_beneath(vfd.as_fd(), &sub, libc::O_PATH | libc::O_DIRECTORY, 0)
                 .map_err(|e| VolumeError::io(&sub, e))?;
             fsops::fd_path(fd.as_fd()).map_err(|e| VolumeError::io(&sub, e))
+        })
+        .await
+    }
+
+    async fn mount_source(&self, vf: &VFolderId, subpath: &RelPath) -> Result<MountSource> {
+        let root = self.root();
+        let (vf, sub) = (*vf, subpath.clone());
+        blocking(move || {
+            let vfd = open_vfolder(root.as_fd(), &vf)?;
+            let dir = if sub.is_root() {
+                vfd
+            } else {
+                fsops::open_beneath(vfd.as_fd(), &sub, libc::O_PATH | libc::O_DIRECTORY, 0)
+                    .map_err(|e| VolumeError::io(&sub, e))?
+            };
+            let shown = fsops::fd_path(dir.as_fd()).map_err(|e| VolumeError::io(&sub, e))?;
+            Ok(MountSource { dir, shown })
         })
         .await
     }
@@ -534,7 +559,7 @@ impl Volume for VfsVolume {
                 };
                 if fsops::is_dir(&st) {
                     if recursive {
-                        fsops::remove_tree_at(pfd.as_fd(), OsStr::new(&name), &mut || {
+                        tree::remove_tree_at(pfd.as_fd(), OsStr::new(&name), &mut || {
                             !progress.is_cancelled()
                         })
                         .map_err(io)?;
@@ -578,17 +603,10 @@ impl Volume for VfsVolume {
         let (vf, p) = (*vf, p.clone());
         blocking(move || {
             let vfd = open_vfolder(root.as_fd(), &vf)?;
-            let fd = fsops::open_beneath(vfd.as_fd(), &p, libc::O_RDONLY, 0)
-                .map_err(|e| VolumeError::io(&p, e))?;
-            let st = fsops::fstat(fd.as_fd()).map_err(|e| VolumeError::io(&p, e))?;
-            if !fsops::is_file(&st) {
-                let code = if fsops::is_dir(&st) {
-                    libc::EISDIR
-                } else {
-                    libc::EINVAL
-                };
-                return Err(VolumeError::io(&p, io::Error::from_raw_os_error(code)));
-            }
+            // Only a regular file is ever opened for reading: a FIFO would block a thread for
+            // ever, a device node would be read raw (EISDIR/EINVAL instead).
+            let (fd, st) =
+                fsops::open_regular_beneath(vfd.as_fd(), &p).map_err(|e| VolumeError::io(&p, e))?;
             let h: Box<dyn ReadHandle> =
                 Box::new(read::VfsReadHandle::new(fd, read::entry_stat(&st)));
             Ok(h)
@@ -604,14 +622,14 @@ impl Volume for VfsVolume {
         let root = self.root();
         let (vf, checked) = (*vf, dir.clone());
         // Resolve the start directory now, so a missing or escaping one fails before any byte.
-        let vfd = blocking(move || {
+        let (vfd, start) = blocking(move || {
             let vfd = open_vfolder(root.as_fd(), &vf)?;
-            fsops::open_dir_beneath(vfd.as_fd(), &checked)
+            let start = fsops::open_dir_beneath(vfd.as_fd(), &checked)
                 .map_err(|e| VolumeError::io(&checked, e))?;
-            Ok(vfd)
+            Ok((vfd, start))
         })
         .await?;
-        Ok(read::walk_stream(Arc::new(vfd), dir.clone()))
+        Ok(read::walk_stream(Arc::new(vfd), dir.clone(), start))
     }
 
     fn staging(&self) -> &dyn UploadStaging {

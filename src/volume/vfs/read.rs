@@ -3,6 +3,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -10,7 +11,8 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
-use crate::volume::fsops::{self, DType};
+use crate::volume::fsops;
+use crate::volume::tree::{Visit, WalkOptions, Walker};
 use crate::volume::{ByteStream, EntryKind, EntryStat, ReadHandle, RelPath, WalkEntry};
 
 /// Read size per blocking call; reads are kept in flight so disk and network overlap.
@@ -61,12 +63,13 @@ pub fn entry_stat(st: &libc::stat) -> EntryStat {
         libc::S_IFLNK => EntryKind::Symlink,
         _ => EntryKind::Other,
     };
+    // Users can set any time on their files (`touch -d @300000000000`), and tmpfs, btrfs and
+    // NFS store it. HTTP dates and Backend.AI's ISO dates stop at year 9999 (the formatters
+    // panic past it), so times are clamped to 1970..=9999 here, once, for every consumer.
     let ts = |secs: i64, nsecs: i64| {
-        if secs >= 0 {
-            SystemTime::UNIX_EPOCH + Duration::new(secs as u64, nsecs as u32)
-        } else {
-            SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-        }
+        const MAX_SECS: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+        let secs = secs.clamp(0, MAX_SECS) as u64;
+        SystemTime::UNIX_EPOCH + Duration::new(secs, (nsecs.clamp(0, 999_999_999)) as u32)
     };
     EntryStat {
         kind,
@@ -115,86 +118,147 @@ impl ReadHandle for VfsReadHandle {
     }
 }
 
-/// Walks `dir` (already resolved beneath the vfolder) depth first on a blocking thread, sending
-/// entries through a small channel so a huge tree never sits in memory at once. Symlinks are
-/// reported only when they resolve inside the vfolder; the others are left out.
+/// Entries one blocking call of a walk produces.
+const WALK_BATCH: usize = 256;
+
+/// A walk under way: advanced a batch at a time on short blocking calls, so a client that stops
+/// reading an archive parks no thread (the walk simply waits, holding its fds, until asked).
+struct ArchiveWalk {
+    walker: Walker,
+    vf_fd: Arc<OwnedFd>,
+    base: RelPath,
+}
+
+/// The walked directory's path below `base` for `name` in the walker's current directory, or
+/// None for names that are not UTF-8 (they cannot be carried in a RelPath).
+fn rel_of(walker: &Walker, name: &OsStr) -> Option<String> {
+    let mut rel = String::new();
+    for part in walker.dir_names().chain(std::iter::once(name)) {
+        if !rel.is_empty() {
+            rel.push('/');
+        }
+        rel.push_str(part.to_str()?);
+    }
+    Some(rel)
+}
+
+/// A symlink is kept in an archive only if it cannot lead out of the archive when extracted:
+/// a relative target without `\` (a separator on Windows) that, joined to the link's directory
+/// and normalized, stays inside the archive root; and that, resolved now, stays inside the
+/// vfolder. The target checked is the one read, which is the one stored.
+fn archive_link_target(
+    walk: &ArchiveWalk,
+    dir_rel: &str,
+    name: &OsStr,
+    rel: &str,
+) -> Option<PathBuf> {
+    let target = fsops::readlink_at(walk.walker.parent(), name).ok()?;
+    let t = target.to_str()?;
+    if t.is_empty() || t.starts_with('/') || t.contains('\\') {
+        return None;
+    }
+    let mut depth: Vec<&str> = dir_rel.split('/').filter(|c| !c.is_empty()).collect();
+    for c in t.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                depth.pop()?;
+            }
+            c => depth.push(c),
+        }
+    }
+    let full = RelPath::parse(rel).ok()?;
+    fsops::open_beneath(walk.vf_fd.as_fd(), &walk.base.join(&full), libc::O_PATH, 0).ok()?;
+    Some(target)
+}
+
+impl ArchiveWalk {
+    fn next_batch(&mut self) -> std::io::Result<Vec<WalkEntry>> {
+        let mut out = Vec::new();
+        while out.len() < WALK_BATCH {
+            let Some(visit) = self.walker.next() else {
+                break;
+            };
+            let (name, st, entered) = match visit? {
+                Visit::Leave { .. } => continue,
+                Visit::Enter { name, st } => (name, st, true),
+                Visit::Entry { name, st } => (name, st, false),
+            };
+            let Some(rel) = rel_of(&self.walker, &name) else {
+                if entered {
+                    self.walker.skip_entered()?;
+                }
+                continue;
+            };
+            if rel.len() + self.base.as_str().len() > crate::volume::path::PATH_MAX {
+                return Err(std::io::Error::other(format!(
+                    "{rel:.64}...: path longer than {} bytes, cannot be archived",
+                    crate::volume::path::PATH_MAX
+                )));
+            }
+            let stat = entry_stat(&st);
+            let link_target = if stat.kind == EntryKind::Symlink {
+                let dir_rel = rel.rsplit_once('/').map_or("", |(d, _)| d);
+                match archive_link_target(self, dir_rel, &name, &rel) {
+                    Some(t) => Some(t),
+                    None => continue,
+                }
+            } else {
+                None
+            };
+            let Ok(rel) = RelPath::parse(&rel) else {
+                continue;
+            };
+            out.push(WalkEntry {
+                rel,
+                stat,
+                link_target,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Walks `start` (the directory `base` of the vfolder `vf_fd`, already resolved beneath it)
+/// depth first in name order, directories before their contents, as a stream. Memory stays
+/// flat in the size of the tree; no thread waits on a slow reader.
 pub fn walk_stream(
     vf_fd: Arc<OwnedFd>,
     base: RelPath,
+    start: OwnedFd,
 ) -> BoxStream<'static, std::io::Result<WalkEntry>> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<WalkEntry>>(64);
-    tokio::task::spawn_blocking(move || {
-        let mut stack: Vec<RelPath> = vec![base.clone()];
-        while let Some(dir) = stack.pop() {
-            let fd = match fsops::open_dir_beneath(vf_fd.as_fd(), &dir) {
-                Ok(fd) => fd,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
-            };
-            let entries = match fsops::DirEntries::new(fd.as_fd()) {
-                Ok(e) => e,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
-            };
-            let mut names: Vec<(String, DType)> = Vec::new();
-            for ent in entries {
-                match ent {
-                    // Names that are not UTF-8 cannot be carried in a RelPath; skip them.
-                    Ok((name, dt)) => {
-                        if let Some(n) = name.to_str() {
-                            names.push((n.to_string(), dt));
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(e));
-                        return;
-                    }
-                }
+    let walker = match Walker::new(
+        start,
+        WalkOptions {
+            sorted: true,
+            ..WalkOptions::default()
+        },
+    ) {
+        Ok(w) => w,
+        Err(e) => return futures::stream::once(async { Err(e) }).boxed(),
+    };
+    let walk = ArchiveWalk {
+        walker,
+        vf_fd,
+        base,
+    };
+    futures::stream::unfold(Some(walk), |walk| async move {
+        let mut walk = walk?;
+        let batch = tokio::task::spawn_blocking(move || {
+            let batch = walk.next_batch();
+            (walk, batch)
+        })
+        .await;
+        let items: Vec<std::io::Result<WalkEntry>> = match batch {
+            Ok((walk, Ok(batch))) if !batch.is_empty() => {
+                return Some((batch.into_iter().map(Ok).collect::<Vec<_>>(), Some(walk)));
             }
-            names.sort_by(|a, b| a.0.cmp(&b.0));
-            let mut subdirs = Vec::new();
-            for (name, _) in names {
-                let Ok(st) = fsops::lstat_at(fd.as_fd(), OsStr::new(&name)) else {
-                    continue;
-                };
-                let abs = dir.join_name(&name);
-                let rel = relative_to(&abs, &base);
-                let stat = entry_stat(&st);
-                let link_target = if stat.kind == EntryKind::Symlink {
-                    if fsops::open_beneath(vf_fd.as_fd(), &abs, libc::O_PATH, 0).is_err() {
-                        continue;
-                    }
-                    fsops::readlink_at(fd.as_fd(), OsStr::new(&name)).ok()
-                } else {
-                    None
-                };
-                if stat.kind == EntryKind::Directory {
-                    subdirs.push(abs);
-                }
-                let entry = WalkEntry {
-                    rel,
-                    stat,
-                    link_target,
-                };
-                if tx.blocking_send(Ok(entry)).is_err() {
-                    return; // the reader went away (client disconnected)
-                }
-            }
-            // Reverse so the stack pops them in name order.
-            stack.extend(subdirs.into_iter().rev());
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
-}
-
-fn relative_to(path: &RelPath, base: &RelPath) -> RelPath {
-    if base.is_root() {
-        return path.clone();
-    }
-    let rest = path.as_str()[base.as_str().len()..].trim_start_matches('/');
-    RelPath::parse(rest).unwrap_or_default()
+            Ok((_, Ok(_))) => return None,
+            Ok((_, Err(e))) => vec![Err(e)],
+            Err(e) => vec![Err(std::io::Error::other(e))],
+        };
+        Some((items, None))
+    })
+    .flat_map(futures::stream::iter)
+    .boxed()
 }

@@ -449,6 +449,14 @@ impl Drop for Daemon {
             );
         }
         self.kill9();
+        // Tests build trees deeper than std's recursive remove_dir_all (TempDir's clean-up) can
+        // take without overflowing the test thread's stack: remove with the iterative walk.
+        if let (Some(parent), Some(name)) = (self.dir.path().parent(), self.dir.path().file_name())
+            && let Ok(fd) = storage_agent::volume::fsops::open_dir_path(parent)
+        {
+            use std::os::fd::AsFd;
+            let _ = storage_agent::volume::tree::remove_tree_at(fd.as_fd(), name, &mut || true);
+        }
     }
 }
 
