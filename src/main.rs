@@ -94,6 +94,7 @@ fn main() -> ExitCode {
                 tracing::warn!("a rustls crypto provider was already installed");
             }
             let rt = match tokio::runtime::Builder::new_multi_thread()
+                .max_blocking_threads(config.daemon.blocking_threads)
                 .enable_all()
                 .build()
             {

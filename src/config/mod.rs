@@ -149,6 +149,8 @@ pub struct DaemonConfig {
     pub volume_check_timeout: Duration,
     /// Caps and timeouts for every listener's connections.
     pub conn: crate::api::conn::ConnLimits,
+    /// Threads for blocking file I/O (tokio's blocking pool).
+    pub blocking_threads: usize,
     /// Zip archives being produced at once on this node, and per download token.
     pub max_archives: usize,
     pub max_archives_per_token: usize,
@@ -343,6 +345,7 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
             max_connections: ours.int_in("max-connections", 1, 1 << 20, 8192) as usize,
             max_connections_per_ip: ours.int_in("max-connections-per-ip", 1, 1 << 20, 512) as usize,
         },
+        blocking_threads: ours.int_in("blocking-threads", 8, 4096, 512) as usize,
         max_archives: ours.int_in("max-archives", 1, 4096, 16) as usize,
         max_archives_per_token: ours.int_in("max-archives-per-token", 1, 4096, 2) as usize,
     };

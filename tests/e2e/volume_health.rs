@@ -285,3 +285,74 @@ async fn a_hung_mount_never_hangs_requests_health_or_heartbeats() {
     fuse.thaw();
     wait_status(&d, "healthy", Duration::from_secs(8)).await;
 }
+
+/// When every blocking I/O thread is stuck (reads on a hung mount that the health check has
+/// not caught yet), `/readyz` says so instead of answering 200 while no file API can; it
+/// recovers once the threads come back.
+#[tokio::test]
+async fn readyz_tells_when_file_io_is_saturated() {
+    let dir = tempfile::tempdir().unwrap();
+    let fuse = hung_mount_fixture(dir.path());
+    let d = Daemon::builder()
+        .set("volume.vol1.path", fuse.mnt.display().to_string())
+        // A slow health check, so requests still reach the hung mount.
+        .set("storage-agent.volume-check-interval", "1h")
+        .set("storage-agent.blocking-threads", 8)
+        .start()
+        .await;
+    let (vfid, vpath) = d.create_vfolder().await;
+    std::fs::write(vpath.join("f.txt"), b"x").unwrap();
+    assert_eq!(d.get("internal", "/readyz").await.status, 200);
+    let t = d
+        .token(
+            "/folder/file/download",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "f.txt"}),
+        )
+        .await;
+    fuse.freeze();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let mut stuck = Vec::new();
+    for _ in 0..12 {
+        let (c, u) = (
+            client.clone(),
+            d.url("client", &format!("/download?token={t}")),
+        );
+        stuck.push(tokio::spawn(async move { c.get(u).send().await }));
+    }
+    let start = Instant::now();
+    loop {
+        let r = d.get("internal", "/readyz").await;
+        if r.status == 503 {
+            let v = r.json();
+            let pool = v["connectivity"]["connectivity_checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["service_group"] == "io-pool")
+                .unwrap()
+                .clone();
+            assert_eq!(pool["is_healthy"], false, "{v}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "readyz still 200 with every I/O thread stuck"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    fuse.thaw();
+    let start = Instant::now();
+    while d.get("internal", "/readyz").await.status != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "readyz did not recover"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for s in stuck {
+        let _ = s.await;
+    }
+}
