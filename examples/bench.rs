@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use storage_agent::coord::{Redis, RedisLimiter};
+use storage_agent::cluster::{Plan, Redis, RedisLimiter};
 use storage_agent::pb;
 use storage_agent::pb::storage_agent_client::StorageAgentClient;
 use storage_agent::session::limiter::UserLimiter;
@@ -211,15 +211,18 @@ async fn create(args: &[String]) {
 }
 
 async fn admission(args: &[String]) {
-    let cfg = storage_agent::config::RedisConfig {
-        addr: arg(args, "--redis"),
+    let server = storage_agent::config::RedisServer {
+        target: storage_agent::config::RedisTarget::Addr(arg(args, "--redis")),
         username: None,
         password: None,
-        db: 2,
-        stream_db: 4,
-        stat_db: 0,
+        sentinel_password: None,
         tls: false,
         tls_ca: None,
+    };
+    let cfg = Plan {
+        servers: std::array::from_fn(|_| server.clone()),
+        dbs: [4, 0, 0, 2],
+        role_check_interval: Duration::from_secs(5),
     };
     let nodes: usize = arg(args, "--nodes").parse().expect("nodes");
     let users: usize = arg(args, "--users").parse().expect("users");

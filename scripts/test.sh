@@ -47,6 +47,7 @@ phase packages  scripts/testenv.sh packages
 phase docker    scripts/testenv.sh docker
 phase image     scripts/testenv.sh base-image
 phase dufs      scripts/testenv.sh dufs
+phase bai-venv  scripts/testenv.sh bai-venv
 phase fmt       cargo fmt --all -- --check
 phase clippy    cargo clippy --all-targets --locked -- -D warnings
 phase build     cargo build --all-targets --locked

@@ -6,6 +6,8 @@
 #   scripts/testenv.sh docker      start dockerd if it is not running
 #   scripts/testenv.sh base-image  localbase:bookworm-slim from debootstrap (no registry needed)
 #   scripts/testenv.sh dufs        the dufs binary for the file browser image (cargo install)
+#   scripts/testenv.sh bai-venv    a Python 3.13 venv with Backend.AI's own classes
+#                                  (backend.ai-common 26.9.6), which tests decode events with
 #   scripts/testenv.sh all         all of the above
 #
 # Env: SA_CACHE (default ~/.cache/storage-agent) keeps the base rootfs tarball and dufs between
@@ -32,7 +34,8 @@ wait_for() { # wait_for SECONDS CMD...
 packages() {
   local want=(docker.io debootstrap redis-server sshpass openssh-client openssh-server curl
               btrfs-progs xfsprogs e2fsprogs s3fs nginx-light chromium busybox-static
-              python3 nodejs npm iproute2 procps psmisc openssl socat util-linux)
+              python3 nodejs npm iproute2 procps psmisc openssl socat util-linux
+              etcd-server etcd-client redis-sentinel)
   local missing=()
   for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -102,11 +105,31 @@ dufs() {
   echo "$SA_CACHE/dufs/bin/dufs"
 }
 
+# Backend.AI 26.9 needs Python >= 3.13; these machines have it under pyenv.
+bai_venv() {
+  local venv="$SA_CACHE/bai-venv"
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import ai.backend.common, redis' 2>/dev/null; then
+    return
+  fi
+  local py=""
+  for cand in python3.13 "$(pyenv root 2>/dev/null)"/versions/3.13*/bin/python /root/.pyenv/versions/3.13*/bin/python; do
+    if [ -n "$cand" ] && command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; assert sys.version_info >= (3, 13)' 2>/dev/null; then
+      py=$cand; break
+    fi
+  done
+  [ -n "$py" ] || { log "Python 3.13 not found (pyenv install 3.13)"; return 1; }
+  log "venv for backend.ai-common 26.9.6 ($py)"
+  rm -rf "$venv"
+  "$py" -m venv "$venv"
+  "$venv/bin/pip" install -q 'backend.ai-common==26.9.6'
+}
+
 case "${1:-all}" in
   packages) packages ;;
   docker) docker_up ;;
   base-image) base_image ;;
   dufs) dufs ;;
-  all) packages; docker_up; base_image; dufs >/dev/null ;;
-  *) echo "usage: $0 {packages|docker|base-image|dufs|all}" >&2; exit 2 ;;
+  bai-venv) bai_venv ;;
+  all) packages; docker_up; base_image; dufs >/dev/null; bai_venv ;;
+  *) echo "usage: $0 {packages|docker|base-image|dufs|bai-venv|all}" >&2; exit 2 ;;
 esac

@@ -20,7 +20,7 @@ use crate::volume::Volumes;
 use crate::volume::health::VolumeHealth;
 
 /// Redis reachability, for /health (not gating: one node works without it).
-struct RedisCheck(Arc<crate::coord::Redis>);
+struct RedisCheck(Arc<crate::cluster::Redis>);
 
 #[async_trait::async_trait]
 impl crate::health::Check for RedisCheck {
@@ -113,16 +113,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     let shutdown = CancellationToken::new();
-    let redis = match &config.redis {
-        Some(r) => Some(crate::coord::Redis::new(r)?),
+    let redis = match crate::cluster::plan(&config)
+        .await
+        .context("finding the cluster's Redis ([etcd] config/redis)")?
+    {
+        Some(plan) => {
+            let r = crate::cluster::Redis::new(&plan)?;
+            r.spawn_role_checks(shutdown.clone());
+            Some(r)
+        }
         None => None,
     };
     let events = match &redis {
         Some(r) => {
             tracing::info!(redis = r.addr(), "events go to the Backend.AI event stream");
-            Events::new(crate::coord::RedisEvents::start(
+            Events::new(crate::cluster::RedisEvents::start(
                 r.clone(),
-                config.proxy.node_id.clone(),
                 shutdown.clone(),
             ))
         }
@@ -212,17 +218,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })?;
         let heartbeat = if let Some(r) = &redis {
             let limiter =
-                crate::coord::RedisLimiter::new(r.clone(), config.agent.heartbeat_interval * 3);
+                crate::cluster::RedisLimiter::new(r.clone(), config.agent.heartbeat_interval * 3);
             sessions.set_limiter(limiter.clone());
             let addr = |l: &tokio::net::TcpListener| {
                 l.local_addr().map(|a| a.to_string()).unwrap_or_default()
             };
-            Some(Arc::new(crate::coord::Heartbeat {
+            Some(Arc::new(crate::cluster::Heartbeat {
                 redis: r.clone(),
                 limiter,
                 sessions: sessions.clone(),
                 volumes: app.volumes.clone(),
-                addresses: crate::coord::Addresses {
+                addresses: crate::cluster::Addresses {
                     manager_api: addr(&manager_l),
                     client_api: addr(&client_l),
                     rpc: addr(&rpc_l),
@@ -275,6 +281,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     volume_health.spawn(config.daemon.volume_check_interval, shutdown.clone());
     spawn_signal_handler(shutdown.clone());
+    if let Some(r) = &redis {
+        crate::cluster::spawn_service_discovery(
+            r.clone(),
+            announce(&config, &manager_l, &internal_l),
+            shutdown.clone(),
+        );
+    }
     println!("ready node={}", config.proxy.node_id);
     tracing::info!("storage-agent ready");
 
@@ -317,8 +330,42 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
     );
     bgtasks.shutdown(grace).await;
+    // Terminal events of interrupted tasks (bgtask_cancelled) reach the manager before exit.
+    events.flush(std::time::Duration::from_secs(5)).await;
     tracing::info!("storage-agent stopped");
     Ok(())
+}
+
+/// What service discovery announces: `announce-addr` and `announce-internal-addr`, else the
+/// addresses as bound (an unspecified IP replaced by the host name).
+fn announce(
+    config: &Config,
+    manager: &tokio::net::TcpListener,
+    internal: &tokio::net::TcpListener,
+) -> crate::cluster::Announce {
+    let bound = |l: &tokio::net::TcpListener| match l.local_addr() {
+        Ok(a) if a.ip().is_unspecified() => {
+            let host = nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "localhost".into());
+            format!("{host}:{}", a.port())
+        }
+        Ok(a) => a.to_string(),
+        Err(_) => String::new(),
+    };
+    crate::cluster::Announce {
+        node_id: config.proxy.node_id.clone(),
+        address: config
+            .manager_api
+            .announce_addr
+            .clone()
+            .unwrap_or_else(|| bound(manager)),
+        prometheus_address: config
+            .manager_api
+            .announce_internal_addr
+            .clone()
+            .unwrap_or_else(|| bound(internal)),
+    }
 }
 
 /// TLS for the manager, client and RPC listeners when `ssl-enabled`: the operator's

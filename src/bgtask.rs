@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::events::{Event, Events};
+use crate::events::{Event, Events, TASK_CANCELLED, TASK_DONE, TASK_STARTED};
 use crate::ids::VFolderId;
 use crate::state::{State, StateError, now_unix};
 use crate::volume::{Progress, RelPath, VolumeError, Volumes};
@@ -142,6 +142,14 @@ impl BgTasks {
 
     async fn run(&self, id: Uuid, spec: TaskSpec, progress: Arc<Progress>) {
         tracing::info!(?spec, "background task started");
+        self.events
+            .publish(Event::BgTaskUpdated {
+                task_id: id,
+                current: 0.0,
+                total: 0.0,
+                message: Some(TASK_STARTED.into()),
+            })
+            .await;
         let work = self.execute(&spec, progress.clone());
         tokio::pin!(work);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -164,6 +172,14 @@ impl BgTasks {
                 let _ = sqlx::query("UPDATE bgtasks SET interrupted = 1 WHERE id = ?")
                     .bind(id.to_string())
                     .execute(self.state.pool())
+                    .await;
+                // As the Python proxy does on shutdown; the vfolder event comes when the
+                // task, resumed at the next start, ends.
+                self.events
+                    .publish(Event::BgTaskCancelled {
+                        task_id: id,
+                        message: TASK_CANCELLED.into(),
+                    })
                     .await;
             }
             Ok(()) => {
@@ -253,10 +269,12 @@ impl BgTasks {
         if let Some(ev) = specific {
             self.events.publish(ev).await;
         }
+        // The vfolder event went first: the manager's status update never races the end of
+        // the task's event stream.
         let generic = match error {
             None => Event::BgTaskDone {
                 task_id: id,
-                message: None,
+                message: TASK_DONE.into(),
             },
             Some(message) => Event::BgTaskFailed {
                 task_id: id,
@@ -282,8 +300,8 @@ impl BgTasks {
         self.events
             .publish(Event::BgTaskUpdated {
                 task_id: id,
-                current,
-                total,
+                current: current as f64,
+                total: total as f64,
                 message: None,
             })
             .await;

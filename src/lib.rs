@@ -6,8 +6,8 @@
 pub mod api;
 pub mod app;
 pub mod bgtask;
+pub mod cluster;
 pub mod config;
-pub mod coord;
 pub mod docker;
 pub mod events;
 pub mod health;

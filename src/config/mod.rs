@@ -5,6 +5,7 @@
 //! complete list.
 
 pub mod agent;
+pub mod cluster;
 mod reader;
 pub mod secrets;
 
@@ -12,6 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use cluster::{EtcdConfig, RedisConfig, RedisServer, RedisTarget};
 pub use reader::{Problem, parse_duration, parse_size};
 use reader::{Problems, Section, absolutize};
 
@@ -23,7 +25,7 @@ pub const LOOKUP_PATHS: &[&str] = &["./storage-agent.toml", "/etc/backend.ai/sto
 pub const BACKENDS: &[&str] = &["vfs"];
 
 /// Sections and keys of Backend.AI's storage-proxy.toml that we accept so an existing file can be
-/// reused, but that mean nothing here (no etcd, no worker processes, no aiomonitor).
+/// reused, but that mean nothing here (no worker processes, no aiomonitor).
 const IGNORED_PROXY_KEYS: &[&str] = &[
     "num-proc",
     "pid-file",
@@ -38,7 +40,6 @@ const IGNORED_PROXY_KEYS: &[&str] = &[
     "volume-stats",
 ];
 const IGNORED_TABLES: &[&str] = &[
-    "etcd",
     "logging",
     "debug",
     "service-discovery",
@@ -108,6 +109,8 @@ pub struct Config {
     pub agent: agent::AgentConfig,
     /// Cross-node coordination and the Backend.AI event bus; absent on a single node.
     pub redis: Option<RedisConfig>,
+    /// Backend.AI's etcd: where `config/redis` says the cluster's Redis is.
+    pub etcd: Option<EtcdConfig>,
     /// Keys and tables accepted for compatibility and ignored; logged at start.
     pub ignored: Vec<String>,
 }
@@ -156,24 +159,6 @@ pub struct DaemonConfig {
     pub max_archives_per_token: usize,
 }
 
-/// `[redis]`
-#[derive(Debug, Clone)]
-pub struct RedisConfig {
-    pub addr: String,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    /// The storage agent's own keys: per-user session leases and node discovery
-    /// (Backend.AI's LIVE database).
-    pub db: i64,
-    /// The Backend.AI event stream `events` (Backend.AI's STREAM database).
-    pub stream_db: i64,
-    /// `container_count.<node-id>` (Backend.AI's STAT database).
-    pub stat_db: i64,
-    pub tls: bool,
-    /// A CA (PEM) to verify the Redis server with, instead of the system roots.
-    pub tls_ca: Option<PathBuf>,
-}
-
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
     pub addr: SocketAddr,
@@ -189,7 +174,10 @@ pub struct ManagerApiConfig {
     /// Value expected in `X-BackendAI-Storage-Auth-Token`; generated and persisted when absent.
     pub secret: Option<String>,
     pub internal_addr: SocketAddr,
+    /// `host:port` the manager API is announced at (service discovery); default: as bound.
     pub announce_addr: Option<String>,
+    /// `host:port` Prometheus scrapes `/metrics` at (service discovery); default: as bound.
+    pub announce_internal_addr: Option<String>,
 }
 
 /// `[volume.<name>]`
@@ -385,12 +373,10 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
         secret: manager.opt_string("secret"),
         internal_addr: manager.addr("internal-addr", "127.0.0.1:16023"),
         announce_addr: manager.opt_string("announce-addr"),
+        announce_internal_addr: manager.opt_string("announce-internal-addr"),
     };
     if let Some(s) = &manager_api.secret {
         check_secret(&manager, "secret", s);
-    }
-    if manager.get("announce-internal-addr").is_some() {
-        ignored.push(manager.key_path("announce-internal-addr"));
     }
     manager.finish(&[]);
     api.finish(&[]);
@@ -427,41 +413,15 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
         ],
     );
 
-    let redis_sec = root.section("redis");
-    let redis = redis_sec.get("addr").map(|_| {
-        let r = RedisConfig {
-            addr: redis_sec.string("addr", "127.0.0.1:6379"),
-            username: redis_sec.opt_string("username").filter(|s| !s.is_empty()),
-            password: redis_sec.opt_string("password").filter(|s| !s.is_empty()),
-            db: redis_sec.int_in("db", 0, 15, 2),
-            stream_db: redis_sec.int_in("stream-db", 0, 15, 4),
-            stat_db: redis_sec.int_in("stat-db", 0, 15, 0),
-            tls: redis_sec.bool("tls", false),
-            tls_ca: redis_sec.opt_path("tls-ca"),
-        };
-        if r.addr
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse::<u16>().ok())
-            .is_none()
-        {
-            problems.push(
-                redis_sec.key_path("addr"),
-                format!("{:?}", r.addr),
-                "\"host:port\"",
-            );
-        }
-        if let Some(ca) = &r.tls_ca
-            && !ca.is_file()
-        {
-            problems.push(
-                redis_sec.key_path("tls-ca"),
-                format!("{} (no such file)", ca.display()),
-                "a PEM file",
-            );
-        }
-        r
-    });
-    redis_sec.finish(&[]);
+    let redis = cluster::read_redis(&root);
+    let etcd = cluster::read_etcd(&root);
+    if etcd.is_none() && redis.as_ref().is_some_and(|r| r.server.is_none()) {
+        problems.push(
+            "redis",
+            "no addr and no sentinel",
+            "addr = \"host:port\", or sentinel = [...] with service-name, or an [etcd] table whose config/redis says where Redis is",
+        );
+    }
 
     for t in IGNORED_TABLES {
         if root.get(t).is_some() {
@@ -479,6 +439,7 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
         volumes,
         agent,
         redis,
+        etcd,
         ignored,
     }
 }

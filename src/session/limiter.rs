@@ -1,6 +1,6 @@
 //! "At most N sessions per user per resource group". On one node the live session rows in SQLite
 //! are the count; across nodes (`[redis]`) a lease-scored sorted set in Redis is (see
-//! `coord.rs`). Either way admission is check-and-add in one atomic step, never a bare counter.
+//! `cluster/`). Either way admission is check-and-add in one atomic step, never a bare counter.
 
 use async_trait::async_trait;
 use uuid::Uuid;

@@ -8,6 +8,7 @@ mod config_check;
 mod coord;
 mod crash;
 mod download;
+mod dropin;
 mod filebrowser;
 mod hardening;
 mod manager_api;

@@ -271,7 +271,16 @@ async fn a_hung_mount_never_hangs_requests_health_or_heartbeats() {
     // Heartbeats keep coming and carry the verdict.
     let start = Instant::now();
     loop {
-        let out = redis.cli(&["-n", "4", "XREVRANGE", "events", "+", "-", "COUNT", "1"]);
+        let out = redis.cli(&[
+            "-n",
+            "2",
+            "XREVRANGE",
+            storage_agent::cluster::HEARTBEAT_STREAM,
+            "+",
+            "-",
+            "COUNT",
+            "1",
+        ]);
         if out.contains("storage_agent_heartbeat") && out.contains("\"status\":\"offline\"") {
             break;
         }

@@ -13,9 +13,11 @@ pub struct RedisServer {
     pub tls_cert: Option<std::path::PathBuf>,
     /// With ACL: the only user that may log in (the default user is off).
     acl_user: Option<(String, String)>,
+    /// A replica of the server on this port.
+    replica_of: Option<u16>,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -46,6 +48,22 @@ impl RedisServer {
             child: None,
             tls_cert,
             acl_user,
+            replica_of: None,
+        };
+        r.spawn();
+        r
+    }
+
+    /// A replica of the server on `master_port`.
+    pub fn start_replica(master_port: u16) -> Self {
+        require("redis-server", "apt-get install redis-server");
+        let mut r = RedisServer {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            tls_cert: None,
+            acl_user: None,
+            replica_of: Some(master_port),
         };
         r.spawn();
         r
@@ -95,6 +113,9 @@ openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
         if let Some((user, password)) = &self.acl_user {
             cmd.args(["--user", "default", "off", "--user", user])
                 .args(["on", &format!(">{password}"), "~*", "&*", "+@all"]);
+        }
+        if let Some(m) = self.replica_of {
+            cmd.args(["--replicaof", "127.0.0.1", &m.to_string()]);
         }
         let child = cmd
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
