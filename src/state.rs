@@ -27,6 +27,7 @@ pub enum StateError {
 #[derive(Clone)]
 pub struct State {
     pool: SqlitePool,
+    relaxed: SqlitePool,
 }
 
 /// The state directory and what the daemon keeps there (session rows with user ids and keys,
@@ -98,20 +99,35 @@ impl State {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        let open_err = |e| StateError::Open {
+            path: path.display().to_string(),
+            source: e,
+        };
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await
-            .map_err(|e| StateError::Open {
-                path: path.display().to_string(),
-                source: e,
-            })?;
+            .map_err(open_err)?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(State { pool })
+        // Same database, commits without an fsync of their own: durable against a crash of the
+        // process (WAL in the page cache), not against power loss until the next synchronous
+        // commit. For records whose loss on power failure costs nothing that was promised.
+        let relaxed = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts.synchronous(SqliteSynchronous::Normal))
+            .await
+            .map_err(open_err)?;
+        Ok(State { pool, relaxed })
     }
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Commits without their own fsync (see `open`): use only where losing the write to a
+    /// power failure breaks no promise made to a client.
+    pub fn relaxed(&self) -> &SqlitePool {
+        &self.relaxed
     }
 
     /// A cheap round trip for health checks.

@@ -141,6 +141,10 @@ pub struct DaemonConfig {
     pub shutdown_grace: Duration,
     /// An upload PATCH whose body sends nothing for this long is cut off (its bytes kept).
     pub upload_idle_timeout: Duration,
+    /// A long PATCH is made durable (synced, offset committed) at least this often...
+    pub upload_checkpoint_interval: Duration,
+    /// ...and every this many bytes.
+    pub upload_checkpoint_bytes: u64,
     /// A PATCH holding an upload's lock without progress for this long may be taken over.
     pub upload_lock_stale_after: Duration,
     /// Largest JSON body the manager API reads.
@@ -322,6 +326,9 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
         shutdown_grace: ours.duration("shutdown-grace", Duration::from_secs(30)),
         upload_idle_timeout: ours.duration("upload-idle-timeout", Duration::from_secs(60)),
         upload_lock_stale_after: ours.duration("upload-lock-stale-after", Duration::from_secs(10)),
+        upload_checkpoint_interval: ours
+            .duration("upload-checkpoint-interval", Duration::from_secs(1)),
+        upload_checkpoint_bytes: ours.size("upload-checkpoint-bytes", 64 << 20),
         max_json_body: ours.size("max-json-body", 1 << 20) as usize,
         upload_reap_interval: ours.duration("upload-reap-interval", Duration::from_secs(60)),
         volume_check_interval: ours.duration("volume-check-interval", Duration::from_secs(10)),
@@ -338,7 +345,14 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
         max_archives_per_token: ours.int_in("max-archives-per-token", 1, 4096, 2) as usize,
     };
     let c = &daemon.conn;
+    if daemon.upload_checkpoint_bytes == 0 {
+        problems.push(ours.key_path("upload-checkpoint-bytes"), "0", "above zero");
+    }
     for (key, d) in [
+        (
+            "upload-checkpoint-interval",
+            daemon.upload_checkpoint_interval,
+        ),
         ("first-byte-timeout", c.first_byte_timeout),
         ("idle-timeout", c.idle_timeout),
         ("write-idle-timeout", c.write_idle_timeout),

@@ -3,7 +3,14 @@
 //! `api::client::tus`; the bytes live in the volume's `UploadStaging`.
 //!
 //! The acknowledged offset is in SQLite and only advances after the staged bytes are synced, so
-//! after a crash the staging file is cut back to it and resuming from it is byte-exact.
+//! after a crash the staging file is cut back to it and resuming from it is byte-exact. A long
+//! PATCH advances it at checkpoints while it runs; a PATCH that completes the upload needs no
+//! offset commit at all: its one durable step is the move into place.
+//!
+//! A token is self-describing, so minting one writes nothing: the record is made from the token
+//! the first time a request uses it. Records that promise nothing to a client (a new upload at
+//! offset 0, a completed one) are written without an fsync of their own (`State::relaxed`); every
+//! acknowledged offset is written with one.
 
 mod lock;
 
@@ -28,6 +35,8 @@ pub enum UploadState {
     /// full offset.
     Done,
     Expired,
+    /// Ended by tus termination: kept until expiry so its token cannot start it again.
+    Terminated,
 }
 
 impl UploadState {
@@ -36,12 +45,14 @@ impl UploadState {
             UploadState::Active => "active",
             UploadState::Done => "done",
             UploadState::Expired => "expired",
+            UploadState::Terminated => "terminated",
         }
     }
     fn parse(s: &str) -> Self {
         match s {
             "done" => UploadState::Done,
             "expired" => UploadState::Expired,
+            "terminated" => UploadState::Terminated,
             _ => UploadState::Active,
         }
     }
@@ -111,12 +122,11 @@ impl Uploads {
         self.volumes.get(name)
     }
 
-    /// Creates the staging file, then the record (so a record always has its staging file).
-    pub async fn create(&self, rec: &UploadRecord) -> Result<(), UploadError> {
-        let v = self.volumes.get(&rec.volume)?;
-        v.staging().prepare(&rec.vfid, &rec.session).await?;
+    /// Records a new upload (from its token) unless it is known already. The staging file is
+    /// made by the first write.
+    pub async fn ensure(&self, rec: &UploadRecord) -> Result<(), UploadError> {
         sqlx::query(
-            r#"INSERT INTO uploads (session, volume, vfid, relpath, size, "offset", state, created_at, expires_at)
+            r#"INSERT OR IGNORE INTO uploads (session, volume, vfid, relpath, size, "offset", state, created_at, expires_at)
                VALUES (?, ?, ?, ?, ?, 0, 'active', ?, ?)"#,
         )
         .bind(&rec.session)
@@ -126,7 +136,7 @@ impl Uploads {
         .bind(rec.size as i64)
         .bind(rec.created_at)
         .bind(rec.expires_at)
-        .execute(self.state.pool())
+        .execute(self.state.relaxed())
         .await?;
         Ok(())
     }
@@ -158,22 +168,28 @@ impl Uploads {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Moves the completed upload to `dst` and remembers it as done.
+    /// Moves the completed upload to `dst` (synced: the durable step) and remembers it as done.
+    /// The record needs no fsync of its own: if a power failure takes it, the file is in place
+    /// anyway and a client asking again re-sends what it already sent.
     pub async fn complete(&self, rec: &UploadRecord, dst: &RelPath) -> Result<(), UploadError> {
         let v = self.volumes.get(&rec.volume)?;
         v.staging().finish(&rec.vfid, &rec.session, dst).await?;
-        self.set_state(&rec.session, UploadState::Done).await
+        sqlx::query(
+            r#"UPDATE uploads SET state = 'done', "offset" = size WHERE session = ? AND state = 'active'"#,
+        )
+        .bind(&rec.session)
+        .execute(self.state.relaxed())
+        .await?;
+        Ok(())
     }
 
-    /// tus termination: the staged bytes and the record are gone.
+    /// tus termination: the staged bytes are gone, and the record stays as a tombstone until
+    /// expiry so the token cannot start the upload again.
     pub async fn terminate(&self, rec: &UploadRecord) -> Result<(), UploadError> {
         let v = self.volumes.get(&rec.volume)?;
         v.staging().discard(&rec.vfid, &rec.session).await?;
-        sqlx::query("DELETE FROM uploads WHERE session = ?")
-            .bind(&rec.session)
-            .execute(self.state.pool())
-            .await?;
-        Ok(())
+        self.ensure(rec).await?;
+        self.set_state(&rec.session, UploadState::Terminated).await
     }
 
     async fn set_state(&self, session: &str, st: UploadState) -> Result<(), UploadError> {
@@ -204,10 +220,15 @@ impl Uploads {
                 tracing::warn!(session = %rec.session, volume = %rec.volume, "upload on a volume no longer configured");
                 continue;
             };
-            if let Err(e) = v
+            let truncated = v
                 .staging()
                 .truncate(&rec.vfid, &rec.session, rec.offset)
-                .await
+                .await;
+            let never_written = matches!(&truncated, Err(VolumeError::Io { source, .. })
+                if source.raw_os_error() == Some(libc::ENOENT))
+                && rec.offset == 0;
+            if let Err(e) = truncated.as_ref()
+                && !never_written
             {
                 // Without its staging file the acknowledged bytes are gone: forget the upload so
                 // the client starts over instead of resuming into a hole.

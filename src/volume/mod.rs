@@ -236,24 +236,34 @@ pub struct StagedWrite {
     pub body_error: Option<io::Error>,
 }
 
+/// Checkpoints of a long write: the staging layer makes what it has received durable at least
+/// every `every` or `every_bytes` (whichever comes first) and reports each durable offset on
+/// `durable`, for the upload layer to commit.
+pub struct Checkpointing {
+    pub every: std::time::Duration,
+    pub every_bytes: u64,
+    pub durable: tokio::sync::mpsc::UnboundedSender<u64>,
+}
+
 /// Where upload bytes wait until the upload completes. For vfs/xfs this is a file in the quota
 /// scope's `.upload/` directory: same filesystem as the vfolder (atomic rename), counted against
 /// the scope's quota, invisible in listings and to session containers (which mount only vfolders).
 #[async_trait]
 pub trait UploadStaging: Send + Sync {
-    async fn prepare(&self, vfid: &VFolderId, session: &str) -> Result<()>;
     /// Cuts the staged data back to `offset` (crash recovery, discarded chunks).
     async fn truncate(&self, vfid: &VFolderId, session: &str, offset: u64) -> Result<()>;
-    /// Writes `body` at `offset` and syncs before returning.
+    /// Writes `body` at `offset` (creating the staging data at offset 0) and syncs before
+    /// returning; with `checkpoints`, also along the way.
     async fn write(
         &self,
         vfid: &VFolderId,
         session: &str,
         offset: u64,
         body: ByteStream,
+        checkpoints: Option<Checkpointing>,
     ) -> Result<StagedWrite>;
     /// Moves the completed upload to `dst` in the vfolder (parents created, an existing file
-    /// replaced atomically).
+    /// replaced atomically), durably.
     async fn finish(&self, vfid: &VFolderId, session: &str, dst: &RelPath) -> Result<()>;
     async fn discard(&self, vfid: &VFolderId, session: &str) -> Result<()>;
 }

@@ -2,6 +2,7 @@
 //
 // usage: node tusjs_upload.mjs create ENDPOINT FILE CHUNK  (creation, with data in the POST)
 //        node tusjs_upload.mjs resume UPLOAD_URL FILE CHUNK (the Backend.AI flow: HEAD, PATCH)
+// CHUNK may be "Infinity", tus-js-client's default: the whole file in one PATCH.
 //
 // Prints "url <upload url>" once known, "offset <n>" as chunks are acknowledged, "done".
 import fs from 'node:fs';
@@ -12,7 +13,7 @@ const size = fs.statSync(path).size;
 const opts = {
   chunkSize: Number(chunk),
   uploadSize: size,
-  retryDelays: [0, 500, 1000, 2000],
+  retryDelays: [0, 500, 1000, 2000, 4000],
   onProgress: () => {},
   onChunkComplete: (_len, acked) => console.log(`offset ${acked}`),
   onSuccess: () => { console.log('done'); process.exit(0); },

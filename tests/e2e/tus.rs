@@ -86,7 +86,7 @@ fn offset(r: &Resp) -> u64 {
     r.header("upload-offset").unwrap().parse().unwrap()
 }
 
-fn staging_file(d: &Daemon, u: &Upload) -> PathBuf {
+pub fn staging_file(d: &Daemon, u: &Upload) -> PathBuf {
     let qs = uuid::Uuid::parse_str(u.vfid.split_once(':').unwrap().1.split_once('/').unwrap().0)
         .unwrap();
     d.vol_dir
@@ -145,8 +145,9 @@ async fn core_protocol_matrix() {
         "{left:?}"
     );
 
-    // Staging exists, outside the vfolder (invisible in its listing).
-    assert_eq!(std::fs::metadata(staging_file(&d, &u)).unwrap().len(), 0);
+    // Minting wrote nothing: the token describes the upload, and staging is made (outside the
+    // vfolder, invisible in its listing) by the first write.
+    assert!(!staging_file(&d, &u).exists());
     let r = d
         .mgr(
             "POST",
@@ -365,8 +366,19 @@ async fn tokens_are_checked() {
             ..claims.clone()
         })
         .unwrap();
+    // A session never used before is a new upload (tokens are self-describing)...
     let r = head(&d, &unknown).await;
-    assert_eq!(r.status, 404);
+    assert_eq!((r.status, offset(&r)), (200, 0));
+    // ...and a terminated one is gone for good: its token cannot start it again.
+    let r = send(
+        d.http
+            .delete(d.url("client", &format!("/upload?token={unknown}")))
+            .header("Tus-Resumable", "1.0.0"),
+    )
+    .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(head(&d, &unknown).await.status, 404);
+    assert_eq!(patch(&d, &unknown, 0, vec![0; 10], &[]).await.status, 404);
     // Wrong operation both ways.
     let dl = t
         .mint(&DownloadClaims {

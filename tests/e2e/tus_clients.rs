@@ -39,7 +39,6 @@ fn command(c: Client, mode: &str, url: &str, file: &Path) -> Command {
     };
     cmd.args([mode, url])
         .arg(file)
-        .arg(CHUNK.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     cmd
@@ -49,6 +48,7 @@ fn command(c: Client, mode: &str, url: &str, file: &Path) -> Command {
 /// it printed and whether it finished.
 fn run(c: Client, mode: &str, url: &str, file: &Path, kill_at: Option<u64>) -> (String, bool) {
     let mut child = command(c, mode, url, file)
+        .arg(CHUNK.to_string())
         .spawn()
         .expect("spawn tus client");
     let stdout = child.stdout.take().unwrap();
@@ -141,4 +141,77 @@ async fn tus_js_client_resumes_a_handed_upload_url() {
 #[tokio::test]
 async fn tus_js_client_with_creation_with_upload() {
     interrupted_upload(Client::TusJs, true).await;
+}
+
+/// tus-js-client with its default chunk size (Infinity: the whole file in one PATCH) while the
+/// daemon is killed and restarted on the same port: the client retries by itself and resumes from
+/// the checkpoint the daemon kept, not from zero.
+#[tokio::test]
+async fn tus_js_client_default_chunk_resumes_from_a_checkpoint() {
+    require("node", "apt-get install nodejs");
+    assert!(
+        clients_dir().join("node_modules/tus-js-client").is_dir(),
+        "tus-js-client is missing: (cd tests/clients && npm ci)"
+    );
+    const BIG: u64 = 1 << 30;
+    let port = crate::common::redis::free_port();
+    let mut d = Daemon::builder()
+        .set("api.client.service-addr", format!("127.0.0.1:{port}"))
+        .start()
+        .await;
+    let src = d.dir.path().join("big.bin");
+    random_file(&src, BIG, 5);
+    let u = mint(&d, "js/big.bin", BIG).await;
+    let url = d.url("client", &format!("/upload?token={}", u.token));
+    let staging = crate::tus::staging_file(&d, &u);
+    let child = command(Client::TusJs, "resume", &url, &src)
+        .arg("Infinity")
+        .spawn()
+        .expect("spawn tus-js-client");
+    // Kill the daemon once a quarter of the file is in staging (past a 64 MiB checkpoint).
+    let start = std::time::Instant::now();
+    loop {
+        let staged = std::fs::metadata(&staging).map(|m| m.len()).unwrap_or(0);
+        if staged >= BIG / 4 {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "the upload did not progress ({staged} bytes staged)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let log_before = std::fs::read_to_string(d.log_path())
+        .unwrap_or_default()
+        .len();
+    d.restart().await;
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tus-js-client did not finish: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The PATCH after the restart started where the checkpoint left off.
+    let log = std::fs::read_to_string(d.log_path()).unwrap();
+    let resumed: Vec<u64> = log[log_before..]
+        .lines()
+        .filter(|l| l.contains("upload PATCH") && l.contains(&u.session))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("offset="))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    assert!(
+        resumed.first().is_some_and(|&o| o >= 64 << 20),
+        "resumed from {resumed:?}, not from a checkpoint"
+    );
+    assert_eq!(
+        sha256_file(&u.vfpath.join("js/big.bin")),
+        sha256_file(&src),
+        "byte-identical"
+    );
 }

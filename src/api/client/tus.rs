@@ -27,7 +27,7 @@ use crate::api::manager::check_upload_destination;
 use crate::api::token::{TokenError, UploadClaims};
 use crate::state::now_unix;
 use crate::upload::{UploadLock, UploadRecord, UploadState};
-use crate::volume::{ByteStream, RelPath, VolumeError};
+use crate::volume::{ByteStream, Checkpointing, RelPath, VolumeError};
 
 pub const TUS_VERSION: &str = "1.0.0";
 const OFFSET_OCTET_STREAM: &str = "application/offset+octet-stream";
@@ -193,10 +193,27 @@ fn upload_claims(st: &AppState, token: Option<&str>) -> ApiResult<UploadClaims> 
     }
 }
 
-/// The upload record behind a token. Unknown → 404; expired → 410.
+/// The upload a token describes, as recorded, or new (not written until something is written).
+/// Terminated → 404; expired → 410.
 async fn load(st: &AppState, c: &UploadClaims) -> ApiResult<UploadRecord> {
-    let rec = st.uploads.get(&c.session).await?.ok_or_else(not_found)?;
+    let rec = match st.uploads.get(&c.session).await? {
+        Some(rec) => rec,
+        None => UploadRecord {
+            session: c.session.clone(),
+            volume: c.volume.clone(),
+            vfid: c.vfid,
+            relpath: c.relpath.clone(),
+            size: c.size,
+            offset: 0,
+            state: UploadState::Active,
+            created_at: now_unix(),
+            expires_at: c.exp,
+        },
+    };
     if rec.volume != c.volume || rec.vfid != c.vfid || rec.relpath != c.relpath {
+        return Err(not_found());
+    }
+    if rec.state == UploadState::Terminated {
         return Err(not_found());
     }
     if rec.state == UploadState::Expired || rec.expires_at <= now_unix() {
@@ -529,9 +546,24 @@ enum Precheck {
 }
 
 /// The checks made under the lock, before any byte is read.
-async fn precheck(st: &AppState, session: &str, offset: u64, dst: &RelPath) -> ApiResult<Precheck> {
-    // Re-read under the lock: the previous holder may have moved the offset.
-    let rec = st.uploads.get(session).await?.ok_or_else(not_found)?;
+async fn precheck(
+    st: &AppState,
+    loaded: &UploadRecord,
+    offset: u64,
+    dst: &RelPath,
+) -> ApiResult<Precheck> {
+    // Re-read under the lock: the previous holder may have moved the offset. A first write
+    // records the upload.
+    let rec = match st.uploads.get(&loaded.session).await? {
+        Some(rec) => rec,
+        None => {
+            st.uploads.ensure(loaded).await?;
+            loaded.clone()
+        }
+    };
+    if rec.state == UploadState::Terminated {
+        return Err(not_found());
+    }
     if rec.state == UploadState::Done {
         return if offset == rec.size {
             Ok(Precheck::Done(rec.size))
@@ -544,8 +576,9 @@ async fn precheck(st: &AppState, session: &str, offset: u64, dst: &RelPath) -> A
     }
     let v = st.uploads.volume(&rec.volume)?.clone();
     check_upload_destination(v.as_ref(), &rec.vfid, dst).await?;
-    if rec.offset == rec.size {
-        // Everything is staged but the move into place failed before; try again.
+    if rec.offset == rec.size && rec.size > 0 {
+        // Everything is staged but the move into place failed before; try again. (An empty
+        // upload takes the write path: its staging file is made by its one, empty, PATCH.)
         st.uploads.complete(&rec, dst).await?;
         return Ok(Precheck::Done(rec.size));
     }
@@ -589,25 +622,24 @@ async fn write_at(
         .await
         .map_err(|_| locked())?;
     let st = st.clone();
-    let session = rec.session.clone();
+    let loaded = rec.clone();
     let body = body.take().unwrap_or_default();
-    tokio::spawn(
-        async move { write_locked(&st, lock, &session, dst, offset, expected, body).await },
-    )
-    .await
-    .map_err(|e| ApiError::internal(format!("upload task failed: {e}")))?
+    tokio::spawn(async move { write_locked(&st, lock, &loaded, dst, offset, expected, body).await })
+        .await
+        .map_err(|e| ApiError::internal(format!("upload task failed: {e}")))?
 }
 
 async fn write_locked(
     st: &AppState,
     lock: UploadLock,
-    session: &str,
+    loaded: &UploadRecord,
     dst: RelPath,
     offset: u64,
     expected: Option<Expected>,
     body: Body,
 ) -> ApiResult<u64> {
-    let (rec, v) = match precheck(st, session, offset, &dst).await {
+    tracing::debug!(session = %loaded.session, offset, "upload PATCH");
+    let (rec, v) = match precheck(st, loaded, offset, &dst).await {
         Ok(Precheck::Write(rec, v)) => (rec, v),
         Ok(Precheck::Done(n)) => return Ok(n),
         Err(e) => {
@@ -629,11 +661,39 @@ async fn write_locked(
         idle: st.config.daemon.upload_idle_timeout,
         received: received.clone(),
     });
+    // A PATCH with a checksum is all or nothing, so it has no checkpoints; any other commits
+    // its offset as it goes, so a crash mid-body loses at most a checkpoint's worth.
+    let (checkpoints, committer) = match expected {
+        Some(_) => (None, None),
+        None => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let c = Checkpointing {
+                every: st.config.daemon.upload_checkpoint_interval,
+                every_bytes: st.config.daemon.upload_checkpoint_bytes,
+                durable: tx,
+            };
+            (Some(c), Some(spawn_committer(st, &rec.session, offset, rx)))
+        }
+    };
     let staging = v.staging();
-    let staged = match staging.write(&rec.vfid, &rec.session, offset, stream).await {
+    let staged = staging
+        .write(&rec.vfid, &rec.session, offset, stream, checkpoints)
+        .await;
+    // Where the record stands now: the last checkpoint committed (or the start).
+    let committed = match committer {
+        Some(c) => c.await.unwrap_or(offset),
+        None => offset,
+    };
+    let cut_back = || async {
+        staging
+            .truncate(&rec.vfid, &rec.session, committed)
+            .await
+            .map_err(ApiError::from)
+    };
+    let staged = match staged {
         Ok(s) => s,
         Err(e) => {
-            let _ = staging.truncate(&rec.vfid, &rec.session, offset).await;
+            let _ = cut_back().await;
             return Err(match &e {
                 VolumeError::Io { source, .. }
                     if matches!(
@@ -648,34 +708,28 @@ async fn write_locked(
         }
     };
     let new_offset = offset + staged.written;
-    let discard = || async {
-        staging
-            .truncate(&rec.vfid, &rec.session, offset)
-            .await
-            .map_err(ApiError::from)
-    };
     match staged.body_error.as_ref().map(|e| (stop_of(e), e)) {
         None => {
             if let Some(exp) = &expected {
                 let got = digest.lock().unwrap_or_else(|p| p.into_inner()).take();
                 if got.as_deref() != Some(exp.digest.as_slice()) {
-                    discard().await?;
+                    cut_back().await?;
                     return Err(checksum_mismatch());
                 }
             }
         }
         Some((Some(BodyStop::TooLarge), _)) => {
-            discard().await?;
+            cut_back().await?;
             return Err(too_large(rec.size));
         }
         Some((stop, e)) => {
             // The body broke off. What was synced is kept (tus: store what was received),
             // unless a checksum was promised, which a partial chunk cannot meet.
             if expected.is_some() {
-                discard().await?;
-            } else if staged.written > 0 {
+                cut_back().await?;
+            } else if new_offset > committed {
                 st.uploads
-                    .commit_offset(&rec.session, offset, new_offset)
+                    .commit_offset(&rec.session, committed, new_offset)
                     .await?;
             }
             tracing::info!(session = %rec.session, kept = if expected.is_some() { 0 } else { staged.written }, reason = %e, "upload body ended early");
@@ -701,20 +755,51 @@ async fn write_locked(
             });
         }
     }
-    if !st
-        .uploads
-        .commit_offset(&rec.session, offset, new_offset)
-        .await?
+    if new_offset == rec.size {
+        // Complete: the one durable step is the move into place (synced data, synced
+        // directory). Until then the record keeps its last committed offset, which a crash
+        // before the move falls back to.
+        st.uploads.complete(&rec, &dst).await?;
+        tracing::info!(session = %rec.session, size = rec.size, dst = %dst, "upload complete");
+    } else if new_offset > committed
+        && !st
+            .uploads
+            .commit_offset(&rec.session, committed, new_offset)
+            .await?
     {
         // Only possible if the record changed under the lock (expired and reaped meanwhile).
         return Err(not_found());
     }
-    if new_offset == rec.size {
-        st.uploads.complete(&rec, &dst).await?;
-        tracing::info!(session = %rec.session, size = rec.size, dst = %dst, "upload complete");
-    }
     drop(lock);
     Ok(new_offset)
+}
+
+/// Commits each checkpoint's offset as the staging layer reports it durable; returns the last
+/// one committed.
+fn spawn_committer(
+    st: &AppState,
+    session: &str,
+    from: u64,
+    mut durable: tokio::sync::mpsc::UnboundedReceiver<u64>,
+) -> tokio::task::JoinHandle<u64> {
+    let uploads = st.uploads.clone();
+    let session = session.to_string();
+    tokio::spawn(async move {
+        let mut last = from;
+        while let Some(to) = durable.recv().await {
+            match uploads.commit_offset(&session, last, to).await {
+                Ok(true) => {
+                    tracing::debug!(session = %session, offset = to, "upload checkpoint committed");
+                    last = to;
+                }
+                Ok(false) => break, // taken over or reaped: the record is no longer ours
+                Err(e) => {
+                    tracing::warn!(session = %session, error = %e, "cannot commit an upload checkpoint");
+                }
+            }
+        }
+        last
+    })
 }
 
 /// Adds the static CORS headers to every `/upload` response.

@@ -1,5 +1,6 @@
 //! Token minting for the client API: `/folder/file/upload`, `/folder/file/download`,
-//! `/folder/file/archive-download-token`. Minting an upload token creates the upload session.
+//! `/folder/file/archive-download-token`. An upload token describes its upload session, which is
+//! recorded when the token is first used.
 
 use axum::extract::State;
 use axum::routing::post;
@@ -12,8 +13,6 @@ use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::ApiJson;
 use crate::api::token::{ArchiveClaims, DownloadClaims, DownloadOp, UploadClaims, UploadOp};
 use crate::ids::VFolderId;
-use crate::state::now_unix;
-use crate::upload::{UploadRecord, UploadState};
 use crate::volume::{EntryKind, RelPath, VolumeError};
 
 pub fn routes() -> Router<AppState> {
@@ -50,21 +49,9 @@ async fn upload(
     }
     let v = st.volumes.get(&r.volume)?;
     check_upload_destination(v.as_ref(), &r.vfid, &r.relpath).await?;
+    // The token says everything about the upload: nothing is written until it is used.
     let session = uuid::Uuid::new_v4().simple().to_string();
     let exp = st.tokens.expiry();
-    st.uploads
-        .create(&UploadRecord {
-            session: session.clone(),
-            volume: r.volume.clone(),
-            vfid: r.vfid,
-            relpath: r.relpath.clone(),
-            size: r.size,
-            offset: 0,
-            state: UploadState::Active,
-            created_at: now_unix(),
-            expires_at: exp,
-        })
-        .await?;
     let token = st
         .tokens
         .mint(&UploadClaims {

@@ -17,7 +17,9 @@ use futures::StreamExt;
 use super::blocking;
 use crate::ids::VFolderId;
 use crate::volume::fsops::{self, Owner};
-use crate::volume::{ByteStream, RelPath, Result, StagedWrite, UploadStaging, VolumeError};
+use crate::volume::{
+    ByteStream, Checkpointing, RelPath, Result, StagedWrite, UploadStaging, VolumeError,
+};
 
 /// Body chunks are gathered to this size before one write call.
 const WRITE_BLOCK: usize = 1 << 20;
@@ -111,27 +113,6 @@ impl VfsStaging {
 
 #[async_trait]
 impl UploadStaging for VfsStaging {
-    async fn prepare(&self, vf: &VFolderId, session: &str) -> Result<()> {
-        let root = self.root_fd.clone();
-        let owner = self.owner;
-        let (vf, session) = (*vf, session.to_string());
-        blocking(move || {
-            let dir = staging_dir(&vf);
-            let dfd = fsops::mkdir_all_beneath(root.as_fd(), &dir, 0o700, None)
-                .map_err(|e| io_err(".upload", e))?;
-            let f = fsops::open_beneath_path(
-                dfd.as_fd(),
-                std::path::Path::new(&session),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW,
-                0o644,
-            )
-            .map_err(|e| io_err(".upload", e))?;
-            fsops::fchown(f.as_fd(), owner).map_err(|e| io_err(".upload", e))?;
-            fsops::fsync_dir(dfd.as_fd()).map_err(|e| io_err(".upload", e))
-        })
-        .await
-    }
-
     async fn truncate(&self, vf: &VFolderId, session: &str, offset: u64) -> Result<()> {
         let fd = self
             .open_staged(vf, session, libc::O_WRONLY)
@@ -150,25 +131,50 @@ impl UploadStaging for VfsStaging {
         session: &str,
         offset: u64,
         mut body: ByteStream,
+        checkpoints: Option<Checkpointing>,
     ) -> Result<StagedWrite> {
-        let fd = self
-            .open_staged(vf, session, libc::O_WRONLY)
-            .map_err(|e| io_err(".upload", e))?;
-        let file = File::from(fd);
-        // Bytes past the durable offset (from a crashed or cut-off earlier PATCH) are dropped.
-        let file = blocking(move || {
+        let root = self.root_fd.clone();
+        let owner = self.owner;
+        let (vfc, sessionc) = (*vf, session.to_string());
+        // Opened (made at offset 0) on the blocking pool. Bytes past the durable offset (from a
+        // crashed or cut-off earlier PATCH) are dropped.
+        let (file, created_dir) = blocking(move || {
+            let (fd, dir) = if offset == 0 {
+                let dir = fsops::mkdir_all_beneath(root.as_fd(), &staging_dir(&vfc), 0o700, None)
+                    .map_err(|e| io_err(".upload", e))?;
+                let fd = fsops::open_beneath_path(
+                    dir.as_fd(),
+                    std::path::Path::new(&sessionc),
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW,
+                    0o644,
+                )
+                .map_err(|e| io_err(".upload", e))?;
+                fsops::fchown(fd.as_fd(), owner).map_err(|e| io_err(".upload", e))?;
+                (fd, Some(dir))
+            } else {
+                let p = staging_dir(&vfc).join_name(&sessionc);
+                let fd = fsops::open_beneath(root.as_fd(), &p, libc::O_WRONLY, 0)
+                    .map_err(|e| io_err(".upload", e))?;
+                (fd, None)
+            };
+            let file = File::from(fd);
             file.set_len(offset).map_err(|e| io_err(".upload", e))?;
-            Ok(file)
+            Ok((file, dir))
         })
         .await?;
 
         // One blocking writer per PATCH, fed through a short channel: the network and the disk
         // overlap, and at most a few batches (~1 MiB each) are in memory. The body's own chunks
         // are handed over as they are and written with one pwritev per batch: no copy of ours.
+        // An empty batch is a tick: a checkpoint may be due although no byte came.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(3);
+        let tick = checkpoints.as_ref().map(|c| c.every);
         let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
             let mut pos = offset;
             let mut flushed = offset;
+            let mut synced = offset;
+            let mut last_sync = std::time::Instant::now();
+            let mut dir_synced = created_dir.is_none();
             while let Some(batch) = rx.blocking_recv() {
                 pos += write_batch_at(&file, &batch, pos)?;
                 // Start writeback now rather than at the fsync below, so disk writes overlap
@@ -177,8 +183,27 @@ impl UploadStaging for VfsStaging {
                     start_writeback(&file, flushed, pos - flushed);
                     flushed = pos;
                 }
+                if let Some(c) = &checkpoints
+                    && pos > synced
+                    && (pos - synced >= c.every_bytes || last_sync.elapsed() >= c.every)
+                {
+                    file.sync_data()?;
+                    // The staging file's own name must survive too before an offset in it is.
+                    if !dir_synced {
+                        if let Some(d) = &created_dir {
+                            fsops::fsync_dir(d.as_fd())?;
+                        }
+                        dir_synced = true;
+                    }
+                    synced = pos;
+                    last_sync = std::time::Instant::now();
+                    let _ = c.durable.send(pos);
+                }
             }
             file.sync_data()?;
+            if !dir_synced && let Some(d) = &created_dir {
+                fsops::fsync_dir(d.as_fd())?;
+            }
             Ok(pos - offset)
         });
 
@@ -186,20 +211,37 @@ impl UploadStaging for VfsStaging {
         let mut batched = 0usize;
         let mut body_error = None;
         let mut writer_gone = false;
-        while let Some(item) = body.next().await {
+        let mut unsent_since = tokio::time::Instant::now();
+        loop {
+            // With checkpoints, hand over what came (or a tick) at least every interval.
+            let deadline = tick.map(|t| unsent_since + t);
+            let item = tokio::select! {
+                item = body.next() => item,
+                _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => {
+                    unsent_since = tokio::time::Instant::now();
+                    batched = 0;
+                    if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                        writer_gone = true;
+                        break;
+                    }
+                    continue;
+                }
+            };
             match item {
-                Ok(chunk) => {
+                None => break,
+                Some(Ok(chunk)) => {
                     batched += chunk.len();
                     batch.push(chunk);
                     if batched >= WRITE_BLOCK {
                         batched = 0;
+                        unsent_since = tokio::time::Instant::now();
                         if tx.send(std::mem::take(&mut batch)).await.is_err() {
                             writer_gone = true;
                             break;
                         }
                     }
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     body_error = Some(e);
                     break;
                 }

@@ -119,6 +119,9 @@ enabled = false
             addrs: Default::default(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(120))
+                // Below the daemon's idle-timeout (75 s): a connection the daemon may have
+                // closed is never reused (tests that block their runtime cannot notice a close).
+                .pool_idle_timeout(Duration::from_secs(30))
                 .build()
                 .unwrap(),
             starts: 0,
