@@ -248,6 +248,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     spawn_upload_reaper(
         uploads,
         config.daemon.upload_reap_interval,
+        config.proxy.session_expire,
         shutdown.clone(),
     );
     let rpc_server = match agent {
@@ -435,19 +436,31 @@ impl ListenerTls {
     }
 }
 
+/// Expired uploads every `every`; staging data no token can resume (older than the token
+/// lifetime, plus an hour) at start and every hour.
 fn spawn_upload_reaper(
     uploads: Arc<Uploads>,
     every: std::time::Duration,
+    token_lifetime: std::time::Duration,
     shutdown: CancellationToken,
 ) {
     tokio::spawn(async move {
+        const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
         let mut tick = tokio::time::interval(every);
+        let mut last_sweep: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {
                     if let Err(e) = uploads.reap_expired().await {
                         tracing::warn!(error = %e, "upload reaper failed");
+                    }
+                    if last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+                        last_sweep = Some(tokio::time::Instant::now());
+                        let older_than = std::time::SystemTime::now()
+                            - token_lifetime
+                            - std::time::Duration::from_secs(3600);
+                        uploads.sweep_staging(older_than).await;
                     }
                 }
             }

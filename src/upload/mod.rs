@@ -168,19 +168,55 @@ impl Uploads {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Moves the completed upload to `dst` (synced: the durable step) and remembers it as done.
-    /// The record needs no fsync of its own: if a power failure takes it, the file is in place
-    /// anyway and a client asking again re-sends what it already sent.
+    /// Moves the completed upload to `dst` (synced: the durable step) and remembers it as done
+    /// (recording it now if it never was: an upload done in one PATCH). The record needs no
+    /// fsync of its own: if a power failure takes it, the file is in place anyway and a client
+    /// asking again re-sends what it already sent.
     pub async fn complete(&self, rec: &UploadRecord, dst: &RelPath) -> Result<(), UploadError> {
         let v = self.volumes.get(&rec.volume)?;
         v.staging().finish(&rec.vfid, &rec.session, dst).await?;
+        self.record_done(rec).await
+    }
+
+    /// Remembers an upload that is in place as done (see `complete`).
+    pub async fn record_done(&self, rec: &UploadRecord) -> Result<(), UploadError> {
         sqlx::query(
-            r#"UPDATE uploads SET state = 'done', "offset" = size WHERE session = ? AND state = 'active'"#,
+            r#"INSERT INTO uploads (session, volume, vfid, relpath, size, "offset", state, created_at, expires_at)
+               VALUES (?, ?, ?, ?, ?, ?, 'done', ?, ?)
+               ON CONFLICT(session) DO UPDATE SET state = 'done', "offset" = size WHERE state = 'active'"#,
         )
         .bind(&rec.session)
+        .bind(&rec.volume)
+        .bind(rec.vfid.to_string())
+        .bind(rec.relpath.as_str())
+        .bind(rec.size as i64)
+        .bind(rec.size as i64)
+        .bind(rec.created_at)
+        .bind(rec.expires_at)
         .execute(self.state.relaxed())
         .await?;
         Ok(())
+    }
+
+    /// Staging data older than `older_than` on every volume, never resumable (see
+    /// `UploadStaging::sweep`).
+    pub async fn sweep_staging(&self, older_than: std::time::SystemTime) -> usize {
+        let mut n = 0;
+        for v in self.volumes.iter() {
+            match v.staging().sweep(older_than).await {
+                Ok(k) => n += k,
+                Err(e) => {
+                    tracing::warn!(volume = v.name(), error = %e, "cannot sweep upload staging")
+                }
+            }
+        }
+        if n > 0 {
+            tracing::info!(
+                files = n,
+                "removed staging data of uploads no token can resume"
+            );
+        }
+        n
     }
 
     /// tus termination: the staged bytes are gone, and the record stays as a tombstone until

@@ -234,6 +234,8 @@ pub struct MountSource {
 pub struct StagedWrite {
     pub written: u64,
     pub body_error: Option<io::Error>,
+    /// The write completed the upload and also moved it to the `finish_to` it was given.
+    pub finished: bool,
 }
 
 /// Checkpoints of a long write: the staging layer makes what it has received durable at least
@@ -245,6 +247,19 @@ pub struct Checkpointing {
     pub durable: tokio::sync::mpsc::UnboundedSender<u64>,
 }
 
+/// How one body is written into staging.
+pub struct WritePlan {
+    /// Where the body goes: the upload's durable offset (0 creates the staging data).
+    pub offset: u64,
+    /// The upload's length.
+    pub size: u64,
+    /// Made durable along the way, not only at the end.
+    pub checkpoints: Option<Checkpointing>,
+    /// When the body completes the upload, also move it here, as `finish` does, in the same step
+    /// (an upload done in one PATCH then costs one round trip).
+    pub finish_to: Option<RelPath>,
+}
+
 /// Where upload bytes wait until the upload completes. For vfs/xfs this is a file in the quota
 /// scope's `.upload/` directory: same filesystem as the vfolder (atomic rename), counted against
 /// the scope's quota, invisible in listings and to session containers (which mount only vfolders).
@@ -252,20 +267,22 @@ pub struct Checkpointing {
 pub trait UploadStaging: Send + Sync {
     /// Cuts the staged data back to `offset` (crash recovery, discarded chunks).
     async fn truncate(&self, vfid: &VFolderId, session: &str, offset: u64) -> Result<()>;
-    /// Writes `body` at `offset` (creating the staging data at offset 0) and syncs before
-    /// returning; with `checkpoints`, also along the way.
+    /// Writes `body` as `plan` says and syncs before returning (see `WritePlan`).
     async fn write(
         &self,
         vfid: &VFolderId,
         session: &str,
-        offset: u64,
         body: ByteStream,
-        checkpoints: Option<Checkpointing>,
+        plan: WritePlan,
     ) -> Result<StagedWrite>;
     /// Moves the completed upload to `dst` in the vfolder (parents created, an existing file
     /// replaced atomically), durably.
     async fn finish(&self, vfid: &VFolderId, session: &str, dst: &RelPath) -> Result<()>;
     async fn discard(&self, vfid: &VFolderId, session: &str) -> Result<()>;
+    /// Removes staging data nobody can resume any more: last written before `older_than` (every
+    /// token that could write it has expired). Uploads whose process died before recording them
+    /// leave such data behind.
+    async fn sweep(&self, older_than: SystemTime) -> Result<usize>;
 }
 
 #[async_trait]
@@ -326,6 +343,40 @@ pub trait Volume: Send + Sync + fmt::Display {
         progress: Arc<Progress>,
     ) -> Result<()>;
     async fn stat(&self, vf: &VFolderId, p: &RelPath) -> Result<EntryStat>;
+    /// Checks that a file can be written at `dst`: the vfolder exists, no parent is a file (or
+    /// a symlink leading outside), and `dst` is not a directory. Missing parents are fine: they
+    /// are made with the file. EISDIR/ENOTDIR errors name the offending path.
+    async fn check_file_destination(&self, vf: &VFolderId, dst: &RelPath) -> Result<()> {
+        if !self.vfolder_exists(vf).await? {
+            return Err(VolumeError::VFolderNotFound(*vf));
+        }
+        let mut cur = RelPath::root();
+        for comp in dst.components() {
+            cur = cur.join_name(comp);
+            match self.stat(vf, &cur).await {
+                Ok(st) if cur == *dst && st.kind == EntryKind::Directory => {
+                    return Err(VolumeError::io(
+                        dst,
+                        io::Error::from_raw_os_error(libc::EISDIR),
+                    ));
+                }
+                Ok(st) if cur != *dst && st.kind != EntryKind::Directory => {
+                    return Err(VolumeError::io(
+                        &cur,
+                        io::Error::from_raw_os_error(libc::ENOTDIR),
+                    ));
+                }
+                Ok(_) => {}
+                Err(VolumeError::Io { source, .. })
+                    if source.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
     async fn open_read(&self, vf: &VFolderId, p: &RelPath) -> Result<Box<dyn ReadHandle>>;
     /// Every entry under `dir` (which must be a directory), directories before their contents,
     /// streamed so that huge trees stay flat in memory.

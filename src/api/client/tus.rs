@@ -27,7 +27,7 @@ use crate::api::manager::check_upload_destination;
 use crate::api::token::{TokenError, UploadClaims};
 use crate::state::now_unix;
 use crate::upload::{UploadLock, UploadRecord, UploadState};
-use crate::volume::{ByteStream, Checkpointing, RelPath, VolumeError};
+use crate::volume::{ByteStream, Checkpointing, RelPath, VolumeError, WritePlan};
 
 pub const TUS_VERSION: &str = "1.0.0";
 const OFFSET_OCTET_STREAM: &str = "application/offset+octet-stream";
@@ -193,23 +193,24 @@ fn upload_claims(st: &AppState, token: Option<&str>) -> ApiResult<UploadClaims> 
     }
 }
 
-/// The upload a token describes, as recorded, or new (not written until something is written).
-/// Terminated → 404; expired → 410.
-async fn load(st: &AppState, c: &UploadClaims) -> ApiResult<UploadRecord> {
-    let rec = match st.uploads.get(&c.session).await? {
-        Some(rec) => rec,
-        None => UploadRecord {
-            session: c.session.clone(),
-            volume: c.volume.clone(),
-            vfid: c.vfid,
-            relpath: c.relpath.clone(),
-            size: c.size,
-            offset: 0,
-            state: UploadState::Active,
-            created_at: now_unix(),
-            expires_at: c.exp,
-        },
-    };
+/// The upload a token describes, before anything is known of it: a token is self-describing.
+fn from_claims(c: &UploadClaims) -> UploadRecord {
+    UploadRecord {
+        session: c.session.clone(),
+        volume: c.volume.clone(),
+        vfid: c.vfid,
+        relpath: c.relpath.clone(),
+        size: c.size,
+        offset: 0,
+        state: UploadState::Active,
+        created_at: now_unix(),
+        expires_at: c.exp,
+    }
+}
+
+/// A recorded upload may still be used with this token? Terminated (or not this token's) →
+/// 404; expired → 410.
+fn usable(rec: &UploadRecord, c: &UploadRecord) -> ApiResult<()> {
     if rec.volume != c.volume || rec.vfid != c.vfid || rec.relpath != c.relpath {
         return Err(not_found());
     }
@@ -219,6 +220,18 @@ async fn load(st: &AppState, c: &UploadClaims) -> ApiResult<UploadRecord> {
     if rec.state == UploadState::Expired || rec.expires_at <= now_unix() {
         return Err(gone(rec.expires_at));
     }
+    Ok(())
+}
+
+/// The upload a token describes, as recorded, or new (not written until something is written).
+async fn load(st: &AppState, c: &UploadClaims) -> ApiResult<UploadRecord> {
+    let fresh = from_claims(c);
+    let rec = st
+        .uploads
+        .get(&c.session)
+        .await?
+        .unwrap_or_else(|| fresh.clone());
+    usable(&rec, &fresh)?;
     Ok(rec)
 }
 
@@ -364,7 +377,8 @@ async fn patch_with(
         )));
     }
     let expected = expected_checksum(headers)?;
-    let rec = load(st, &c).await?;
+    // The record is read once, under the upload's lock (`precheck`).
+    let rec = from_claims(&c);
     let dst = destination(q, &rec)?;
     let announced = parse_u64_header(headers, "content-length")?;
     let offset = write_at(st, &rec, dst, offset, announced, expected, body).await?;
@@ -539,31 +553,43 @@ fn guarded(g: Guard) -> ByteStream {
 }
 
 enum Precheck {
-    /// Go ahead: the record as read under the lock, and its volume.
-    Write(Box<UploadRecord>, Arc<dyn crate::volume::Volume>),
+    /// Go ahead: the record as read under the lock (or as the token describes it), whether it
+    /// is recorded, and its volume.
+    Write(Box<UploadRecord>, bool, Arc<dyn crate::volume::Volume>),
     /// Nothing to write; the upload is at this offset.
     Done(u64),
 }
 
-/// The checks made under the lock, before any byte is read.
+/// The checks made under the lock, before any byte is read. An upload not recorded yet is
+/// recorded now, unless this PATCH brings all of it: then its completion records it, and it
+/// costs no write before its data.
 async fn precheck(
     st: &AppState,
-    loaded: &UploadRecord,
+    claimed: &UploadRecord,
     offset: u64,
+    announced: Option<u64>,
     dst: &RelPath,
 ) -> ApiResult<Precheck> {
-    // Re-read under the lock: the previous holder may have moved the offset. A first write
-    // records the upload.
-    let rec = match st.uploads.get(&loaded.session).await? {
-        Some(rec) => rec,
+    // The record and the destination are independent: read and check them at once.
+    let v = st.uploads.volume(&claimed.volume)?.clone();
+    let (found, checked) = tokio::join!(
+        st.uploads.get(&claimed.session),
+        check_upload_destination(v.as_ref(), &claimed.vfid, dst)
+    );
+    let (rec, recorded) = match found? {
+        Some(rec) => {
+            usable(&rec, claimed)?;
+            (rec, true)
+        }
         None => {
-            st.uploads.ensure(loaded).await?;
-            loaded.clone()
+            usable(claimed, claimed)?;
+            let whole = offset == 0 && announced == Some(claimed.size);
+            if !whole {
+                st.uploads.ensure(claimed).await?;
+            }
+            (claimed.clone(), !whole)
         }
     };
-    if rec.state == UploadState::Terminated {
-        return Err(not_found());
-    }
     if rec.state == UploadState::Done {
         return if offset == rec.size {
             Ok(Precheck::Done(rec.size))
@@ -574,15 +600,14 @@ async fn precheck(
     if offset != rec.offset {
         return Err(offset_mismatch(rec.offset, offset));
     }
-    let v = st.uploads.volume(&rec.volume)?.clone();
-    check_upload_destination(v.as_ref(), &rec.vfid, dst).await?;
+    checked?;
     if rec.offset == rec.size && rec.size > 0 {
         // Everything is staged but the move into place failed before; try again. (An empty
         // upload takes the write path: its staging file is made by its one, empty, PATCH.)
         st.uploads.complete(&rec, dst).await?;
         return Ok(Precheck::Done(rec.size));
     }
-    Ok(Precheck::Write(Box::new(rec), v))
+    Ok(Precheck::Write(Box::new(rec), recorded, v))
 }
 
 /// Reads and drops what is left of an over-long body (bounded), so the client finishes sending
@@ -624,23 +649,27 @@ async fn write_at(
     let st = st.clone();
     let loaded = rec.clone();
     let body = body.take().unwrap_or_default();
-    tokio::spawn(async move { write_locked(&st, lock, &loaded, dst, offset, expected, body).await })
-        .await
-        .map_err(|e| ApiError::internal(format!("upload task failed: {e}")))?
+    tokio::spawn(async move {
+        write_locked(&st, lock, &loaded, dst, offset, announced, expected, body).await
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("upload task failed: {e}")))?
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn write_locked(
     st: &AppState,
     lock: UploadLock,
     loaded: &UploadRecord,
     dst: RelPath,
     offset: u64,
+    announced: Option<u64>,
     expected: Option<Expected>,
     body: Body,
 ) -> ApiResult<u64> {
     tracing::debug!(session = %loaded.session, offset, "upload PATCH");
-    let (rec, v) = match precheck(st, loaded, offset, &dst).await {
-        Ok(Precheck::Write(rec, v)) => (rec, v),
+    let (rec, recorded, v) = match precheck(st, loaded, offset, announced, &dst).await {
+        Ok(Precheck::Write(rec, recorded, v)) => (rec, recorded, v),
         Ok(Precheck::Done(n)) => return Ok(n),
         Err(e) => {
             drain(&mut body.into_data_stream()).await;
@@ -672,12 +701,27 @@ async fn write_locked(
                 every_bytes: st.config.daemon.upload_checkpoint_bytes,
                 durable: tx,
             };
-            (Some(c), Some(spawn_committer(st, &rec.session, offset, rx)))
+            (
+                Some(c),
+                Some(spawn_committer(st, &rec, recorded, offset, rx)),
+            )
         }
     };
     let staging = v.staging();
     let staged = staging
-        .write(&rec.vfid, &rec.session, offset, stream, checkpoints)
+        .write(
+            &rec.vfid,
+            &rec.session,
+            stream,
+            WritePlan {
+                offset,
+                size: rec.size,
+                checkpoints,
+                // With a checksum the move waits for the digest; without, it is part of the
+                // write.
+                finish_to: expected.is_none().then(|| dst.clone()),
+            },
+        )
         .await;
     // Where the record stands now: the last checkpoint committed (or the start).
     let committed = match committer {
@@ -728,6 +772,9 @@ async fn write_locked(
             if expected.is_some() {
                 cut_back().await?;
             } else if new_offset > committed {
+                if !recorded {
+                    st.uploads.ensure(&rec).await?;
+                }
                 st.uploads
                     .commit_offset(&rec.session, committed, new_offset)
                     .await?;
@@ -757,9 +804,13 @@ async fn write_locked(
     }
     if new_offset == rec.size {
         // Complete: the one durable step is the move into place (synced data, synced
-        // directory). Until then the record keeps its last committed offset, which a crash
-        // before the move falls back to.
-        st.uploads.complete(&rec, &dst).await?;
+        // directory), made by the write itself when it could. Until then the record keeps its
+        // last committed offset, which a crash before the move falls back to.
+        if staged.finished {
+            st.uploads.record_done(&rec).await?;
+        } else {
+            st.uploads.complete(&rec, &dst).await?;
+        }
         tracing::info!(session = %rec.session, size = rec.size, dst = %dst, "upload complete");
     } else if new_offset > committed
         && !st
@@ -774,27 +825,36 @@ async fn write_locked(
     Ok(new_offset)
 }
 
-/// Commits each checkpoint's offset as the staging layer reports it durable; returns the last
-/// one committed.
+/// Commits each checkpoint's offset as the staging layer reports it durable (recording the
+/// upload first if this PATCH had not); returns the last one committed.
 fn spawn_committer(
     st: &AppState,
-    session: &str,
+    rec: &UploadRecord,
+    recorded: bool,
     from: u64,
     mut durable: tokio::sync::mpsc::UnboundedReceiver<u64>,
 ) -> tokio::task::JoinHandle<u64> {
     let uploads = st.uploads.clone();
-    let session = session.to_string();
+    let rec = rec.clone();
     tokio::spawn(async move {
         let mut last = from;
+        let mut recorded = recorded;
         while let Some(to) = durable.recv().await {
-            match uploads.commit_offset(&session, last, to).await {
+            if !recorded {
+                if let Err(e) = uploads.ensure(&rec).await {
+                    tracing::warn!(session = %rec.session, error = %e, "cannot record an upload");
+                    continue;
+                }
+                recorded = true;
+            }
+            match uploads.commit_offset(&rec.session, last, to).await {
                 Ok(true) => {
-                    tracing::debug!(session = %session, offset = to, "upload checkpoint committed");
+                    tracing::debug!(session = %rec.session, offset = to, "upload checkpoint committed");
                     last = to;
                 }
                 Ok(false) => break, // taken over or reaped: the record is no longer ours
                 Err(e) => {
-                    tracing::warn!(session = %session, error = %e, "cannot commit an upload checkpoint");
+                    tracing::warn!(session = %rec.session, error = %e, "cannot commit an upload checkpoint");
                 }
             }
         }

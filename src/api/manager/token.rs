@@ -13,7 +13,7 @@ use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::ApiJson;
 use crate::api::token::{ArchiveClaims, DownloadClaims, DownloadOp, UploadClaims, UploadOp};
 use crate::ids::VFolderId;
-use crate::volume::{EntryKind, RelPath, VolumeError};
+use crate::volume::RelPath;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -75,33 +75,7 @@ pub async fn check_upload_destination(
     vfid: &VFolderId,
     dst: &RelPath,
 ) -> ApiResult<()> {
-    if !v.vfolder_exists(vfid).await? {
-        return Err(VolumeError::VFolderNotFound(*vfid).into());
-    }
-    let mut cur = RelPath::root();
-    for comp in dst.components() {
-        cur = cur.join_name(comp);
-        match v.stat(vfid, &cur).await {
-            Ok(st) if cur == *dst && st.kind == EntryKind::Directory => {
-                return Err(
-                    VolumeError::io(dst, std::io::Error::from_raw_os_error(libc::EISDIR)).into(),
-                );
-            }
-            Ok(st) if cur != *dst && st.kind != EntryKind::Directory => {
-                return Err(VolumeError::io(
-                    &cur,
-                    std::io::Error::from_raw_os_error(libc::ENOTDIR),
-                )
-                .into());
-            }
-            Ok(_) => {}
-            Err(VolumeError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
+    Ok(v.check_file_destination(vfid, dst).await?)
 }
 
 #[derive(Deserialize)]

@@ -598,6 +598,36 @@ impl Volume for VfsVolume {
         .await
     }
 
+    async fn check_file_destination(&self, vf: &VFolderId, dst: &RelPath) -> Result<()> {
+        let root = self.root();
+        let (vf, dst) = (*vf, dst.clone());
+        // One blocking call for the whole path instead of one per component.
+        blocking(move || {
+            let vfd = open_vfolder(root.as_fd(), &vf)?;
+            let comps: Vec<&str> = dst.components().collect();
+            let mut cur = RelPath::root();
+            for (i, comp) in comps.iter().enumerate() {
+                cur = cur.join_name(comp);
+                let last = i + 1 == comps.len();
+                let st = match fsops::open_beneath(vfd.as_fd(), &cur, libc::O_PATH, 0)
+                    .and_then(|fd| fsops::fstat(fd.as_fd()))
+                {
+                    Ok(st) => st,
+                    Err(e) if errno(&e) == Some(libc::ENOENT) => return Ok(()),
+                    Err(e) => return Err(VolumeError::io(&cur, e)),
+                };
+                let code = match (last, fsops::is_dir(&st)) {
+                    (true, true) => libc::EISDIR,
+                    (false, false) => libc::ENOTDIR,
+                    _ => continue,
+                };
+                return Err(VolumeError::io(&cur, io::Error::from_raw_os_error(code)));
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn open_read(&self, vf: &VFolderId, p: &RelPath) -> Result<Box<dyn ReadHandle>> {
         let root = self.root();
         let (vf, p) = (*vf, p.clone());

@@ -7,8 +7,9 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -18,7 +19,7 @@ use super::blocking;
 use crate::ids::VFolderId;
 use crate::volume::fsops::{self, Owner};
 use crate::volume::{
-    ByteStream, Checkpointing, RelPath, Result, StagedWrite, UploadStaging, VolumeError,
+    ByteStream, RelPath, Result, StagedWrite, UploadStaging, VolumeError, WritePlan,
 };
 
 /// Body chunks are gathered to this size before one write call.
@@ -84,6 +85,72 @@ fn start_writeback(file: &File, from: u64, len: u64) {
     }
 }
 
+/// The staging file of `session`, opened for writing; at offset 0 it (and `.upload/`) is made,
+/// and the directory is returned for the caller to sync.
+fn open_for_write(
+    root: BorrowedFd,
+    vf: &VFolderId,
+    session: &str,
+    offset: u64,
+    owner: Option<Owner>,
+) -> io::Result<(OwnedFd, Option<OwnedFd>)> {
+    let dir_path = staging_dir(vf);
+    if offset > 0 {
+        let fd = fsops::open_beneath(root, &dir_path.join_name(session), libc::O_WRONLY, 0)?;
+        return Ok((fd, None));
+    }
+    let dir = match fsops::open_dir_beneath(root, &dir_path) {
+        Ok(d) => d,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            fsops::mkdir_all_beneath(root, &dir_path, 0o700, None)?
+        }
+        Err(e) => return Err(e),
+    };
+    let fd = fsops::open_beneath_path(
+        dir.as_fd(),
+        std::path::Path::new(session),
+        libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW,
+        0o644,
+    )?;
+    fsops::fchown(fd.as_fd(), owner)?;
+    Ok((fd, Some(dir)))
+}
+
+/// Moves the staged upload to `dst` in the vfolder (parents made, an existing file replaced
+/// atomically) and syncs the directory that now holds it.
+fn finish_at(
+    root: BorrowedFd,
+    owner: Option<Owner>,
+    vf: &VFolderId,
+    session: &str,
+    dst: &RelPath,
+) -> Result<()> {
+    let vf_fd = super::open_vfolder(root, vf)?;
+    let (parent, name) = dst
+        .split_last()
+        .ok_or_else(|| VolumeError::io(dst, io::Error::from_raw_os_error(libc::EISDIR)))?;
+    let pfd = fsops::mkdir_all_beneath(vf_fd.as_fd(), &parent, 0o755, owner)
+        .map_err(|e| VolumeError::io(&parent, e))?;
+    let sdir = fsops::open_dir_beneath(root, &staging_dir(vf)).map_err(|e| io_err(".upload", e))?;
+    fsops::rename_at(
+        sdir.as_fd(),
+        OsStr::new(session),
+        pfd.as_fd(),
+        OsStr::new(name),
+        false,
+    )
+    .map_err(|e| VolumeError::io(dst, e))?;
+    fsops::fsync_dir(pfd.as_fd()).map_err(|e| VolumeError::io(dst, e))
+}
+
+/// What the receiving side hands the writer thread.
+enum ToWriter {
+    /// Body chunks to write; empty is a tick (a checkpoint may be due).
+    Batch(Vec<Bytes>),
+    /// The body ended cleanly: the writer may move a complete upload into place.
+    End,
+}
+
 pub struct VfsStaging {
     pub(super) root_fd: Arc<OwnedFd>,
     pub(super) owner: Option<Owner>,
@@ -129,54 +196,48 @@ impl UploadStaging for VfsStaging {
         &self,
         vf: &VFolderId,
         session: &str,
-        offset: u64,
         mut body: ByteStream,
-        checkpoints: Option<Checkpointing>,
+        plan: WritePlan,
     ) -> Result<StagedWrite> {
+        let WritePlan {
+            offset,
+            size,
+            checkpoints,
+            finish_to,
+        } = plan;
         let root = self.root_fd.clone();
         let owner = self.owner;
         let (vfc, sessionc) = (*vf, session.to_string());
-        // Opened (made at offset 0) on the blocking pool. Bytes past the durable offset (from a
-        // crashed or cut-off earlier PATCH) are dropped.
-        let (file, created_dir) = blocking(move || {
-            let (fd, dir) = if offset == 0 {
-                let dir = fsops::mkdir_all_beneath(root.as_fd(), &staging_dir(&vfc), 0o700, None)
-                    .map_err(|e| io_err(".upload", e))?;
-                let fd = fsops::open_beneath_path(
-                    dir.as_fd(),
-                    std::path::Path::new(&sessionc),
-                    libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW,
-                    0o644,
-                )
-                .map_err(|e| io_err(".upload", e))?;
-                fsops::fchown(fd.as_fd(), owner).map_err(|e| io_err(".upload", e))?;
-                (fd, Some(dir))
-            } else {
-                let p = staging_dir(&vfc).join_name(&sessionc);
-                let fd = fsops::open_beneath(root.as_fd(), &p, libc::O_WRONLY, 0)
-                    .map_err(|e| io_err(".upload", e))?;
-                (fd, None)
-            };
-            let file = File::from(fd);
-            file.set_len(offset).map_err(|e| io_err(".upload", e))?;
-            Ok((file, dir))
-        })
-        .await?;
 
         // One blocking writer per PATCH, fed through a short channel: the network and the disk
         // overlap, and at most a few batches (~1 MiB each) are in memory. The body's own chunks
         // are handed over as they are and written with one pwritev per batch: no copy of ours.
-        // An empty batch is a tick: a checkpoint may be due although no byte came.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(3);
+        // An empty batch is a tick: a checkpoint may be due although no byte came. The writer
+        // opens the staging file itself (made at offset 0; bytes past `offset`, from a crashed
+        // or cut-off earlier PATCH, dropped), so a small upload costs one blocking call.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<ToWriter>(3);
         let tick = checkpoints.as_ref().map(|c| c.every);
-        let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+        let writer = tokio::task::spawn_blocking(move || -> Result<(u64, bool)> {
+            let io = |e| io_err(".upload", e);
+            let (fd, created_dir) =
+                open_for_write(root.as_fd(), &vfc, &sessionc, offset, owner).map_err(io)?;
+            let file = File::from(fd);
+            file.set_len(offset).map_err(io)?;
+            let mut ended = false;
             let mut pos = offset;
             let mut flushed = offset;
             let mut synced = offset;
             let mut last_sync = std::time::Instant::now();
             let mut dir_synced = created_dir.is_none();
-            while let Some(batch) = rx.blocking_recv() {
-                pos += write_batch_at(&file, &batch, pos)?;
+            while let Some(msg) = rx.blocking_recv() {
+                let batch = match msg {
+                    ToWriter::Batch(b) => b,
+                    ToWriter::End => {
+                        ended = true;
+                        continue;
+                    }
+                };
+                pos += write_batch_at(&file, &batch, pos).map_err(io)?;
                 // Start writeback now rather than at the fsync below, so disk writes overlap
                 // with receiving and the fsync before the 204 finds little left to do.
                 if pos - flushed >= WRITEBACK_STEP {
@@ -187,11 +248,11 @@ impl UploadStaging for VfsStaging {
                     && pos > synced
                     && (pos - synced >= c.every_bytes || last_sync.elapsed() >= c.every)
                 {
-                    file.sync_data()?;
+                    file.sync_data().map_err(io)?;
                     // The staging file's own name must survive too before an offset in it is.
                     if !dir_synced {
                         if let Some(d) = &created_dir {
-                            fsops::fsync_dir(d.as_fd())?;
+                            fsops::fsync_dir(d.as_fd()).map_err(io)?;
                         }
                         dir_synced = true;
                     }
@@ -200,11 +261,25 @@ impl UploadStaging for VfsStaging {
                     let _ = c.durable.send(pos);
                 }
             }
-            file.sync_data()?;
-            if !dir_synced && let Some(d) = &created_dir {
-                fsops::fsync_dir(d.as_fd())?;
+            file.sync_data().map_err(io)?;
+            // An upload that is not complete will have an offset committed in this file: its
+            // name must be durable too. A complete one is renamed (and that synced) next.
+            if !dir_synced
+                && pos < size
+                && let Some(d) = &created_dir
+            {
+                fsops::fsync_dir(d.as_fd()).map_err(io)?;
             }
-            Ok(pos - offset)
+            drop(file);
+            // A move that fails here is left to `finish`, which reports why (the staged data
+            // stays, synced).
+            let finished = match &finish_to {
+                Some(dst) if ended && pos == size => {
+                    finish_at(root.as_fd(), owner, &vfc, &sessionc, dst).is_ok()
+                }
+                _ => false,
+            };
+            Ok((pos - offset, finished))
         });
 
         let mut batch: Vec<Bytes> = Vec::new();
@@ -220,7 +295,7 @@ impl UploadStaging for VfsStaging {
                 _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => {
                     unsent_since = tokio::time::Instant::now();
                     batched = 0;
-                    if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                    if tx.send(ToWriter::Batch(std::mem::take(&mut batch))).await.is_err() {
                         writer_gone = true;
                         break;
                     }
@@ -235,7 +310,11 @@ impl UploadStaging for VfsStaging {
                     if batched >= WRITE_BLOCK {
                         batched = 0;
                         unsent_since = tokio::time::Instant::now();
-                        if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                        if tx
+                            .send(ToWriter::Batch(std::mem::take(&mut batch)))
+                            .await
+                            .is_err()
+                        {
                             writer_gone = true;
                             break;
                         }
@@ -248,16 +327,19 @@ impl UploadStaging for VfsStaging {
             }
         }
         if !writer_gone && !batch.is_empty() {
-            let _ = tx.send(batch).await;
+            let _ = tx.send(ToWriter::Batch(batch)).await;
+        }
+        if !writer_gone && body_error.is_none() {
+            let _ = tx.send(ToWriter::End).await;
         }
         drop(tx);
-        let written = writer
+        let (written, finished) = writer
             .await
-            .map_err(|e| VolumeError::Internal(format!("staging writer failed: {e}")))?
-            .map_err(|e| io_err(".upload", e))?;
+            .map_err(|e| VolumeError::Internal(format!("staging writer failed: {e}")))??;
         Ok(StagedWrite {
             written,
             body_error,
+            finished,
         })
     }
 
@@ -265,24 +347,47 @@ impl UploadStaging for VfsStaging {
         let root = self.root_fd.clone();
         let owner = self.owner;
         let (vf, session, dst) = (*vf, session.to_string(), dst.clone());
+        blocking(move || finish_at(root.as_fd(), owner, &vf, &session, &dst)).await
+    }
+
+    async fn sweep(&self, older_than: SystemTime) -> Result<usize> {
+        let root = self.root_fd.clone();
         blocking(move || {
-            let vf_fd = super::open_vfolder(root.as_fd(), &vf)?;
-            let (parent, name) = dst
-                .split_last()
-                .ok_or_else(|| VolumeError::io(&dst, io::Error::from_raw_os_error(libc::EISDIR)))?;
-            let pfd = fsops::mkdir_all_beneath(vf_fd.as_fd(), &parent, 0o755, owner)
-                .map_err(|e| VolumeError::io(&parent, e))?;
-            let sdir = fsops::open_dir_beneath(root.as_fd(), &staging_dir(&vf))
-                .map_err(|e| io_err(".upload", e))?;
-            fsops::rename_at(
-                sdir.as_fd(),
-                OsStr::new(&session),
-                pfd.as_fd(),
-                OsStr::new(name),
-                false,
-            )
-            .map_err(|e| VolumeError::io(&dst, e))?;
-            fsops::fsync_dir(pfd.as_fd()).map_err(|e| VolumeError::io(&dst, e))
+            let mut removed = 0;
+            let scopes = fsops::DirEntries::new(root.as_fd()).map_err(|e| io_err(".", e))?;
+            for ent in scopes.flatten() {
+                let (name, _) = ent;
+                // Quota scope directories: 32 hex characters.
+                let is_scope = name.len() == 32
+                    && name
+                        .to_str()
+                        .is_some_and(|n| n.bytes().all(|b| b.is_ascii_hexdigit()));
+                if !is_scope {
+                    continue;
+                }
+                let Ok(qs) = fsops::open_subdir_nofollow(root.as_fd(), &name) else {
+                    continue;
+                };
+                let Ok(up) = fsops::open_subdir_nofollow(qs.as_fd(), ".upload") else {
+                    continue;
+                };
+                let Ok(files) = fsops::DirEntries::new(up.as_fd()) else {
+                    continue;
+                };
+                for (f, _) in files.flatten() {
+                    let Ok(st) = fsops::lstat_at(up.as_fd(), &f) else {
+                        continue;
+                    };
+                    let mtime = crate::volume::vfs::entry_stat(&st).modified;
+                    if fsops::is_file(&st)
+                        && mtime < older_than
+                        && fsops::unlink_at(up.as_fd(), &f, false).is_ok()
+                    {
+                        removed += 1;
+                    }
+                }
+            }
+            Ok(removed)
         })
         .await
     }

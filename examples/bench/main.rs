@@ -1,4 +1,4 @@
-//! Benchmark driver for the gRPC side (bench/sessions.sh and bench/admission.sh call it).
+//! Benchmark driver (bench/*.sh call it): the gRPC side here, the HTTP side in `http.rs`.
 //!
 //!   bench session-latency --rpc ADDR --secret S --volume V --vfid VF --user U \
 //!         --pubkey FILE --key FILE --n N
@@ -8,11 +8,22 @@
 //!       nodes (own connections each) on the real Lua script; admissions/s, p50/p99.
 //!   bench create --rpc ADDR --secret S --volume V --vfid VF --user U --pubkey FILE
 //!       One SFTP session, left running; prints its id and port.
-//!   bench upload --url CLIENT_UPLOAD_URL --file F --chunk BYTES
+//!   bench upload --url CLIENT_UPLOAD_URL --file F --chunk BYTES [--create]
 //!       A tus upload of F in PATCHes of BYTES (0 = one PATCH), read from the page cache; MB/s.
+//!       With --create the URL is a tus endpoint: the upload is created by POST first (a plain
+//!       tus server such as @tus/server).
+//!   bench smallfiles --manager ADDR --client ADDR --secret S --volume V --vfid VF --n N
+//!         --concurrency C --size BYTES
+//!       N uploads of SIZE bytes, each a token mint plus one PATCH (the Backend.AI flow), from C
+//!       concurrent clients: files/s, mint and PATCH p50/p99. Same calls for any peer that
+//!       speaks the storage-proxy API.
+//!   bench mgrlat --manager ADDR --secret S --volume V --n N
+//!       Manager API latency: N vfolder creates, N mkdirs and N listings: p50/p99 each.
 //!   bench refusals --rpc A,B,C --secret S --volume V --vfids X,Y,Z --user U --pubkey FILE --n N
 //!       End-to-end CreateSession calls refused at the per-user limit on 3 real daemons (the
 //!       whole admission path without a container start); calls/s, p50/p99.
+
+mod http;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +33,7 @@ use storage_agent::pb;
 use storage_agent::pb::storage_agent_client::StorageAgentClient;
 use storage_agent::session::limiter::UserLimiter;
 
-fn arg(args: &[String], name: &str) -> String {
+pub(crate) fn arg(args: &[String], name: &str) -> String {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
@@ -37,7 +48,7 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn report(name: &str, mut lat: Vec<Duration>, wall: Duration) {
+pub(crate) fn report(name: &str, mut lat: Vec<Duration>, wall: Duration) {
     lat.sort();
     println!(
         "{name}: n={} wall={:.2}s rate={:.1}/s p50={:.1}ms p90={:.1}ms p99={:.1}ms max={:.1}ms",
@@ -312,42 +323,6 @@ async fn refusals(args: &[String]) {
     );
 }
 
-async fn upload(args: &[String]) {
-    let url = arg(args, "--url");
-    let file = arg(args, "--file");
-    let chunk: u64 = arg(args, "--chunk").parse().expect("chunk");
-    let size = std::fs::metadata(&file).expect("file").len();
-    let chunk = if chunk == 0 { size } else { chunk };
-    let http = reqwest::Client::new();
-    let t0 = Instant::now();
-    let mut off = 0u64;
-    while off < size {
-        let len = chunk.min(size - off);
-        // Streamed from the file in 1 MiB reads, so a single 1 GiB PATCH stays small here too.
-        let f = tokio::fs::File::open(&file).await.expect("open");
-        use tokio::io::{AsyncReadExt, AsyncSeekExt};
-        let mut f = f;
-        f.seek(std::io::SeekFrom::Start(off)).await.expect("seek");
-        let body = tokio_util::io::ReaderStream::with_capacity(f.take(len), 1 << 20);
-        let r = http
-            .patch(&url)
-            .header("Content-Type", "application/offset+octet-stream")
-            .header("Upload-Offset", off.to_string())
-            .header("Content-Length", len.to_string())
-            .body(reqwest::Body::wrap_stream(body))
-            .send()
-            .await
-            .expect("PATCH");
-        assert_eq!(r.status(), 204, "PATCH at {off}: {}", r.status());
-        off += len;
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    println!(
-        "upload: bytes={size} chunk={chunk} secs={secs:.3} MBps={:.1}",
-        size as f64 / secs / 1e6
-    );
-}
-
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -356,7 +331,9 @@ async fn main() {
         Some("session-latency") => session_latency(&args).await,
         Some("admission") => admission(&args).await,
         Some("refusals") => refusals(&args).await,
-        Some("upload") => upload(&args).await,
+        Some("upload") => http::upload(&args).await,
+        Some("smallfiles") => http::smallfiles(&args).await,
+        Some("mgrlat") => http::mgrlat(&args).await,
         Some("create") => create(&args).await,
         _ => eprintln!("usage: bench session-latency|admission|refusals ... (see the file header)"),
     }

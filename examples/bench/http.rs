@@ -1,0 +1,221 @@
+//! The HTTP side of the benchmarks: tus uploads, small files, manager API latency. Every call is
+//! a plain storage-proxy API call, so the same code measures us and the Python proxy.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::{arg, report};
+
+fn has(args: &[String], name: &str) -> bool {
+    args.iter().any(|a| a == name)
+}
+
+pub async fn upload(args: &[String]) {
+    let url = arg(args, "--url");
+    let file = arg(args, "--file");
+    let chunk: u64 = arg(args, "--chunk").parse().expect("chunk");
+    let size = std::fs::metadata(&file).expect("file").len();
+    let chunk = if chunk == 0 { size } else { chunk };
+    let http = reqwest::Client::new();
+    let t0 = Instant::now();
+    let url = if has(args, "--create") {
+        // A tus server's own creation: POST with Upload-Length, then PATCH its Location.
+        let r = http
+            .post(&url)
+            .header("Tus-Resumable", "1.0.0")
+            .header("Upload-Length", size.to_string())
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(r.status(), 201, "creation: {}", r.status());
+        let loc = r.headers()["location"]
+            .to_str()
+            .expect("location")
+            .to_string();
+        reqwest::Url::parse(&url)
+            .and_then(|u| u.join(&loc))
+            .expect("location URL")
+            .to_string()
+    } else {
+        url
+    };
+    let mut off = 0u64;
+    while off < size {
+        let len = chunk.min(size - off);
+        // Streamed from the file in 1 MiB reads, so a single 1 GiB PATCH stays small here too.
+        let f = tokio::fs::File::open(&file).await.expect("open");
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let mut f = f;
+        f.seek(std::io::SeekFrom::Start(off)).await.expect("seek");
+        let body = tokio_util::io::ReaderStream::with_capacity(f.take(len), 1 << 20);
+        let r = http
+            .patch(&url)
+            .header("Tus-Resumable", "1.0.0")
+            .header("Content-Type", "application/offset+octet-stream")
+            .header("Upload-Offset", off.to_string())
+            .header("Content-Length", len.to_string())
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await
+            .expect("PATCH");
+        assert_eq!(r.status(), 204, "PATCH at {off}: {}", r.status());
+        off += len;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "upload: bytes={size} chunk={chunk} secs={secs:.3} MBps={:.1}",
+        size as f64 / secs / 1e6
+    );
+}
+
+async fn mgr(
+    http: &reqwest::Client,
+    manager: &str,
+    secret: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> reqwest::Response {
+    http.post(format!("http://{manager}{path}"))
+        .header("X-BackendAI-Storage-Auth-Token", secret)
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Small files: mint + one PATCH each, from `concurrency` clients with their own keep-alive
+/// connections.
+pub async fn smallfiles(args: &[String]) {
+    let manager = arg(args, "--manager");
+    let client = arg(args, "--client");
+    let secret = arg(args, "--secret");
+    let volume = arg(args, "--volume");
+    let vfid = arg(args, "--vfid");
+    let n: usize = arg(args, "--n").parse().expect("n");
+    let conc: usize = arg(args, "--concurrency").parse().expect("concurrency");
+    let size: usize = arg(args, "--size").parse().expect("size");
+    let data = bytes::Bytes::from(vec![0x5au8; size]);
+    let per = n.div_ceil(conc);
+    let wall = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..conc {
+        let (manager, client, secret, volume, vfid, data) = (
+            manager.clone(),
+            client.clone(),
+            secret.clone(),
+            volume.clone(),
+            vfid.clone(),
+            data.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let (mut mints, mut patches, mut totals) = (Vec::new(), Vec::new(), Vec::new());
+            for i in 0..per {
+                let t0 = Instant::now();
+                let r = mgr(
+                    &http,
+                    &manager,
+                    &secret,
+                    "/folder/file/upload",
+                    json!({"volume": volume, "vfid": vfid, "relpath": format!("s{t}/f{i}.bin"), "size": data.len()}),
+                )
+                .await;
+                assert_eq!(r.status(), 200, "mint: {}", r.status());
+                let v: serde_json::Value = r.json().await.expect("token");
+                let token = v["token"].as_str().expect("token").to_string();
+                let t1 = Instant::now();
+                let r = http
+                    .patch(format!("http://{client}/upload?token={token}"))
+                    .header("Tus-Resumable", "1.0.0")
+                    .header("Content-Type", "application/offset+octet-stream")
+                    .header("Upload-Offset", "0")
+                    .body(data.clone())
+                    .send()
+                    .await
+                    .expect("PATCH");
+                assert_eq!(r.status(), 204, "PATCH: {}", r.status());
+                let t2 = Instant::now();
+                mints.push(t1 - t0);
+                patches.push(t2 - t1);
+                totals.push(t2 - t0);
+            }
+            (mints, patches, totals)
+        }));
+    }
+    let (mut mints, mut patches, mut totals) = (Vec::new(), Vec::new(), Vec::new());
+    for t in tasks {
+        let (m, p, a) = t.await.expect("task");
+        mints.extend(m);
+        patches.extend(p);
+        totals.extend(a);
+    }
+    let wall = wall.elapsed();
+    report("files", totals, wall);
+    report("mint", mints, wall);
+    report("patch", patches, wall);
+}
+
+/// Manager API latency: creates, mkdirs, listings.
+pub async fn mgrlat(args: &[String]) {
+    let manager = arg(args, "--manager");
+    let secret = arg(args, "--secret");
+    let volume = arg(args, "--volume");
+    let n: usize = arg(args, "--n").parse().expect("n");
+    let http = reqwest::Client::new();
+    let qs = format!("user:{}", uuid::Uuid::new_v4());
+    let time = |d: Duration, v: &mut Vec<Duration>| v.push(d);
+    let mut vfids = Vec::new();
+    let mut lat = Vec::new();
+    let wall = Instant::now();
+    for _ in 0..n {
+        let vfid = format!("{qs}/{}", uuid::Uuid::new_v4().simple());
+        let t = Instant::now();
+        let r = mgr(
+            &http,
+            &manager,
+            &secret,
+            "/folder/create",
+            json!({"volume": volume, "vfid": vfid}),
+        )
+        .await;
+        assert!(r.status().is_success(), "create: {}", r.status());
+        time(t.elapsed(), &mut lat);
+        vfids.push(vfid);
+    }
+    report("create", lat, wall.elapsed());
+    let vfid = &vfids[0];
+    let mut lat = Vec::new();
+    let wall = Instant::now();
+    for i in 0..n {
+        let t = Instant::now();
+        let r = mgr(
+            &http,
+            &manager,
+            &secret,
+            "/folder/file/mkdir",
+            json!({"volume": volume, "vfid": vfid, "relpath": format!("d{i}")}),
+        )
+        .await;
+        assert!(r.status().is_success(), "mkdir: {}", r.status());
+        time(t.elapsed(), &mut lat);
+    }
+    report("mkdir", lat, wall.elapsed());
+    let mut lat = Vec::new();
+    let wall = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = mgr(
+            &http,
+            &manager,
+            &secret,
+            "/folder/file/list",
+            json!({"volume": volume, "vfid": vfid, "relpath": "."}),
+        )
+        .await;
+        assert!(r.status().is_success(), "list: {}", r.status());
+        let _ = r.bytes().await;
+        time(t.elapsed(), &mut lat);
+    }
+    report("list", lat, wall.elapsed());
+}
