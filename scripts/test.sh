@@ -52,5 +52,6 @@ phase fmt       cargo fmt --all -- --check
 phase clippy    cargo clippy --all-targets --locked -- -D warnings
 phase build     cargo build --all-targets --locked
 phase test      cargo test --locked -- --test-threads="${TEST_THREADS:-4}"
+phase bench     ./bench/run.sh --smoke
 phase smoke     smoke
 summary

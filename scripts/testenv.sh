@@ -8,6 +8,8 @@
 #   scripts/testenv.sh dufs        the dufs binary for the file browser image (cargo install)
 #   scripts/testenv.sh bai-venv    a Python 3.13 venv with Backend.AI's own classes
 #                                  (backend.ai-common 26.9.6), which tests decode events with
+#   scripts/testenv.sh peers       benchmark peers: the Backend.AI storage proxy 26.9.6 (venv)
+#                                  and @tus/server (bench/peers)
 #   scripts/testenv.sh all         all of the above
 #
 # Env: SA_CACHE (default ~/.cache/storage-agent) keeps the base rootfs tarball and dufs between
@@ -106,22 +108,38 @@ dufs() {
 }
 
 # Backend.AI 26.9 needs Python >= 3.13; these machines have it under pyenv.
-bai_venv() {
-  local venv="$SA_CACHE/bai-venv"
-  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import ai.backend.common, redis' 2>/dev/null; then
-    return
-  fi
-  local py=""
+python313() {
+  local cand
   for cand in python3.13 "$(pyenv root 2>/dev/null)"/versions/3.13*/bin/python /root/.pyenv/versions/3.13*/bin/python; do
-    if [ -n "$cand" ] && command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; assert sys.version_info >= (3, 13)' 2>/dev/null; then
-      py=$cand; break
+    if [ -n "$cand" ] && command -v "$cand" >/dev/null 2>&1 \
+       && "$cand" -c 'import sys; assert sys.version_info >= (3, 13)' 2>/dev/null; then
+      echo "$cand"; return
     fi
   done
-  [ -n "$py" ] || { log "Python 3.13 not found (pyenv install 3.13)"; return 1; }
-  log "venv for backend.ai-common 26.9.6 ($py)"
+  log "Python 3.13 not found (pyenv install 3.13)"; return 1
+}
+
+# make_venv DIR PYPI-PACKAGE CHECK-IMPORT
+make_venv() {
+  local venv=$1 pkg=$2 check=$3 py
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import $check" 2>/dev/null; then
+    return
+  fi
+  py=$(python313)
+  log "venv $venv: $pkg ($py)"
   rm -rf "$venv"
   "$py" -m venv "$venv"
-  "$venv/bin/pip" install -q 'backend.ai-common==26.9.6'
+  "$venv/bin/pip" install -q "$pkg"
+}
+
+bai_venv() { make_venv "$SA_CACHE/bai-venv" 'backend.ai-common==26.9.6' 'ai.backend.common, redis'; }
+
+peers() {
+  make_venv "$SA_CACHE/peer-venv" 'backend-ai-storage-proxy==26.9.6' 'ai.backend.storage'
+  if [ ! -d "$HERE/bench/peers/node_modules/@tus/server" ]; then
+    log "npm: @tus/server (bench/peers)"
+    (cd "$HERE/bench/peers" && npm ci --no-audit --no-fund --silent)
+  fi
 }
 
 case "${1:-all}" in
@@ -130,6 +148,7 @@ case "${1:-all}" in
   base-image) base_image ;;
   dufs) dufs ;;
   bai-venv) bai_venv ;;
-  all) packages; docker_up; base_image; dufs >/dev/null; bai_venv ;;
-  *) echo "usage: $0 {packages|docker|base-image|dufs|bai-venv|all}" >&2; exit 2 ;;
+  peers) peers ;;
+  all) packages; docker_up; base_image; dufs >/dev/null; bai_venv; peers ;;
+  *) echo "usage: $0 {packages|docker|base-image|dufs|bai-venv|peers|all}" >&2; exit 2 ;;
 esac

@@ -219,3 +219,116 @@ pub async fn mgrlat(args: &[String]) {
     }
     report("list", lat, wall.elapsed());
 }
+
+/// `n` GETs of random `len`-byte ranges of a `size`-byte file at `url`, over one keep-alive
+/// connection: requests/s and latency.
+pub async fn ranges(args: &[String]) {
+    let url = arg(args, "--url");
+    let size: u64 = arg(args, "--size").parse().expect("size");
+    let n: usize = arg(args, "--n").parse().expect("n");
+    let len: u64 = arg(args, "--len").parse().expect("len");
+    let http = reqwest::Client::new();
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let mut lat = Vec::with_capacity(n);
+    let wall = Instant::now();
+    for _ in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let start = x % (size - len);
+        let t = Instant::now();
+        let r = http
+            .get(&url)
+            .header("Range", format!("bytes={start}-{}", start + len - 1))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(r.status(), 206, "range: {}", r.status());
+        let body = r.bytes().await.expect("body");
+        assert_eq!(body.len() as u64, len);
+        lat.push(t.elapsed());
+    }
+    report("ranges", lat, wall.elapsed());
+}
+
+/// `n` uploads of `file` at once, each a mint and one PATCH (or, with --tus-endpoint, a tus
+/// creation and one PATCH): aggregate MB/s.
+pub async fn concurrent_uploads(args: &[String]) {
+    let file = arg(args, "--file");
+    let n: usize = arg(args, "--n").parse().expect("n");
+    let size = std::fs::metadata(&file).expect("file").len();
+    let tus = args
+        .iter()
+        .position(|a| a == "--tus-endpoint")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let http = reqwest::Client::new();
+    let mut urls = Vec::new();
+    for i in 0..n {
+        let url = match &tus {
+            Some(endpoint) => {
+                let r = http
+                    .post(endpoint)
+                    .header("Tus-Resumable", "1.0.0")
+                    .header("Upload-Length", size.to_string())
+                    .send()
+                    .await
+                    .expect("POST");
+                let loc = r.headers()["location"]
+                    .to_str()
+                    .expect("location")
+                    .to_string();
+                reqwest::Url::parse(endpoint)
+                    .and_then(|u| u.join(&loc))
+                    .expect("URL")
+                    .to_string()
+            }
+            None => {
+                let r = mgr(
+                    &http,
+                    &arg(args, "--manager"),
+                    &arg(args, "--secret"),
+                    "/folder/file/upload",
+                    json!({"volume": arg(args, "--volume"), "vfid": arg(args, "--vfid"), "relpath": format!("c{i}.bin"), "size": size}),
+                )
+                .await;
+                let v: serde_json::Value = r.json().await.expect("token");
+                format!(
+                    "http://{}/upload?token={}",
+                    arg(args, "--client"),
+                    v["token"].as_str().expect("token")
+                )
+            }
+        };
+        urls.push(url);
+    }
+    let wall = Instant::now();
+    let mut tasks = Vec::new();
+    for url in urls {
+        let (http, file) = (http.clone(), file.clone());
+        tasks.push(tokio::spawn(async move {
+            let f = tokio::fs::File::open(&file).await.expect("open");
+            let body = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
+            let r = http
+                .patch(&url)
+                .header("Tus-Resumable", "1.0.0")
+                .header("Content-Type", "application/offset+octet-stream")
+                .header("Upload-Offset", "0")
+                .header("Content-Length", size.to_string())
+                .body(reqwest::Body::wrap_stream(body))
+                .send()
+                .await
+                .expect("PATCH");
+            assert_eq!(r.status(), 204, "PATCH: {}", r.status());
+        }));
+    }
+    for t in tasks {
+        t.await.expect("upload");
+    }
+    let secs = wall.elapsed().as_secs_f64();
+    println!(
+        "concurrent: n={n} bytes={} secs={secs:.3} MBps={:.1}",
+        size * n as u64,
+        (size * n as u64) as f64 / secs / 1e6
+    );
+}

@@ -19,6 +19,11 @@
 //!       speaks the storage-proxy API.
 //!   bench mgrlat --manager ADDR --secret S --volume V --n N
 //!       Manager API latency: N vfolder creates, N mkdirs and N listings: p50/p99 each.
+//!   bench ranges --url DOWNLOAD_URL --size BYTES --n N --len BYTES
+//!       N GETs of random LEN-byte ranges over one connection: requests/s, p50/p99.
+//!   bench concurrent-uploads --file F --n N (--manager A --client A --secret S --volume V
+//!         --vfid VF | --tus-endpoint URL)
+//!       N uploads of F at once, one PATCH each: aggregate MB/s.
 //!   bench refusals --rpc A,B,C --secret S --volume V --vfids X,Y,Z --user U --pubkey FILE --n N
 //!       End-to-end CreateSession calls refused at the per-user limit on 3 real daemons (the
 //!       whole admission path without a container start); calls/s, p50/p99.
@@ -334,6 +339,8 @@ async fn main() {
         Some("upload") => http::upload(&args).await,
         Some("smallfiles") => http::smallfiles(&args).await,
         Some("mgrlat") => http::mgrlat(&args).await,
+        Some("ranges") => http::ranges(&args).await,
+        Some("concurrent-uploads") => http::concurrent_uploads(&args).await,
         Some("create") => create(&args).await,
         _ => eprintln!("usage: bench session-latency|admission|refusals ... (see the file header)"),
     }

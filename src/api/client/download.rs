@@ -305,50 +305,55 @@ pub async fn download(
     };
     let v = st.volumes.get(&c.volume)?.clone();
     let shown = path.as_str();
+    let no_cache = q.no_cache;
+    // A file is opened straight away (the usual case, one step); only a directory needs more.
+    let is_dir = |e: &VolumeError| matches!(e, VolumeError::Io { source, .. } if source.raw_os_error() == Some(libc::EISDIR));
+    match v.open_read(&c.vfid, &path).await {
+        Ok(h) => {
+            let name = path.file_name().unwrap_or("download").to_string();
+            return Ok(serve_file(&headers, h, &name, no_cache));
+        }
+        Err(e) if is_dir(&e) => {}
+        Err(e) => return Err(not_found_or(e, shown)),
+    }
     let stat = v
         .stat(&c.vfid, &path)
         .await
         .map_err(|e| not_found_or(e, shown))?;
-    let no_cache = q.no_cache;
-    match stat.kind {
-        EntryKind::Directory if q.archive || c.archive => {
-            let name = format!(
-                "{}.zip",
-                path.file_name().map(str::to_string).unwrap_or_else(|| c
-                    .vfid
-                    .folder
-                    .simple()
-                    .to_string())
-            );
-            if method == Method::HEAD {
-                return Ok(zip_response(Body::empty(), &name, no_cache));
-            }
-            let slot = archive_slot(&st, token)?;
-            let body = archive::zip_body(
-                v,
-                c.vfid,
-                vec![Root {
-                    path,
-                    name: String::new(),
-                    stat,
-                }],
-                slot,
-            );
-            Ok(zip_response(body, &name, no_cache))
-        }
-        EntryKind::Directory => Err(ApiError::invalid_param(
+    if stat.kind != EntryKind::Directory {
+        // Replaced by a file since: ask again.
+        return Err(not_found_or(
+            VolumeError::io(&path, std::io::Error::from_raw_os_error(libc::ENOENT)),
+            shown,
+        ));
+    }
+    if !(q.archive || c.archive) {
+        return Err(ApiError::invalid_param(
             "relpath",
             "The file is not a regular file. (pass archive=true to download a directory as zip)",
-        )),
-        _ => {
-            let h = v
-                .open_read(&c.vfid, &path)
-                .await
-                .map_err(|e| not_found_or(e, shown))?;
-            let name = path.file_name().unwrap_or("download").to_string();
-            Ok(serve_file(&headers, h, &name, no_cache))
-        }
+        ));
     }
+    let name = format!(
+        "{}.zip",
+        path.file_name()
+            .map(str::to_string)
+            .unwrap_or_else(|| c.vfid.folder.simple().to_string())
+    );
+    if method == Method::HEAD {
+        return Ok(zip_response(Body::empty(), &name, no_cache));
+    }
+    let slot = archive_slot(&st, token)?;
+    let body = archive::zip_body(
+        v,
+        c.vfid,
+        vec![Root {
+            path,
+            name: String::new(),
+            stat,
+        }],
+        slot,
+    );
+    Ok(zip_response(body, &name, no_cache))
 }
 
 /// A production slot for an archive, or 429 when the node or this token has enough running.

@@ -1,0 +1,828 @@
+#!/usr/bin/env python3
+"""storage-agent against its peers and ceilings, in one run (bench/run.sh calls this).
+
+Starts everything it measures on loopback, interleaves the systems within each round (the
+machine is noisy: ratios measured minutes apart mean little), takes the median of the rounds and
+keeps the spread, writes bench/RESULTS.md (tables, machine, date, then bench/ANALYSIS.md) and the
+raw numbers to bench/results/<timestamp>.json, and stops everything it started.
+
+Peers and ceilings: dd and the raw syscalls on the same filesystem; nginx with sendfile; the
+Backend.AI Python storage proxy 26.9.6 (with its etcd and Redis); @tus/server with its file
+store; the host's OpenSSH sshd. --smoke runs every scenario once at tiny sizes (CI keeps the
+script working with it) and writes its tables under bench/results/ instead.
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("SA_CACHE", Path.home() / ".cache/storage-agent"))
+MANAGER_SECRET = "bench-manager-secret-0123456789"
+JWT_SECRET = "bench-jwt-secret-0123456789"
+RPC_SECRET = "bench-rpc-secret-0123456789"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MB = 1_000_000
+
+
+def log(*a):
+    print("[bench]", *a, file=sys.stderr, flush=True)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, timeout=60):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port} after {timeout}s")
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def tree_pids(pid):
+    """pid and all its descendants."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except OSError:
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pid):
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / CLK_TCK
+
+
+def reset_peak(pid):
+    for p in tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def peak_rss_mib(pid):
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def http_json(method, url, body, headers=None):
+    import urllib.request
+
+    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode())
+    req.add_header("Content-Type", "application/json")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    with urllib.request.urlopen(req, timeout=600) as r:
+        data = r.read()
+        return json.loads(data) if data else None
+
+
+def curl_speed(url, headers=()):
+    """Downloads to /dev/null; returns bytes/s."""
+    cmd = ["curl", "-fsS", "-o", "/dev/null", "-w", "%{speed_download} %{size_download}"]
+    for h in headers:
+        cmd += ["-H", h]
+    speed, size = run(cmd + [url]).split()
+    return float(speed), int(size)
+
+
+def warm(path):
+    """Reads a file into the page cache."""
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def random_file(path, size):
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 24)
+            f.write(os.urandom(n))
+            left -= n
+
+
+# ---- the systems ------------------------------------------------------------------------------
+
+
+class Proxy:
+    """Something that speaks the storage-proxy manager and client APIs."""
+
+    name = "?"
+    manager = client = None
+    pid = None
+    vol = None  # the volume's directory
+
+    def mgr(self, path, body, method="POST"):
+        return http_json(
+            method,
+            f"http://{self.manager}{path}",
+            body,
+            {"X-BackendAI-Storage-Auth-Token": MANAGER_SECRET},
+        )
+
+    def new_vfolder(self):
+        vfid = f"user:{uuid.uuid4()}/{uuid.uuid4().hex}"
+        self.mgr("/folder/create", {"volume": "vol1", "vfid": vfid})
+        return vfid
+
+    def vfolder_path(self, vfid):
+        qs, folder = vfid.split("/")
+        q = uuid.UUID(qs.split(":")[1]).hex
+        f = uuid.UUID(folder).hex
+        return self.vol / q / f[:2] / f[2:4] / f[4:]
+
+    def upload_url(self, vfid, relpath, size):
+        t = self.mgr("/folder/file/upload", {"volume": "vol1", "vfid": vfid, "relpath": relpath, "size": size})
+        return f"http://{self.client}/upload?token={t['token']}"
+
+    def download_url(self, vfid, relpath, archive=False):
+        t = self.mgr("/folder/file/download", {"volume": "vol1", "vfid": vfid, "relpath": relpath, "archive": archive})
+        url = f"http://{self.client}/download?token={t['token']}"
+        return url + "&archive=true" if archive else url
+
+
+class StorageAgent(Proxy):
+    name = "storage-agent"
+
+    def __init__(self, work, binary, agent_ports=None):
+        self.dir = work / "sa"
+        self.vol = self.dir / "vol1"
+        self.vol.mkdir(parents=True)
+        (self.dir / "state").mkdir()
+        agent = "[agent]\nenabled = false\n"
+        if agent_ports:
+            lo, hi = agent_ports
+            agent = (
+                f'[agent]\nenabled = true\nbase-image = "{os.environ.get("BASE_IMAGE", "localbase:bookworm-slim")}"\n'
+                f'public-addr = "127.0.0.1"\nport-range = "{lo}-{hi}"\nkernel-uid = 2301\nkernel-gid = 2301\n'
+                f'[agent.rpc]\nservice-addr = "127.0.0.1:0"\nsecret = "{RPC_SECRET}"\n'
+            )
+        cfg = self.dir / "storage-agent.toml"
+        cfg.write_text(
+            f'[storage-proxy]\nnode-id = "bench-{os.getpid()}"\nsecret = "{JWT_SECRET}"\n'
+            'session-expire = "1d"\nmax-upload-size = "100g"\n'
+            f'[storage-agent]\nstate-dir = "{self.dir / "state"}"\nlog-level = "warn"\n'
+            '[api.client]\nservice-addr = "127.0.0.1:0"\n'
+            f'[api.manager]\nservice-addr = "127.0.0.1:0"\ninternal-addr = "127.0.0.1:0"\nsecret = "{MANAGER_SECRET}"\n'
+            f'[volume.vol1]\nbackend = "vfs"\npath = "{self.vol}"\n' + agent
+        )
+        out = open(self.dir / "out", "w")
+        self.proc = subprocess.Popen(
+            [binary, "serve", "--config", cfg], stdout=out, stderr=open(self.dir / "err", "w")
+        )
+        self.pid = self.proc.pid
+        end = time.time() + 60
+        while "ready" not in (self.dir / "out").read_text():
+            if time.time() > end or self.proc.poll() is not None:
+                raise RuntimeError("storage-agent did not start: " + (self.dir / "err").read_text()[-2000:])
+            time.sleep(0.05)
+        addrs = {}
+        for line in (self.dir / "out").read_text().splitlines():
+            if line.startswith("listening"):
+                kv = dict(x.split("=", 1) for x in line.split()[1:])
+                addrs[kv["api"]] = kv["addr"]
+        self.manager, self.client, self.rpc = addrs["manager"], addrs["client"], addrs.get("rpc")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+class PythonProxy(Proxy):
+    """Backend.AI's storage proxy 26.9.6, with the etcd and Redis it needs (TESTENV §10)."""
+
+    name = "python-proxy"
+
+    def __init__(self, work):
+        py = CACHE / "peer-venv/bin/backend.ai"
+        if not py.exists():
+            raise RuntimeError(f"{py} is missing: run bench/run.sh (scripts/testenv.sh peers installs it)")
+        self.dir = work / "py"
+        self.vol = self.dir / "vol1"
+        self.vol.mkdir(parents=True)
+        (self.vol / "version.txt").write_text("3\n")
+        etcd_port, peer_port, redis_port = free_port(), free_port(), free_port()
+        self.etcd = subprocess.Popen(
+            ["etcd", "--data-dir", self.dir / "etcd", "--name", "default",
+             "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
+             "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
+             "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+             "--initial-cluster", f"default=http://127.0.0.1:{peer_port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.redis = subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_port(etcd_port)
+        wait_port(redis_port)
+        end = time.time() + 30
+        while True:
+            r = subprocess.run(
+                ["etcdctl", "--endpoints", f"127.0.0.1:{etcd_port}", "put", "/sorna/local/config/redis/addr",
+                 f"127.0.0.1:{redis_port}"],
+                env={**os.environ, "ETCDCTL_API": "3"}, capture_output=True, text=True,
+            )
+            if r.returncode == 0 or time.time() > end:
+                break
+            time.sleep(0.3)
+        cp, mp, ip, m1, m2 = (free_port() for _ in range(5))
+        cfg = self.dir / "storage-proxy.toml"
+        cfg.write_text(
+            f'[etcd]\nnamespace = "local"\naddr = {{ host = "127.0.0.1", port = {etcd_port} }}\n'
+            f'[storage-proxy]\nnode-id = "peer-{os.getpid()}"\nnum-proc = 1\npid-file = "{self.dir}/proxy.pid"\n'
+            f'event-loop = "asyncio"\nsecret = "{JWT_SECRET}"\nsession-expire = "1d"\nmax-upload-size = "100g"\n'
+            f'scandir-limit = 1000\naiomonitor-termui-port = {m1}\naiomonitor-webui-port = {m2}\n'
+            f'[api.client]\nservice-addr = {{ host = "127.0.0.1", port = {cp} }}\nssl-enabled = false\n'
+            f'[api.manager]\nservice-addr = {{ host = "127.0.0.1", port = {mp} }}\n'
+            f'internal-addr = {{ host = "127.0.0.1", port = {ip} }}\nssl-enabled = false\nsecret = "{MANAGER_SECRET}"\n'
+            f'[volume.vol1]\nbackend = "vfs"\npath = "{self.vol}"\n'
+            '[logging]\nlevel = "WARNING"\ndrivers = ["console"]\n[logging.console]\ncolored = false\n'
+        )
+        # It keeps runtime files (prometheus multiprocess state) under ./run: its own cwd.
+        self.proc = subprocess.Popen(
+            [py, "storage", "start-server", "-f", cfg], cwd=self.dir,
+            stdout=open(self.dir / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.pid = self.proc.pid
+        self.manager, self.client = f"127.0.0.1:{mp}", f"127.0.0.1:{cp}"
+        wait_port(mp, 120)
+        wait_port(cp, 120)
+
+    def stop(self):
+        for p in (self.proc, self.etcd, self.redis):
+            try:
+                os.killpg(p.pid, signal.SIGTERM) if p is self.proc else p.terminate()
+            except OSError:
+                pass
+        for p in (self.proc, self.etcd, self.redis):
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+class TusServer:
+    """@tus/server with its file store (Node), the reference tus server."""
+
+    name = "tus-server"
+
+    def __init__(self, work):
+        peers = ROOT / "bench/peers"
+        if not (peers / "node_modules/@tus/server").is_dir():
+            raise RuntimeError("bench/peers/node_modules is missing: (cd bench/peers && npm ci)")
+        self.dir = work / "tus"
+        self.dir.mkdir()
+        port = free_port()
+        self.proc = subprocess.Popen(
+            ["node", peers / "tus-server.mjs", str(port), self.dir],
+            stdout=subprocess.DEVNULL, stderr=open(work / "tus.log", "w"),
+        )
+        self.pid = self.proc.pid
+        self.endpoint = f"http://127.0.0.1:{port}/files"
+        wait_port(port)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+class Nginx:
+    name = "nginx"
+
+    def __init__(self, work, root):
+        self.dir = work / "nginx"
+        self.dir.mkdir()
+        self.port = free_port()
+        conf = self.dir / "nginx.conf"
+        conf.write_text(
+            f"user root;\nworker_processes 1;\ndaemon off;\npid {self.dir}/pid;\nerror_log {self.dir}/error.log;\n"
+            "events { worker_connections 64; }\n"
+            f"http {{ access_log off; sendfile on; tcp_nopush off; server {{ listen 127.0.0.1:{self.port}; root {root}; }} }}\n"
+        )
+        self.proc = subprocess.Popen(["nginx", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        wait_port(self.port)
+
+    def url(self, name):
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+# ---- results ------------------------------------------------------------------------------------
+
+
+class Results:
+    def __init__(self):
+        self.rows = []  # (scenario, system, unit, [values], better)
+
+    def add(self, scenario, system, unit, values, better="higher"):
+        values = [float(v) for v in values]
+        self.rows.append({"scenario": scenario, "system": system, "unit": unit, "values": values, "better": better})
+        m = statistics.median(values)
+        log(f"{scenario:<40} {system:<16} {m:12.2f} {unit}  ({min(values):.2f}..{max(values):.2f}, n={len(values)})")
+
+    def median(self, scenario, system):
+        for r in self.rows:
+            if r["scenario"] == scenario and r["system"] == system:
+                return statistics.median(r["values"])
+        return None
+
+    def markdown(self, ours="storage-agent"):
+        lines = ["| scenario | system | median | spread (min–max) | n | storage-agent ÷ this |", "|---|---|---|---|---|---|"]
+        for r in self.rows:
+            m = statistics.median(r["values"])
+            mine = self.median(r["scenario"], ours)
+            if r["system"] == ours or mine is None or m == 0:
+                rel = ""
+            elif r["better"] == "higher":
+                rel = f"{mine / m:.2f}× ({'faster' if mine >= m else 'slower'})"
+            else:
+                rel = f"{m / mine:.2f}× ({'faster' if mine <= m else 'slower'})" if mine else ""
+            spread = f"{min(r['values']):.2f}–{max(r['values']):.2f}"
+            lines.append(
+                f"| {r['scenario']} | {r['system']} | {m:.2f} {r['unit']} | {spread} | {len(r['values'])} | {rel} |"
+            )
+        return "\n".join(lines)
+
+
+# ---- scenarios ----------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args):
+        self.smoke = args.smoke
+        self.rounds = 1 if args.smoke else args.rounds
+        self.work = Path(tempfile.mkdtemp(prefix="sa-bench-", dir="/var/tmp"))
+        self.sa_bin = args.sa_bin
+        self.bench_bin = args.bench_bin
+        self.results = Results()
+        self.started = []
+        self.big = (8 << 20) if args.smoke else (1 << 30)
+
+    def start(self, thing):
+        self.started.append(thing)
+        return thing
+
+    def stop_all(self):
+        for t in reversed(self.started):
+            try:
+                t.stop()
+            except Exception as e:  # keep stopping the rest
+                log(f"stopping {t.name}: {e}")
+        # Session containers outlive a stopped daemon (it adopts them at its next start).
+        ids = subprocess.run(
+            ["docker", "ps", "-aq", "--filter", f"label=ai.backend.storage-agent.node=bench-{os.getpid()}"],
+            capture_output=True, text=True,
+        ).stdout.split()
+        if ids:
+            subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def bench(self, *args):
+        return run([self.bench_bin, *map(str, args)])
+
+    @staticmethod
+    def field(out, key):
+        for w in out.replace("\n", " ").split():
+            if w.startswith(key + "="):
+                v = w.split("=", 1)[1]
+                for unit in ("ms", "/s", "s"):
+                    v = v.removesuffix(unit)
+                return float(v)
+        raise RuntimeError(f"no {key} in {out!r}")
+
+    def line_field(self, out, prefix, key):
+        for line in out.splitlines():
+            if line.startswith(prefix):
+                return self.field(line, key)
+        raise RuntimeError(f"no {prefix} line in {out!r}")
+
+    # -- uploads
+
+    def uploads(self, sa, py, tus):
+        src = self.work / "src.bin"
+        random_file(src, self.big)
+        warm(src)  # into the page cache: the sender is not the bottleneck
+        size = self.big
+        label = f"upload {size >> 20} MiB"
+        res = {k: [] for k in ["dd", "sa1", "sa16", "py1", "py16", "tus1", "tus16"]}
+        for _ in range(self.rounds):
+            for who, proxy in (("sa", sa), ("py", py)):
+                vfid = proxy.new_vfolder()
+                for chunk, key in ((0, "1"), (16 << 20, "16")):
+                    os.sync()  # every upload starts with the disk's writeback drained
+                    url = proxy.upload_url(vfid, f"up{key}.bin", size)
+                    out = self.bench("upload", "--url", url, "--file", src, "--chunk", chunk)
+                    res[who + key].append(self.field(out, "MBps"))
+                if who == "sa":
+                    d = proxy.vfolder_path(vfid)
+                    os.sync()
+                    t = time.time()
+                    run(["dd", f"if={src}", f"of={d}/dd.bin", "bs=16M", "conv=fsync", "status=none"])
+                    res["dd"].append(size / (time.time() - t) / MB)
+            for chunk, key in ((0, "1"), (16 << 20, "16")):
+                os.sync()
+                out = self.bench("upload", "--url", tus.endpoint, "--file", src, "--chunk", chunk, "--create")
+                res["tus" + key].append(self.field(out, "MBps"))
+        r = self.results
+        for key, scen in (("1", f"{label}, one PATCH"), ("16", f"{label}, 16 MiB PATCHes")):
+            r.add(scen, "storage-agent", "MB/s", res["sa" + key])
+            r.add(scen, "python-proxy", "MB/s", res["py" + key])
+            r.add(scen, "tus-server", "MB/s", res["tus" + key])
+            r.add(scen, "dd conv=fsync", "MB/s", res["dd"])
+
+    # -- downloads, ranges
+
+    def downloads(self, sa, py, nginx_root):
+        size = self.big
+        vf_sa, vf_py = sa.new_vfolder(), py.new_vfolder()
+        src = self.work / "src.bin"
+        for p in (sa.vfolder_path(vf_sa), py.vfolder_path(vf_py)):
+            shutil.copy(src, p / "dl.bin")
+        shutil.copy(src, nginx_root / "dl.bin")
+        nginx = self.start(Nginx(self.work, nginx_root))
+        urls = {
+            "storage-agent": (sa.download_url(vf_sa, "dl.bin"), sa.pid),
+            "python-proxy": (py.download_url(vf_py, "dl.bin"), py.pid),
+            "nginx sendfile": (nginx.url("dl.bin"), nginx.pid),
+        }
+        for cache in ("warm", "cold"):
+            speed = {k: [] for k in urls}
+            cpu = {k: [] for k in urls}
+            for _ in range(self.rounds):
+                for name, (url, pid) in urls.items():
+                    if cache == "cold":
+                        drop_caches()
+                    else:
+                        warm(src)
+                    c0 = cpu_seconds(pid)
+                    bps, n = curl_speed(url)
+                    assert n == size, (name, n)
+                    speed[name].append(bps / MB)
+                    cpu[name].append((cpu_seconds(pid) - c0) / (size / (1 << 30)))
+            for name in urls:
+                self.results.add(f"download {size >> 20} MiB, {cache}", name, "MB/s", speed[name])
+            for name in urls:
+                self.results.add(
+                    f"download {size >> 20} MiB, {cache}: server CPU", name, "s/GiB", cpu[name], better="lower"
+                )
+        # 1000 random 64 KiB ranges over one connection.
+        n = 50 if self.smoke else 1000
+        rates = {k: [] for k in urls}
+        for _ in range(self.rounds):
+            for name, (url, _) in urls.items():
+                out = self.bench("ranges", "--url", url, "--size", size, "--n", n, "--len", 65536)
+                rates[name].append(self.field(out, "rate"))
+        for name in urls:
+            self.results.add(f"{n} random 64 KiB ranges", name, "req/s", rates[name])
+
+    # -- small files
+
+    def small_files(self, sa, py):
+        n = 40 if self.smoke else 1000
+        for conc in (1, 16):
+            res = {"storage-agent": [], "python-proxy": [], "mint": [], "patch": []}
+            for _ in range(self.rounds):
+                for proxy in (sa, py):
+                    vfid = proxy.new_vfolder()
+                    out = self.bench(
+                        "smallfiles", "--manager", proxy.manager, "--client", proxy.client,
+                        "--secret", MANAGER_SECRET, "--volume", "vol1", "--vfid", vfid,
+                        "--n", n, "--concurrency", conc, "--size", 4096,
+                    )
+                    res[proxy.name].append(self.line_field(out, "files", "rate"))
+            label = f"4 KiB files (mint + PATCH), {'sequential' if conc == 1 else f'{conc} concurrent clients'}"
+            self.results.add(label, "storage-agent", "files/s", res["storage-agent"])
+            self.results.add(label, "python-proxy", "files/s", res["python-proxy"])
+            if conc == 1:
+                raw = []
+                for _ in range(self.rounds):
+                    d = self.work / f"raw{random.random()}"
+                    d.mkdir()
+                    dfd = os.open(d, os.O_RDONLY)
+                    data = b"Z" * 4096
+                    t = time.time()
+                    for i in range(n):
+                        p = d / f"t{i}"
+                        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                        os.write(fd, data)
+                        os.fsync(fd)
+                        os.close(fd)
+                        os.rename(p, d / f"f{i}")
+                        os.fsync(dfd)
+                    raw.append(n / (time.time() - t))
+                    os.close(dfd)
+                self.results.add(label, "raw write+fsync+rename+dir fsync", "files/s", raw)
+
+    # -- manager API
+
+    def manager_api(self, sa, py):
+        n = 10 if self.smoke else 200
+        per = {}
+        for _ in range(self.rounds):
+            for proxy in (sa, py):
+                out = self.bench("mgrlat", "--manager", proxy.manager, "--secret", MANAGER_SECRET, "--volume", "vol1", "--n", n)
+                for op in ("create", "mkdir", "list"):
+                    for stat in ("p50", "p99"):
+                        per.setdefault((op, stat, proxy.name), []).append(self.line_field(out, op, stat))
+        for op in ("create", "mkdir", "list"):
+            for stat in ("p50", "p99"):
+                for name in ("storage-agent", "python-proxy"):
+                    self.results.add(f"manager API {op}, {stat}", name, "ms", per[(op, stat, name)], better="lower")
+
+    # -- archives and usage
+
+    def archive(self, sa, py):
+        files = 8 if self.smoke else 1024
+        res = {}
+        for proxy in (sa, py):
+            vfid = proxy.new_vfolder()
+            d = proxy.vfolder_path(vfid) / "z"
+            d.mkdir()
+            for i in range(files):
+                random_file(d / f"f{i:04}.bin", 1 << 20)
+            res[proxy] = vfid
+        speeds = {sa.name: [], py.name: []}
+        for _ in range(self.rounds):
+            for proxy, vfid in res.items():
+                bps, _ = curl_speed(proxy.download_url(vfid, "z", archive=True))
+                speeds[proxy.name].append(bps / MB)
+        for name, v in speeds.items():
+            self.results.add(f"zip of a folder of {files} × 1 MiB", name, "MB/s", v)
+
+    def usage(self, sa, py):
+        files = 500 if self.smoke else 100_000
+        trees = {}
+        for proxy in (sa, py):
+            vfid = proxy.new_vfolder()
+            root = proxy.vfolder_path(vfid)
+            per = 1000
+            for dn in range((files + per - 1) // per):
+                p = root / f"d{dn:04}" / "sub"
+                p.mkdir(parents=True)
+                for i in range(min(per, files - dn * per)):
+                    with open(p / f"f{i:05}", "wb") as f:
+                        f.write(b"x" * (i % 4096))
+            trees[proxy] = (vfid, root)
+        for cache in ("warm", "cold"):
+            times = {"du -s": [], sa.name: [], py.name: []}
+            for _ in range(self.rounds):
+                for proxy, (vfid, root) in trees.items():
+                    if cache == "cold":
+                        drop_caches()
+                    else:
+                        run(["du", "-s", root])
+                    t = time.time()
+                    proxy.mgr("/folder/usage", {"volume": "vol1", "vfid": vfid}, method="GET")
+                    times[proxy.name].append(time.time() - t)
+                    if proxy is sa:
+                        if cache == "cold":
+                            drop_caches()
+                        t = time.time()
+                        run(["du", "-s", root])
+                        times["du -s"].append(time.time() - t)
+            for name, v in times.items():
+                self.results.add(f"usage of {files} files, {cache} cache", name, "s", v, better="lower")
+
+    # -- concurrency, memory
+
+    def concurrent(self, sa, py, tus):
+        size = (2 << 20) if self.smoke else (256 << 20)
+        src = self.work / "c.bin"
+        random_file(src, size)
+        warm(src)
+        res = {sa.name: [], py.name: [], "tus-server": []}
+        for _ in range(self.rounds):
+            for proxy in (sa, py):
+                vfid = proxy.new_vfolder()
+                out = self.bench(
+                    "concurrent-uploads", "--file", src, "--n", 8, "--manager", proxy.manager,
+                    "--client", proxy.client, "--secret", MANAGER_SECRET, "--volume", "vol1", "--vfid", vfid,
+                )
+                res[proxy.name].append(self.field(out, "MBps"))
+            out = self.bench("concurrent-uploads", "--file", src, "--n", 8, "--tus-endpoint", tus.endpoint)
+            res["tus-server"].append(self.field(out, "MBps"))
+        for name, v in res.items():
+            self.results.add(f"8 concurrent {size >> 20} MiB uploads", name, "MB/s (all)", v)
+
+    def memory(self, servers):
+        for s in servers:
+            self.results.add("peak RSS over the run", s.name, "MiB", [peak_rss_mib(s.pid)], better="lower")
+
+    # -- sessions
+
+    def sessions(self):
+        lo = 33000 + random.randrange(500)
+        sa = StorageAgent(self.work / "sess", self.sa_bin, (lo, lo + 60))
+        self.started.append(sa)
+        user = str(uuid.uuid4())
+        vfid = f"user:{user}/{uuid.uuid4().hex}"
+        sa.mgr("/folder/create", {"volume": "vol1", "vfid": vfid})
+        key = self.work / "sesskey"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key])
+        n = 2 if self.smoke else 20
+        lat = {"p50": [], "p99": []}
+        for _ in range(1):
+            out = self.bench(
+                "session-latency", "--rpc", sa.rpc, "--secret", RPC_SECRET, "--volume", "vol1",
+                "--vfid", vfid, "--user", user, "--pubkey", f"{key}.pub", "--key", key, "--n", n,
+            )
+            lat["p50"].append(self.field(out, "p50"))
+            lat["p99"].append(self.field(out, "p99"))
+        for stat, v in lat.items():
+            self.results.add(f"SFTP CreateSession → first login, {stat} of {n}", "storage-agent", "ms", v, better="lower")
+        # 1 GiB put and get: through a session vs the host's sshd on loopback.
+        out = self.bench(
+            "create", "--rpc", sa.rpc, "--secret", RPC_SECRET, "--volume", "vol1", "--vfid", vfid,
+            "--user", user, "--pubkey", f"{key}.pub",
+        )
+        sport = int(out.split("port=")[1].split()[0])
+        host = self.start(HostSshd(self.work, f"{key}.pub"))
+        src = self.work / "src.bin"
+        opts = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+                "-o", "LogLevel=ERROR", "-i", str(key)]
+        hostdir = self.work / "hostsftp"
+        hostdir.mkdir()
+        size = src.stat().st_size
+
+        def sftp(port, user, batch):
+            t = time.time()
+            subprocess.run(["sftp", *opts, "-P", str(port), "-b", "-", f"{user}@127.0.0.1"], input=batch,
+                           text=True, check=True, capture_output=True)
+            return size / (time.time() - t) / MB
+
+        res = {("put", "storage-agent"): [], ("put", "host sshd"): [], ("get", "storage-agent"): [],
+               ("get", "host sshd"): []}
+        for _ in range(self.rounds):
+            res[("put", "storage-agent")].append(sftp(sport, "work", f"put {src} data/s.bin\n"))
+            res[("put", "host sshd")].append(sftp(host.port, "root", f"put {src} {hostdir}/s.bin\n"))
+            warm(src)
+            res[("get", "storage-agent")].append(sftp(sport, "work", "get data/s.bin /dev/null\n"))
+            res[("get", "host sshd")].append(sftp(host.port, "root", f"get {hostdir}/s.bin /dev/null\n"))
+        for (op, name), v in res.items():
+            self.results.add(f"sftp {op} {size >> 20} MiB", name, "MB/s", v)
+
+
+class HostSshd:
+    name = "sshd"
+
+    def __init__(self, work, pubkey):
+        d = work / "sshd"
+        d.mkdir()
+        self.port = free_port()
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", d / "hostkey"])
+        shutil.copy(pubkey, d / "authorized_keys")
+        (d / "sshd_config").write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nPidFile {d}/pid\n"
+            f"PermitRootLogin prohibit-password\nAuthorizedKeysFile {d}/authorized_keys\nStrictModes no\n"
+            "UsePAM no\nSubsystem sftp internal-sftp\n"
+        )
+        os.makedirs("/run/sshd", exist_ok=True)
+        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", d / "sshd_config"])
+        wait_port(self.port)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def machine():
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    fs = run(["df", "-T", "/var/tmp"]).splitlines()[-1].split()[1]
+    return f"{os.cpu_count()} × {cpu}, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, /var/tmp on {fs}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sa-bin", default=str(ROOT / "target/release/storage-agent"))
+    ap.add_argument("--bench-bin", default=str(ROOT / "target/release/examples/bench"))
+    ap.add_argument("--skip-sessions", action="store_true", help="without Docker")
+    ap.add_argument("--only", help="one scenario (uploads, downloads, small_files, manager_api, "
+                    "archive, usage, concurrent, sessions); results are printed, RESULTS.md untouched")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root (drop_caches, sshd, Docker)")
+    b = Bench(args)
+    t0 = time.time()
+    try:
+        sa = b.start(StorageAgent(b.work, args.sa_bin))
+        py = b.start(PythonProxy(b.work))
+        tus = b.start(TusServer(b.work))
+        nginx_root = b.work / "www"
+        nginx_root.mkdir()
+        steps = {
+            "uploads": lambda: b.uploads(sa, py, tus),
+            "downloads": lambda: b.downloads(sa, py, nginx_root),
+            "small_files": lambda: b.small_files(sa, py),
+            "manager_api": lambda: b.manager_api(sa, py),
+            "archive": lambda: b.archive(sa, py),
+            "usage": lambda: b.usage(sa, py),
+            "concurrent": lambda: b.concurrent(sa, py, tus),
+        }
+        if args.only:
+            if args.only in ("downloads",):
+                random_file(b.work / "src.bin", b.big)
+            (b.sessions if args.only == "sessions" else steps[args.only])()
+            return
+        for step in steps.values():
+            step()
+        b.memory([sa, py, tus])
+        if not args.skip_sessions:
+            b.sessions()
+    finally:
+        b.stop_all()
+    took = time.time() - t0
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    header = (
+        f"# Benchmark results\n\nMeasured {stamp} by `bench/run.sh{' --smoke' if args.smoke else ''}` in {took / 60:.1f} min "
+        f"on {machine()}; release build; every system on loopback, interleaved within each round; "
+        f"median of {b.rounds} round(s) with the spread. \"storage-agent ÷ this\" compares the "
+        "medians (throughput: ours over theirs; times: theirs over ours), so above 1× is storage-agent ahead.\n\n"
+    )
+    body = header + b.results.markdown() + "\n"
+    analysis = ROOT / "bench/ANALYSIS.md"
+    if analysis.exists():
+        body += "\n" + analysis.read_text()
+    outdir = ROOT / "bench/results"
+    outdir.mkdir(exist_ok=True)
+    tag = "smoke-" if args.smoke else ""
+    (outdir / f"{tag}{stamp}.json").write_text(json.dumps(b.results.rows, indent=1))
+    target = outdir / f"{tag}{stamp}.md" if args.smoke else ROOT / "bench/RESULTS.md"
+    target.write_text(body)
+    log(f"wrote {target} ({took:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
