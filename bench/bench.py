@@ -144,6 +144,17 @@ def curl_speed(url, headers=()):
     return float(speed), int(size)
 
 
+def make_tree(root, files):
+    """`files` small files, 1000 per directory, two levels deep."""
+    per = 1000
+    for dn in range((files + per - 1) // per):
+        p = root / f"d{dn:04}" / "sub"
+        p.mkdir(parents=True)
+        for i in range(min(per, files - dn * per)):
+            with open(p / f"f{i:05}", "wb") as f:
+                f.write(b"x" * (i % 4096))
+
+
 def warm(path):
     """Reads a file into the page cache."""
     with open(path, "rb") as f:
@@ -203,11 +214,11 @@ class Proxy:
 class StorageAgent(Proxy):
     name = "storage-agent"
 
-    def __init__(self, work, binary, agent_ports=None):
+    def __init__(self, work, binary, agent_ports=None, backend="vfs", vol=None):
         self.dir = work / "sa"
-        self.vol = self.dir / "vol1"
-        self.vol.mkdir(parents=True)
-        (self.dir / "state").mkdir()
+        self.vol = vol or self.dir / "vol1"
+        self.vol.mkdir(parents=True, exist_ok=True)
+        (self.dir / "state").mkdir(parents=True)
         agent = "[agent]\nenabled = false\n"
         if agent_ports:
             lo, hi = agent_ports
@@ -223,7 +234,7 @@ class StorageAgent(Proxy):
             f'[storage-agent]\nstate-dir = "{self.dir / "state"}"\nlog-level = "warn"\n'
             '[api.client]\nservice-addr = "127.0.0.1:0"\n'
             f'[api.manager]\nservice-addr = "127.0.0.1:0"\ninternal-addr = "127.0.0.1:0"\nsecret = "{MANAGER_SECRET}"\n'
-            f'[volume.vol1]\nbackend = "vfs"\npath = "{self.vol}"\n' + agent
+            f'[volume.vol1]\nbackend = "{backend}"\npath = "{self.vol}"\n' + agent
         )
         out = open(self.dir / "out", "w")
         self.proc = subprocess.Popen(
@@ -373,6 +384,24 @@ class Nginx:
 
 
 # ---- results ------------------------------------------------------------------------------------
+
+
+class LoopBtrfs:
+    """A btrfs on a loop file with quotas on (what backend = "btrfs" needs)."""
+
+    name = "btrfs loop"
+
+    def __init__(self, work, size=2 << 30):
+        self.img, self.mnt = work / "btrfs.img", work / "btrfs"
+        self.mnt.mkdir()
+        with open(self.img, "wb") as f:
+            f.truncate(size)
+        run(["mkfs.btrfs", "-q", self.img])
+        run(["mount", "-o", "loop", self.img, self.mnt])
+        run(["btrfs", "quota", "enable", self.mnt])
+
+    def stop(self):
+        subprocess.run(["umount", "-l", self.mnt], capture_output=True)
 
 
 class Results:
@@ -620,13 +649,7 @@ class Bench:
         for proxy in (sa, py):
             vfid = proxy.new_vfolder()
             root = proxy.vfolder_path(vfid)
-            per = 1000
-            for dn in range((files + per - 1) // per):
-                p = root / f"d{dn:04}" / "sub"
-                p.mkdir(parents=True)
-                for i in range(min(per, files - dn * per)):
-                    with open(p / f"f{i:05}", "wb") as f:
-                        f.write(b"x" * (i % 4096))
+            make_tree(root, files)
             trees[proxy] = (vfid, root)
         for cache in ("warm", "cold"):
             times = {"du -s": [], sa.name: [], py.name: []}
@@ -647,6 +670,39 @@ class Bench:
                         times["du -s"].append(time.time() - t)
             for name, v in times.items():
                 self.results.add(f"usage of {files} files, {cache} cache", name, "s", v, better="lower")
+
+    def quota(self):
+        """Usage of a quota scope on btrfs: the kernel's counter (GET /quota-scope) against the
+        walk the same daemon does for /folder/usage, and du -s."""
+        files = 500 if self.smoke else 100_000
+        fs = self.start(LoopBtrfs(self.work))
+        sa = self.start(StorageAgent(self.work / "quota", self.sa_bin, backend="btrfs", vol=fs.mnt / "vol1"))
+        vfid = sa.new_vfolder()
+        root = sa.vfolder_path(vfid)
+        make_tree(root, files)
+        run(["btrfs", "filesystem", "sync", fs.mnt])
+        qs = vfid.split("/")[0]
+        walk = "storage-agent /folder/usage (walk)"
+        for cache in ("warm", "cold"):
+            times = {sa.name: [], walk: [], "du -s": []}
+            for _ in range(self.rounds):
+                steps = (
+                    (sa.name, lambda: sa.mgr("/quota-scope", {"volume": "vol1", "qsid": qs}, method="GET")),
+                    (walk, lambda: sa.mgr("/folder/usage", {"volume": "vol1", "vfid": vfid}, method="GET")),
+                    ("du -s", lambda: run(["du", "-s", root])),
+                )
+                for name, step in steps:
+                    if cache == "cold":
+                        drop_caches()
+                    else:
+                        step()
+                    t = time.time()
+                    step()
+                    times[name].append((time.time() - t) * 1000)
+            for name, v in times.items():
+                self.results.add(
+                    f"usage of a {files}-file quota scope (btrfs), {cache} cache", name, "ms", v, better="lower"
+                )
 
     # -- concurrency, memory
 
@@ -770,7 +826,7 @@ def main():
     ap.add_argument("--bench-bin", default=str(ROOT / "target/release/examples/bench"))
     ap.add_argument("--skip-sessions", action="store_true", help="without Docker")
     ap.add_argument("--only", help="one scenario (uploads, downloads, small_files, manager_api, "
-                    "archive, usage, concurrent, sessions); results are printed, RESULTS.md untouched")
+                    "archive, usage, quota, concurrent, sessions); results are printed, RESULTS.md untouched")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (drop_caches, sshd, Docker)")
@@ -789,6 +845,7 @@ def main():
             "manager_api": lambda: b.manager_api(sa, py),
             "archive": lambda: b.archive(sa, py),
             "usage": lambda: b.usage(sa, py),
+            "quota": b.quota,
             "concurrent": lambda: b.concurrent(sa, py, tus),
         }
         if args.only:

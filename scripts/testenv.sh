@@ -10,6 +10,8 @@
 #                                  (backend.ai-common 26.9.6), which tests decode events with
 #   scripts/testenv.sh peers       benchmark peers: the Backend.AI storage proxy 26.9.6 (venv)
 #                                  and @tus/server (bench/peers)
+#   scripts/testenv.sh vm          a VM for the XFS quota tests (this kernel has no XFS quota):
+#                                  QEMU from bookworm-backports, Debian's kernel, virtme-ng
 #   scripts/testenv.sh all         all of the above
 #
 # Env: SA_CACHE (default ~/.cache/storage-agent) keeps the base rootfs tarball and dufs between
@@ -142,6 +144,32 @@ peers() {
   fi
 }
 
+# XFS project quota needs a kernel built with it; the tests boot Debian's own under QEMU with
+# virtme-ng (software emulation: KVM guests do not run on these machines). TESTENV-VM.md.
+vm() {
+  local need=()
+  command -v qemu-system-x86_64 >/dev/null || need+=(qemu)
+  dpkg-query -W -f='${Status}' linux-image-amd64 2>/dev/null | grep -q "install ok installed" || need+=(kernel)
+  if [ ${#need[@]} -gt 0 ]; then
+    if ! grep -qs bookworm-backports /etc/apt/sources.list.d/*; then
+      local mirror
+      mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+      printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+        "${mirror:-http://deb.debian.org/debian}" > /etc/apt/sources.list.d/bookworm-backports.sources
+    fi
+    log "apt: QEMU (bookworm-backports) and Debian's kernel for the XFS quota VM"
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    # bookworm's own qemu-system-x86 would remove the machine's qemu-utils 10.0 (backports).
+    "${APT[@]}" install --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+    "${APT[@]}" install --no-install-recommends linux-image-amd64 busybox-static xfsprogs >/dev/null
+  fi
+  if [ ! -x "$SA_CACHE/vng/bin/vng" ]; then
+    log "pip: virtme-ng (runs a command in a VM that sees this machine's files)"
+    python3 -m venv "$SA_CACHE/vng"
+    "$SA_CACHE/vng/bin/pip" install -q 'virtme-ng==1.42'
+  fi
+}
+
 case "${1:-all}" in
   packages) packages ;;
   docker) docker_up ;;
@@ -149,6 +177,7 @@ case "${1:-all}" in
   dufs) dufs ;;
   bai-venv) bai_venv ;;
   peers) peers ;;
-  all) packages; docker_up; base_image; dufs >/dev/null; bai_venv; peers ;;
-  *) echo "usage: $0 {packages|docker|base-image|dufs|bai-venv|peers|all}" >&2; exit 2 ;;
+  vm) vm ;;
+  all) packages; docker_up; base_image; dufs >/dev/null; bai_venv; peers; vm ;;
+  *) echo "usage: $0 {packages|docker|base-image|dufs|bai-venv|peers|vm|all}" >&2; exit 2 ;;
 esac

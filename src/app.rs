@@ -103,8 +103,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &config.proxy.node_id,
     );
     volume_health.check_all().await;
-    let volumes =
-        Volumes::open(&config.volumes, config.proxy.owner)?.with_health(volume_health.clone());
+    let volumes = Volumes::open(&config.volumes, config.proxy.owner, &state)?
+        .with_health(volume_health.clone());
     for v in volumes.iter() {
         tracing::info!(
             volume = v.name(),

@@ -213,7 +213,10 @@ impl BgTasks {
                 let v = self.volumes.get(volume)?;
                 if let Some(qs) = &dst_vfid.quota_scope {
                     // The clone creates its destination quota scope, as Backend.AI does.
-                    match v.create_quota_scope(qs, None).await {
+                    match v
+                        .create_quota_scope(qs, &crate::volume::QuotaLimit::default())
+                        .await
+                    {
                         Ok(()) | Err(VolumeError::QuotaScopeExists(_)) => {}
                         Err(e) => return Err(e),
                     }

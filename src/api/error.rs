@@ -276,6 +276,48 @@ impl From<VolumeError> for ApiError {
                 StatusCode::CONFLICT,
                 json!({"msg": "Volume already exists with given quota scope."}),
             ),
+            V::QuotaScopeNotEmpty(qs) => Self::problem(
+                StatusCode::CONFLICT,
+                "storage/quota/scope/not-empty",
+                "Quota Scope Not Empty",
+            )
+            .code("quota-scope_delete_conflict")
+            .msg(format!(
+                "quota scope {qs} still holds vfolders; delete them first"
+            )),
+            V::InvalidQuota(m) => Self::plain_json(
+                StatusCode::BAD_REQUEST,
+                json!({"msg": "Invalid quota config option", "detail": m}),
+            ),
+            V::SpaceExceeded {
+                needed,
+                available,
+                used,
+                limit,
+            } => {
+                let by_quota = limit.is_some();
+                Self::problem(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    if by_quota {
+                        "storage/quota-exceeded"
+                    } else {
+                        "storage/insufficient-storage"
+                    },
+                    if by_quota {
+                        "Quota Exceeded"
+                    } else {
+                        "Not Enough Free Space"
+                    },
+                )
+                .msg(e.to_string())
+                .data(json!({
+                    "needed": needed,
+                    "available": available,
+                    "used": used,
+                    "limit": limit,
+                    "reason": if by_quota { "quota" } else { "disk" },
+                }))
+            }
             V::QuotaScopeRequired(vf) => {
                 Self::invalid_param("vfid", format!("quota_scope_id is required for vfid {vf}"))
             }

@@ -22,7 +22,7 @@ pub const ENV_CONFIG: &str = "STORAGE_AGENT_CONFIG";
 pub const LOOKUP_PATHS: &[&str] = &["./storage-agent.toml", "/etc/backend.ai/storage-agent.toml"];
 
 /// Volume backends this build can serve.
-pub const BACKENDS: &[&str] = &["vfs"];
+pub const BACKENDS: &[&str] = &["vfs", "xfs", "btrfs"];
 
 /// Sections and keys of Backend.AI's storage-proxy.toml that we accept so an existing file can be
 /// reused, but that mean nothing here (no worker processes, no aiomonitor).
@@ -592,7 +592,16 @@ fn read_volume(name: String, sec: &Section) -> VolumeConfig {
             format!("{} (not an existing directory)", v.path.display()),
             "an existing directory",
         ),
-        Some(_) => {}
+        Some(_) => {
+            // xfs and btrfs need their filesystem, with quota accounting and enforcement on.
+            if let Err(why) = crate::volume::scopes::check(&v.backend, &v.path) {
+                sec.problems().push(
+                    sec.key_path("path"),
+                    format!("{} ({why})", v.path.display()),
+                    format!("a directory on {} with quotas on", v.backend),
+                );
+            }
+        }
     }
     v
 }

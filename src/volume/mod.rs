@@ -6,6 +6,7 @@ pub mod fsops;
 pub mod health;
 pub mod path;
 mod scan;
+pub mod scopes;
 pub mod tree;
 pub mod vfs;
 
@@ -24,6 +25,7 @@ use futures::stream::BoxStream;
 use crate::config::VolumeConfig;
 use crate::ids::{QuotaScopeId, VFolderId};
 pub use path::{PathError, RelPath};
+pub use scopes::{QuotaLimit, QuotaOps};
 
 pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
 
@@ -43,6 +45,21 @@ pub enum VolumeError {
     QuotaScopeExists(QuotaScopeId),
     #[error("quota_scope_id is required for vfid {0}")]
     QuotaScopeRequired(VFolderId),
+    #[error("quota scope {0} still holds vfolders")]
+    QuotaScopeNotEmpty(QuotaScopeId),
+    #[error("invalid quota: {0}")]
+    InvalidQuota(String),
+    /// Refused before any byte was written: what is asked does not fit.
+    #[error("{needed} bytes do not fit: {}", match (.used, .limit) {
+        (Some(u), Some(l)) => format!("the quota scope uses {u} of its {l}-byte limit"),
+        _ => format!("{} bytes are free on the volume", .available),
+    })]
+    SpaceExceeded {
+        needed: u64,
+        available: u64,
+        used: Option<u64>,
+        limit: Option<u64>,
+    },
     #[error("invalid path {path:?}: {source}")]
     InvalidPath { path: String, source: PathError },
     #[error("path escapes the vfolder: {0}")]
@@ -139,10 +156,12 @@ pub struct FsUsage {
     pub available_bytes: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct QuotaUsage {
     pub used_bytes: Option<u64>,
     pub limit_bytes: Option<u64>,
+    pub used_inodes: Option<u64>,
+    pub limit_inodes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,12 +321,47 @@ pub trait Volume: Send + Sync + fmt::Display {
         })
     }
 
-    async fn create_quota_scope(&self, qs: &QuotaScopeId, limit: Option<u64>) -> Result<()>;
-    /// None when the scope does not exist.
+    async fn create_quota_scope(&self, qs: &QuotaScopeId, limit: &QuotaLimit) -> Result<()>;
+    /// None when the scope does not exist. Used and limit come from the kernel where the
+    /// backend enforces quota (O(1)), else are unknown (null).
     async fn describe_quota_scope(&self, qs: &QuotaScopeId) -> Result<Option<QuotaUsage>>;
     /// Sets the limit, creating the scope first when it is missing.
-    async fn update_quota_scope(&self, qs: &QuotaScopeId, limit: u64) -> Result<()>;
+    async fn update_quota_scope(&self, qs: &QuotaScopeId, limit: &QuotaLimit) -> Result<()>;
+    /// Removes the limit (the scope stays).
     async fn unset_quota(&self, qs: &QuotaScopeId) -> Result<()>;
+    /// Removes a scope that holds no vfolder (QuotaScopeNotEmpty otherwise).
+    async fn delete_quota_scope(&self, qs: &QuotaScopeId) -> Result<()>;
+    /// The limits this backend enforces per scope, when it has any.
+    fn quota(&self) -> Option<&dyn QuotaOps> {
+        None
+    }
+
+    /// Whether `needed` more bytes fit: within the scope's quota (when enforced) and the
+    /// volume's free space. Refusing up front beats failing a transfer half way.
+    async fn check_space(&self, qs: Option<&QuotaScopeId>, needed: u64) -> Result<()> {
+        if let (Some(q), Some(qs)) = (self.quota(), qs)
+            && let Ok(u) = q.usage(qs).await
+            && let (Some(used), Some(limit)) = (u.used_bytes, u.limit_bytes)
+            && used.saturating_add(needed) > limit
+        {
+            return Err(VolumeError::SpaceExceeded {
+                needed,
+                available: limit.saturating_sub(used),
+                used: Some(used),
+                limit: Some(limit),
+            });
+        }
+        let fs = self.fs_usage().await?;
+        if needed > fs.available_bytes {
+            return Err(VolumeError::SpaceExceeded {
+                needed,
+                available: fs.available_bytes,
+                used: None,
+                limit: None,
+            });
+        }
+        Ok(())
+    }
 
     async fn create_vfolder(&self, vf: &VFolderId, mode: u32) -> Result<()>;
     async fn vfolder_exists(&self, vf: &VFolderId) -> Result<bool>;
@@ -397,11 +451,16 @@ pub struct Volumes {
 }
 
 impl Volumes {
-    pub fn open(configs: &[VolumeConfig], owner: Option<fsops::Owner>) -> Result<Self> {
+    pub fn open(
+        configs: &[VolumeConfig],
+        owner: Option<fsops::Owner>,
+        state: &crate::state::State,
+    ) -> Result<Self> {
         let mut by_name = BTreeMap::new();
         for c in configs {
             let v: Arc<dyn Volume> = match c.backend.as_str() {
-                "vfs" => Arc::new(vfs::VfsVolume::open(c, owner)?),
+                // xfs and btrfs keep vfs's layout; their quota scopes differ (`scopes/`).
+                "vfs" | "xfs" | "btrfs" => Arc::new(vfs::VfsVolume::open(c, owner, state)?),
                 other => {
                     return Err(VolumeError::Internal(format!(
                         "volume {}: backend {other:?} is not built in",

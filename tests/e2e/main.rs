@@ -14,6 +14,7 @@ mod hardening;
 mod manager_api;
 mod manager_bad_input;
 mod memory;
+mod quota;
 mod sessions;
 mod sftp;
 mod tls;

@@ -131,13 +131,53 @@ fn bad_header(name: &str, msg: impl Into<String>) -> ApiError {
     ApiError::invalid_param(name, msg)
 }
 
-fn insufficient_storage(e: &VolumeError) -> ApiError {
-    ApiError::problem(
-        StatusCode::INSUFFICIENT_STORAGE,
-        "storage/quota-exceeded",
-        "Insufficient Storage",
-    )
-    .msg(format!("{e} (quota or disk full); the chunk was discarded"))
+/// 507 for a write that ran out of room, saying which: the scope's quota or the disk. btrfs
+/// answers EDQUOT for a quota; XFS answers ENOSPC for both, so with a limit set and room left on
+/// the volume it was the quota. The durable offset is intact either way.
+async fn insufficient_storage(
+    v: &dyn crate::volume::Volume,
+    rec: &UploadRecord,
+    committed: u64,
+    e: &VolumeError,
+) -> ApiError {
+    let usage = match (v.quota(), rec.vfid.quota_scope.as_ref()) {
+        (Some(q), Some(qs)) => q.usage(qs).await.ok(),
+        _ => None,
+    };
+    let limited = usage.is_some_and(|u| u.limit_bytes.is_some());
+    let errno = match e {
+        VolumeError::Io { source, .. } => source.raw_os_error(),
+        _ => None,
+    };
+    let disk_has_room = || async {
+        v.fs_usage()
+            .await
+            .is_ok_and(|fs| fs.available_bytes >= 1 << 20)
+    };
+    let over_quota = errno == Some(libc::EDQUOT) || (limited && disk_has_room().await);
+    let (kind, title, what) = if over_quota {
+        (
+            "storage/quota-exceeded",
+            "Quota Exceeded",
+            "the quota scope's limit is reached",
+        )
+    } else {
+        (
+            "storage/insufficient-storage",
+            "Insufficient Storage",
+            "the volume is full",
+        )
+    };
+    ApiError::problem(StatusCode::INSUFFICIENT_STORAGE, kind, title)
+        .msg(format!(
+            "{what} ({e}); the upload stays at offset {committed} and resumes from there once there is room"
+        ))
+        .data(serde_json::json!({
+            "reason": if over_quota { "quota" } else { "disk" },
+            "offset": committed,
+            "used": usage.and_then(|u| u.used_bytes),
+            "limit": usage.and_then(|u| u.limit_bytes),
+        }))
 }
 
 // ---- helpers --------------------------------------------------------------------------------
@@ -444,6 +484,13 @@ async fn create(
     }
     let rec = load(st, &c).await?;
     let dst = destination(q, &rec)?;
+    let left = rec.size - offset_of(&rec);
+    if left > 0 {
+        st.uploads
+            .volume(&rec.volume)?
+            .check_space(rec.vfid.quota_scope.as_ref(), left)
+            .await?;
+    }
     let with_data = header_str(headers, "content-type")
         .is_some_and(|t| t.eq_ignore_ascii_case(OFFSET_OCTET_STREAM));
     let offset = if with_data {
@@ -745,7 +792,7 @@ async fn write_locked(
                         Some(libc::ENOSPC) | Some(libc::EDQUOT)
                     ) =>
                 {
-                    insufficient_storage(&e)
+                    insufficient_storage(v.as_ref(), &rec, committed, &e).await
                 }
                 _ => e.into(),
             });

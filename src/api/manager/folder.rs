@@ -82,7 +82,11 @@ async fn create(
             .options
             .unwrap_or_default()
             .initial_max_size_for_quota_scope;
-        match v.create_quota_scope(&qs, limit).await {
+        let limit = crate::volume::QuotaLimit {
+            bytes: limit,
+            inodes: None,
+        };
+        match v.create_quota_scope(&qs, &limit).await {
             Ok(()) | Err(VolumeError::QuotaScopeExists(_)) => {}
             Err(e) => return Err(e.into()),
         }

@@ -1,4 +1,6 @@
-//! Quota scopes: `POST/GET/PATCH /quota-scope`, `DELETE /quota-scope/quota`.
+//! Quota scopes: `POST/GET/PATCH /quota-scope`, `DELETE /quota-scope/quota`, and our
+//! `DELETE /quota-scope` (a scope that holds no vfolder). On xfs and btrfs the limits are the
+//! kernel's and so is the usage (O(1)); `options.limit_inodes` is our addition (xfs).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -11,17 +13,32 @@ use crate::api::AppState;
 use crate::api::error::ApiResult;
 use crate::api::extract::ApiJson;
 use crate::ids::QuotaScopeId;
-use crate::volume::VolumeError;
+use crate::volume::{QuotaLimit, VolumeError};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/quota-scope", post(create).get(describe).patch(update))
+        .route(
+            "/quota-scope",
+            post(create).get(describe).patch(update).delete(remove),
+        )
         .route("/quota-scope/quota", delete(unset))
 }
 
 #[derive(Deserialize)]
 struct QuotaOptions {
     limit_bytes: u64,
+    #[serde(default)]
+    limit_inodes: Option<u64>,
+}
+
+impl QuotaOptions {
+    /// Backend.AI's `-1`-style "no limit" arrives as 0 here (a u64): 0 means none.
+    fn limit(&self) -> QuotaLimit {
+        QuotaLimit {
+            bytes: (self.limit_bytes > 0).then_some(self.limit_bytes),
+            inodes: self.limit_inodes.filter(|n| *n > 0),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -55,7 +72,7 @@ async fn create(
 ) -> ApiResult<StatusCode> {
     st.volumes
         .get(&r.volume)?
-        .create_quota_scope(&r.qsid, r.options.map(|o| o.limit_bytes))
+        .create_quota_scope(&r.qsid, &r.options.map(|o| o.limit()).unwrap_or_default())
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -70,10 +87,16 @@ async fn describe(
         .describe_quota_scope(&r.qsid)
         .await?
         .ok_or(VolumeError::QuotaScopeNotFound(r.qsid))?;
-    Ok(Json(json!({
+    let mut body = json!({
         "used_bytes": usage.used_bytes,
         "limit_bytes": usage.limit_bytes,
-    })))
+    });
+    // Inode counts where the kernel keeps them (xfs): our addition.
+    if usage.used_inodes.is_some() {
+        body["used_inodes"] = json!(usage.used_inodes);
+        body["limit_inodes"] = json!(usage.limit_inodes);
+    }
+    Ok(Json(body))
 }
 
 async fn update(
@@ -82,7 +105,18 @@ async fn update(
 ) -> ApiResult<StatusCode> {
     st.volumes
         .get(&r.volume)?
-        .update_quota_scope(&r.qsid, r.options.limit_bytes)
+        .update_quota_scope(&r.qsid, &r.options.limit())
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn remove(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<ScopeReq>,
+) -> ApiResult<StatusCode> {
+    st.volumes
+        .get(&r.volume)?
+        .delete_quota_scope(&r.qsid)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

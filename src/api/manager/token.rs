@@ -49,6 +49,8 @@ async fn upload(
     }
     let v = st.volumes.get(&r.volume)?;
     check_upload_destination(v.as_ref(), &r.vfid, &r.relpath).await?;
+    // Refused now (413) rather than half way through the transfer.
+    v.check_space(r.vfid.quota_scope.as_ref(), r.size).await?;
     // The token says everything about the upload: nothing is written until it is used.
     let session = uuid::Uuid::new_v4().simple().to_string();
     let exp = st.tokens.expiry();

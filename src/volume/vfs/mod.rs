@@ -1,5 +1,6 @@
-//! `vfs`: a volume on a local (or NFS-mounted) directory. Quota scopes are plain directories with
-//! no limit; everything else is real.
+//! A volume on a local (or NFS-mounted) directory: `vfs`, and `xfs` and `btrfs`, which keep the same
+//! layout and differ only in their quota scopes (`scopes/`: plain directories, XFS projects,
+//! btrfs subvolumes with qgroups).
 
 mod copy;
 mod read;
@@ -18,6 +19,7 @@ use futures::stream::BoxStream;
 
 use super::fsops::{self, Owner};
 use super::scan;
+use super::scopes::{self, QuotaLimit, QuotaOps, Scopes};
 use super::tree;
 use super::{
     DirEntry, EntryKind, EntryStat, FsUsage, HwInfo, Listing, MountSource, Progress, QuotaUsage,
@@ -26,6 +28,7 @@ use super::{
 };
 use crate::config::VolumeConfig;
 use crate::ids::{QuotaScopeId, VFolderId};
+use crate::state::State;
 pub use read::entry_stat;
 
 /// Permission bits the daemon ever sets on what it creates: never set-user-id, set-group-id or
@@ -39,10 +42,11 @@ pub struct VfsVolume {
     root_fd: Arc<OwnedFd>,
     owner: Option<Owner>,
     staging: staging::VfsStaging,
+    scopes: Arc<dyn Scopes>,
 }
 
 /// Filesystem calls block; they run on the blocking pool.
-pub(super) async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(f)
@@ -75,7 +79,7 @@ fn scan_threads() -> usize {
 }
 
 impl VfsVolume {
-    pub fn open(c: &VolumeConfig, owner: Option<Owner>) -> Result<Self> {
+    pub fn open(c: &VolumeConfig, owner: Option<Owner>, state: &State) -> Result<Self> {
         let root_fd = Arc::new(fsops::open_dir_path(&c.path).map_err(|e| VolumeError::Io {
             path: c.path.display().to_string(),
             source: e,
@@ -85,7 +89,9 @@ impl VfsVolume {
         if !version.exists() {
             let _ = std::fs::write(&version, "3\n");
         }
+        let scopes = scopes::open(c, root_fd.clone(), state)?;
         Ok(VfsVolume {
+            scopes,
             name: c.name.clone(),
             root: c.path.clone(),
             fsprefix: c.fsprefix.clone(),
@@ -116,7 +122,12 @@ impl VfsVolume {
 
 impl fmt::Display for VfsVolume {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Vfs({})", self.root.display())
+        let kind = match self.scopes.backend() {
+            "xfs" => "Xfs",
+            "btrfs" => "Btrfs",
+            _ => "Vfs",
+        };
+        write!(f, "{kind}({})", self.root.display())
     }
 }
 
@@ -126,7 +137,7 @@ impl Volume for VfsVolume {
         &self.name
     }
     fn backend(&self) -> &'static str {
-        "vfs"
+        self.scopes.backend()
     }
     fn mount_path(&self) -> &Path {
         &self.root
@@ -135,12 +146,15 @@ impl Volume for VfsVolume {
         &self.fsprefix
     }
     fn capabilities(&self) -> Vec<&'static str> {
-        vec!["vfolder"]
+        match self.scopes.quota() {
+            Some(_) => vec!["vfolder", "quota"],
+            None => vec!["vfolder"],
+        }
     }
 
     async fn hwinfo(&self) -> HwInfo {
         let mut metadata = BTreeMap::new();
-        metadata.insert("backend".to_string(), "vfs".to_string());
+        metadata.insert("backend".to_string(), self.backend().to_string());
         metadata.insert("path".to_string(), self.root.display().to_string());
         HwInfo {
             status: VolumeStatus::Healthy,
@@ -167,53 +181,103 @@ impl Volume for VfsVolume {
         .await
     }
 
-    async fn create_quota_scope(&self, qs: &QuotaScopeId, _limit: Option<u64>) -> Result<()> {
-        let root = self.root();
-        let qs = *qs;
-        blocking(
-            move || match fsops::mkdir_at(root.as_fd(), qs.dir_name(), 0o755) {
-                Ok(()) => Ok(()),
-                Err(e) if errno(&e) == Some(libc::EEXIST) => Err(VolumeError::QuotaScopeExists(qs)),
-                Err(e) => Err(VolumeError::Io {
-                    path: qs.to_string(),
-                    source: e,
-                }),
-            },
-        )
-        .await
+    async fn create_quota_scope(&self, qs: &QuotaScopeId, limit: &QuotaLimit) -> Result<()> {
+        self.scopes.create(qs, limit).await
     }
 
     async fn describe_quota_scope(&self, qs: &QuotaScopeId) -> Result<Option<QuotaUsage>> {
         let root = self.root();
-        let qs = *qs;
-        blocking(move || {
+        let q = *qs;
+        if !blocking(move || Self::qs_exists(root.as_fd(), &q)).await? {
+            return Ok(None);
+        }
+        match self.scopes.quota() {
+            Some(quota) => quota.usage(qs).await.map(Some),
             // vfs enforces no limit; Backend.AI reports both as unknown (null).
-            Ok(Self::qs_exists(root.as_fd(), &qs)?.then_some(QuotaUsage {
-                used_bytes: None,
-                limit_bytes: None,
-            }))
-        })
-        .await
+            None => Ok(Some(QuotaUsage::default())),
+        }
     }
 
-    async fn update_quota_scope(&self, qs: &QuotaScopeId, _limit: u64) -> Result<()> {
-        match self.create_quota_scope(qs, None).await {
-            Ok(()) | Err(VolumeError::QuotaScopeExists(_)) => Ok(()),
+    async fn update_quota_scope(&self, qs: &QuotaScopeId, limit: &QuotaLimit) -> Result<()> {
+        match self.scopes.create(qs, limit).await {
+            Ok(()) => Ok(()),
+            Err(VolumeError::QuotaScopeExists(_)) => match self.scopes.quota() {
+                Some(quota) => quota.set_limit(qs, limit).await,
+                None => Ok(()),
+            },
             Err(e) => Err(e),
         }
     }
 
     async fn unset_quota(&self, qs: &QuotaScopeId) -> Result<()> {
         let root = self.root();
-        let qs = *qs;
+        let q = *qs;
+        if !blocking(move || Self::qs_exists(root.as_fd(), &q)).await? {
+            return Err(VolumeError::QuotaScopeNotFound(*qs));
+        }
+        match self.scopes.quota() {
+            Some(quota) => quota.set_limit(qs, &QuotaLimit::default()).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn delete_quota_scope(&self, qs: &QuotaScopeId) -> Result<()> {
+        let root = self.root();
+        let q = *qs;
         blocking(move || {
-            if Self::qs_exists(root.as_fd(), &qs)? {
-                Ok(())
-            } else {
-                Err(VolumeError::QuotaScopeNotFound(qs))
+            let dir = match fsops::open_subdir_nofollow(root.as_fd(), q.dir_name()) {
+                Ok(d) => d,
+                Err(e) if matches!(errno(&e), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
+                    return Err(VolumeError::QuotaScopeNotFound(q));
+                }
+                Err(e) => {
+                    return Err(VolumeError::Io {
+                        path: q.to_string(),
+                        source: e,
+                    });
+                }
+            };
+            // Vfolders live two shard levels down; empty shard directories are left-overs.
+            let io = |e| VolumeError::Io {
+                path: q.to_string(),
+                source: e,
+            };
+            for ent in fsops::DirEntries::new(dir.as_fd()).map_err(io)? {
+                let (name, _) = ent.map_err(io)?;
+                if name == ".upload" {
+                    continue;
+                }
+                let holds = |d: &OwnedFd| -> std::io::Result<bool> {
+                    Ok(fsops::DirEntries::new(d.as_fd())?.next().is_some())
+                };
+                let shard = match fsops::open_subdir_nofollow(dir.as_fd(), &name) {
+                    Ok(d) => d,
+                    Err(_) => return Err(VolumeError::QuotaScopeNotEmpty(q)),
+                };
+                for sub in fsops::DirEntries::new(shard.as_fd()).map_err(io)? {
+                    let (sname, _) = sub.map_err(io)?;
+                    match fsops::open_subdir_nofollow(shard.as_fd(), &sname) {
+                        Ok(d) if !holds(&d).map_err(io)? => {}
+                        _ => return Err(VolumeError::QuotaScopeNotEmpty(q)),
+                    }
+                }
             }
+            // Nothing of value left: staging of unfinished uploads and empty shards go.
+            for ent in fsops::DirEntries::new(dir.as_fd())
+                .map_err(io)?
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(io)?
+            {
+                tree::remove_tree_at(dir.as_fd(), &ent.0, &mut || true).map_err(io)?;
+            }
+            Ok(())
         })
-        .await
+        .await?;
+        self.scopes.remove(qs).await
+    }
+
+    fn quota(&self) -> Option<&dyn QuotaOps> {
+        self.scopes.quota()
     }
 
     async fn create_vfolder(&self, vf: &VFolderId, mode: u32) -> Result<()> {

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod loopfs;
 pub mod redis;
 pub mod tools;
 
