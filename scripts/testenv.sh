@@ -39,7 +39,7 @@ packages() {
   local want=(docker.io debootstrap redis-server sshpass openssh-client openssh-server curl
               btrfs-progs xfsprogs e2fsprogs s3fs nginx-light chromium busybox-static
               python3 nodejs npm iproute2 procps psmisc openssl socat util-linux
-              etcd-server etcd-client redis-sentinel)
+              etcd-server etcd-client redis-sentinel rclone)
   local missing=()
   for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -16,8 +16,9 @@ use crate::health::Health;
 use crate::session::SessionManager;
 use crate::state::State;
 use crate::upload::Uploads;
-use crate::volume::Volumes;
-use crate::volume::health::VolumeHealth;
+use crate::volume::fuse::FuseMounts;
+use crate::volume::health::{Target, VolumeHealth};
+use crate::volume::{OpenContext, Volumes};
 
 /// Redis reachability, for /health (not gating: one node works without it).
 struct RedisCheck(Arc<crate::cluster::Redis>);
@@ -93,18 +94,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let state = State::open(state_dir).await?;
     tracing::info!(path = %state_dir.join("state.db").display(), "state database ready");
+    let mut targets = Vec::new();
+    for v in &config.volumes {
+        let target = if v.object.is_some() {
+            Target::Remote(crate::volume::object::probe(v)?)
+        } else {
+            Target::Path(v.path.clone())
+        };
+        targets.push((v.name.clone(), target));
+    }
     let volume_health = VolumeHealth::new(
-        &config
-            .volumes
-            .iter()
-            .map(|v| (v.name.clone(), v.path.clone()))
-            .collect::<Vec<_>>(),
+        targets,
         config.daemon.volume_check_timeout,
         &config.proxy.node_id,
     );
     volume_health.check_all().await;
-    let volumes = Volumes::open(&config.volumes, config.proxy.owner, &state)?
-        .with_health(volume_health.clone());
+    // FUSE mounts of buckets for sessions belong to the sessions' kernel user.
+    let fuse = FuseMounts::new(
+        state.clone(),
+        state_dir,
+        Some((config.agent.kernel_uid, config.agent.kernel_gid)),
+    );
+    let volumes = Volumes::open(
+        &config.volumes,
+        &OpenContext {
+            owner: config.proxy.owner,
+            state: &state,
+            state_dir,
+            fuse: fuse.clone(),
+        },
+    )?
+    .with_health(volume_health.clone());
     for v in volumes.iter() {
         tracing::info!(
             volume = v.name(),
@@ -281,6 +301,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     volume_health.spawn(config.daemon.volume_check_interval, shutdown.clone());
+    fuse.spawn_reaper(shutdown.clone());
+    for v in app.volumes.iter() {
+        v.spawn_background(shutdown.clone());
+    }
     spawn_signal_handler(shutdown.clone());
     if let Some(r) = &redis {
         crate::cluster::spawn_service_discovery(

@@ -43,6 +43,13 @@ pub enum TaskSpec {
         relpaths: Vec<RelPath>,
         recursive: bool,
     },
+    /// `/folder/file/move-async`: a move that copies object by object on object stores.
+    MovePath {
+        volume: String,
+        vfid: VFolderId,
+        src: RelPath,
+        dst: RelPath,
+    },
 }
 
 impl TaskSpec {
@@ -51,6 +58,7 @@ impl TaskSpec {
             TaskSpec::DeleteVfolder { .. } => "delete_vfolder",
             TaskSpec::CloneVfolder { .. } => "clone_vfolder",
             TaskSpec::DeleteFiles { .. } => "delete_files",
+            TaskSpec::MovePath { .. } => "move_path",
         }
     }
 }
@@ -234,6 +242,17 @@ impl BgTasks {
                     .delete_files(vfid, relpaths, *recursive, progress)
                     .await
             }
+            TaskSpec::MovePath {
+                volume,
+                vfid,
+                src,
+                dst,
+            } => {
+                self.volumes
+                    .get(volume)?
+                    .move_path(vfid, src, dst, progress)
+                    .await
+            }
         }
     }
 
@@ -267,7 +286,7 @@ impl BgTasks {
                 dst_vfid: dst_vfid.to_string(),
                 message: m.clone(),
             }),
-            (TaskSpec::DeleteFiles { .. }, _) => None,
+            (TaskSpec::DeleteFiles { .. } | TaskSpec::MovePath { .. }, _) => None,
         };
         if let Some(ev) = specific {
             self.events.publish(ev).await;

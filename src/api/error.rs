@@ -342,6 +342,38 @@ impl From<VolumeError> for ApiError {
             )
             .msg(e.to_string()),
             V::Cancelled => Self::unavailable("the operation was cancelled (server shutting down)"),
+            V::ReadOnly(vf) => Self::problem(
+                StatusCode::FORBIDDEN,
+                "storage/vfolder-read-only",
+                "Read-only VFolder",
+            )
+            .msg(format!(
+                "vfolder {vf} is registered read-only: its bucket is not ours to change"
+            )),
+            V::Remote {
+                service,
+                message,
+                unreachable,
+            } => Self::problem(
+                if unreachable {
+                    StatusCode::GATEWAY_TIMEOUT
+                } else {
+                    StatusCode::BAD_GATEWAY
+                },
+                "storage/backend-unavailable",
+                if unreachable {
+                    "Storage Service Unreachable"
+                } else {
+                    "Storage Service Error"
+                },
+            )
+            .msg(format!("{service}: {message}")),
+            V::BadRequest(m) => Self::problem(
+                StatusCode::BAD_REQUEST,
+                "storage/bad-request",
+                "Bad Request",
+            )
+            .msg(m),
             V::Internal(m) => Self::internal(m),
         }
     }

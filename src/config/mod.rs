@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod object;
 mod reader;
 pub mod secrets;
 
@@ -22,7 +23,10 @@ pub const ENV_CONFIG: &str = "STORAGE_AGENT_CONFIG";
 pub const LOOKUP_PATHS: &[&str] = &["./storage-agent.toml", "/etc/backend.ai/storage-agent.toml"];
 
 /// Volume backends this build can serve.
-pub const BACKENDS: &[&str] = &["vfs", "xfs", "btrfs"];
+pub const BACKENDS: &[&str] = &["vfs", "xfs", "btrfs", "s3"];
+
+/// Backends whose vfolders are objects in a remote service, not directories on this host.
+pub const OBJECT_BACKENDS: &[&str] = &["s3"];
 
 /// Sections and keys of Backend.AI's storage-proxy.toml that we accept so an existing file can be
 /// reused, but that mean nothing here (no worker processes, no aiomonitor).
@@ -192,6 +196,8 @@ pub struct VolumeConfig {
     pub path: PathBuf,
     pub fsprefix: String,
     pub options: toml::Table,
+    /// The service of an object-store backend (`s3`).
+    pub object: Option<object::ObjectConfig>,
 }
 
 /// Finds the config file: `--config`, `$STORAGE_AGENT_CONFIG`, then the lookup paths; none of
@@ -565,11 +571,14 @@ pub(crate) fn read_listener_at(sec: &Section, default_addr: &str) -> ListenerCon
 }
 
 fn read_volume(name: String, sec: &Section) -> VolumeConfig {
+    let backend = sec.choice("backend", BACKENDS, "vfs");
+    let is_object = OBJECT_BACKENDS.contains(&backend.as_str());
     let v = VolumeConfig {
-        backend: sec.choice("backend", BACKENDS, "vfs"),
         path: sec.path("path", ""),
         fsprefix: sec.string("fsprefix", "."),
         options: sec.raw_table("options"),
+        object: if is_object { object::read(sec) } else { None },
+        backend,
         name,
     };
     if sec.get("backend").is_none() {
@@ -582,6 +591,10 @@ fn read_volume(name: String, sec: &Section) -> VolumeConfig {
             format!("volume name {:?}", v.name),
             "letters, digits, '-', '_' and '.', 1-64 characters",
         );
+    }
+    if is_object {
+        // Objects live in the service; there is no directory to check.
+        return v;
     }
     match sec.opt_string("path") {
         None => sec

@@ -82,6 +82,16 @@ impl SessionManager {
                     .await;
             }
         }
+        // Mounts shared by sessions (FUSE) count only the sessions that are still alive.
+        let mut holders: std::collections::HashSet<String> = store::live(&self.db)
+            .await?
+            .iter()
+            .map(|s| s.id.to_string())
+            .collect();
+        holders.extend(self.in_flight_ids().iter().map(Uuid::to_string));
+        for v in self.volumes.iter() {
+            v.retain_mount_holders(&holders).await;
+        }
         self.publish_capacity().await;
         Ok(())
     }

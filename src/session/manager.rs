@@ -186,6 +186,15 @@ impl SessionManager {
         InFlight { manager: self, id }
     }
 
+    pub(super) fn in_flight_ids(&self) -> Vec<Uuid> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
     pub(super) fn is_in_flight(&self, id: Uuid) -> bool {
         self.in_flight
             .lock()
@@ -270,10 +279,41 @@ impl SessionManager {
     // ---- create ----------------------------------------------------------------------------
 
     /// Checks every mount and opens its directory: the fds are what gets mounted (`mounts.rs`).
+    /// Checks and opens every mount of a request. Volumes that mount something for it (FUSE)
+    /// count `id` as a user from here on; on an error here they are released again.
     async fn resolve_mounts(
         &self,
         req: &CreateRequest,
         user: &str,
+        id: Uuid,
+    ) -> Result<(Vec<Mount>, Vec<OwnedFd>)> {
+        let resolved = self.resolve_mounts_for(req, user, id).await;
+        if resolved.is_err() {
+            self.release_mounts(id, req.mounts.iter().map(|m| m.volume.as_str()))
+                .await;
+        }
+        resolved
+    }
+
+    /// Tells each volume `volumes` that session `id` needs nothing mounted any more.
+    pub(super) async fn release_mounts<'a>(
+        &self,
+        id: Uuid,
+        volumes: impl Iterator<Item = &'a str>,
+    ) {
+        let names: std::collections::BTreeSet<&str> = volumes.collect();
+        for name in names {
+            if let Ok(v) = self.volumes.get_ungated(name) {
+                v.release_mounts(&id.to_string()).await;
+            }
+        }
+    }
+
+    async fn resolve_mounts_for(
+        &self,
+        req: &CreateRequest,
+        user: &str,
+        id: Uuid,
     ) -> Result<(Vec<Mount>, Vec<OwnedFd>)> {
         if req.mounts.is_empty() {
             return Err(invalid("at least one mount is required"));
@@ -318,7 +358,7 @@ impl SessionManager {
             let subpath = RelPath::parse(&m.subpath)
                 .map_err(|e| invalid(format!("mounts[{i}].subpath {:?}: {e}", m.subpath)))?;
             let source = vol
-                .mount_source(&vfid, &subpath)
+                .mount_source(&vfid, &subpath, m.read_only, &id.to_string())
                 .await
                 .map_err(|e| match e {
                     VolumeError::VFolderNotFound(_) => invalid(format!(
@@ -330,6 +370,12 @@ impl SessionManager {
                     }
                     VolumeError::Io { path, source } => {
                         invalid(format!("mounts[{i}].subpath {path:?}: {source}"))
+                    }
+                    VolumeError::ReadOnly(vf) => invalid(format!(
+                        "mounts[{i}]: vfolder {vf} is read-only; mount it with read_only"
+                    )),
+                    e @ VolumeError::Remote { .. } => {
+                        SessionError::Unavailable(format!("mounts[{i}]: {e}"))
                     }
                     other => SessionError::Internal(other.to_string()),
                 })?;
@@ -347,7 +393,7 @@ impl SessionManager {
     }
 
     /// Checks everything that can be checked before touching Docker.
-    async fn validate(&self, req: &CreateRequest) -> Result<Prepared> {
+    async fn validate(&self, req: &CreateRequest, id: Uuid) -> Result<Prepared> {
         let user = uuid::Uuid::parse_str(&req.user_id)
             .map_err(|_| invalid(format!("user_id {:?} is not a UUID", req.user_id)))?
             .hyphenated()
@@ -428,21 +474,24 @@ impl SessionManager {
         let limit = req
             .max_sessions_per_user
             .unwrap_or(self.cfg.max_sessions_per_user);
-        let (mounts, sources) = self.resolve_mounts(req, &user).await?;
+        let (mounts, sources) = self.resolve_mounts(req, &user, id).await?;
         // A file browser always logs in with a password.
         let password =
             (req.generate_password || req.kind == Kind::Filebrowser).then(creds::generate_password);
         let leaf = match req.kind {
-            Kind::Filebrowser => Some(
-                self.certs
-                    .leaf(ttl + Duration::from_secs(3600))
-                    .map_err(|e| SessionError::Internal(e.to_string()))?,
-            ),
+            Kind::Filebrowser => match self.certs.leaf(ttl + Duration::from_secs(3600)) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    self.release_mounts(id, mounts.iter().map(|m| m.volume.as_str()))
+                        .await;
+                    return Err(SessionError::Internal(e.to_string()));
+                }
+            },
             Kind::Sftp => None,
         };
         let now = now_unix();
         let session = Session {
-            id: Uuid::new_v4(),
+            id,
             kind: req.kind,
             user_id: user,
             access_key: req.access_key.clone(),
@@ -517,11 +566,31 @@ impl SessionManager {
     }
 
     pub async fn create(&self, req: CreateRequest) -> Result<Created> {
-        let p = self.validate(&req).await?;
+        // In flight from the start: mounts made for it count it as their user, and a
+        // reconcile meanwhile must not take them away.
+        let id = Uuid::new_v4();
+        let _in_flight = self.in_flight(id);
+        let p = self.validate(&req, id).await?;
+        let volumes: Vec<String> = p
+            .session
+            .spec
+            .mounts
+            .iter()
+            .map(|m| m.volume.clone())
+            .collect();
         // Refuse early, before a reservation, when Docker cannot be reached.
-        self.docker.ping().await?;
-        let _in_flight = self.in_flight(p.session.id);
-        let session = self.admit(p.session, p.limit).await?;
+        let admitted = match self.docker.ping().await {
+            Ok(()) => self.admit(p.session, p.limit).await,
+            Err(e) => Err(e.into()),
+        };
+        let session = match admitted {
+            Ok(s) => s,
+            Err(e) => {
+                self.release_mounts(id, volumes.iter().map(String::as_str))
+                    .await;
+                return Err(e);
+            }
+        };
         let span = tracing::info_span!(
             "session",
             id = %session.id,
@@ -795,6 +864,8 @@ impl SessionManager {
     /// What goes with every session however it ends: its files, its lease, its idle counter.
     pub(super) async fn forget(&self, s: &Session) {
         let _ = std::fs::remove_dir_all(self.files_dir(s.id));
+        self.release_mounts(s.id, s.spec.mounts.iter().map(|m| m.volume.as_str()))
+            .await;
         self.limiter()
             .release(&s.resource_group, &s.user_id, s.id)
             .await;

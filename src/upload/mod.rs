@@ -260,6 +260,13 @@ impl Uploads {
                 .staging()
                 .truncate(&rec.vfid, &rec.session, rec.offset)
                 .await;
+            // An object store may hold more than was acknowledged (parts stored before the
+            // crash): the upload resumes from there.
+            if let Ok(held) = truncated
+                && held > rec.offset
+            {
+                let _ = self.commit_offset(&rec.session, rec.offset, held).await;
+            }
             let never_written = matches!(&truncated, Err(VolumeError::Io { source, .. })
                 if source.raw_os_error() == Some(libc::ENOENT))
                 && rec.offset == 0;

@@ -1,11 +1,13 @@
 //! Whether a volume is usable (Backend.AI issue #14220: the Python proxy reports vfs/xfs healthy
 //! unconditionally, and a dead NFS mount hangs `statvfs` and every request behind it).
 //!
-//! Each volume is checked periodically on a thread of its own: `statvfs` (under a timeout), the
-//! device id of the mount path against the one seen at start (an unmounted volume shows the
-//! mount point's filesystem instead), and a marker file written and read back. The verdict is
-//! cached: `/volume/hwinfo`, `/readyz` and heartbeats read the cache, so they never touch a hung
-//! mount, and requests for an offline volume fail at once instead of hanging.
+//! Each local volume is checked periodically on a thread of its own: `statvfs` (under a
+//! timeout), the device id of the mount path against the one seen at start (an unmounted volume
+//! shows the mount point's filesystem instead), and a marker file written and read back. An
+//! object-store volume is checked with one signed request to its service (under the same
+//! timeout): unreachable or refusing our credentials is offline. The verdict is cached:
+//! `/volume/hwinfo`, `/readyz` and heartbeats read the cache, so they never touch a hung mount
+//! or a dead endpoint, and requests for an offline volume fail at once instead of hanging.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -13,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::VolumeStatus;
@@ -26,8 +29,23 @@ pub struct Verdict {
     pub checked_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// One request that shows a remote service answers and accepts us.
+#[async_trait]
+pub trait RemoteProbe: Send + Sync {
+    async fn probe(&self) -> Result<(), String>;
+}
+
+/// What is checked for a volume.
+pub enum Target {
+    /// A directory on this host.
+    Path(PathBuf),
+    /// A remote service.
+    Remote(Arc<dyn RemoteProbe>),
+}
+
 struct Watched {
     path: PathBuf,
+    remote: Option<Arc<dyn RemoteProbe>>,
     initial_dev: Option<u64>,
     /// Set while a check runs; a check that never returns keeps it set (the thread is stuck in
     /// the kernel) and no second thread is started behind it.
@@ -97,16 +115,24 @@ fn probe(path: &Path, initial_dev: Option<u64>, node_id: &str) -> Verdict {
 }
 
 impl VolumeHealth {
-    /// `paths`: volume name → mount path. The device ids seen now are the reference.
-    pub fn new(paths: &[(String, PathBuf)], timeout: Duration, node_id: &str) -> Arc<Self> {
+    /// `targets`: volume name → what to check. The device ids seen now are the reference.
+    pub fn new(targets: Vec<(String, Target)>, timeout: Duration, node_id: &str) -> Arc<Self> {
         let mut watched = HashMap::new();
         let mut verdicts = HashMap::new();
-        for (name, path) in paths {
+        for (name, target) in targets {
+            let (path, remote) = match target {
+                Target::Path(p) => (p, None),
+                Target::Remote(r) => (PathBuf::new(), Some(r)),
+            };
             watched.insert(
                 name.clone(),
                 Watched {
-                    path: path.clone(),
-                    initial_dev: std::fs::metadata(path).ok().map(|m| m.dev()),
+                    initial_dev: remote
+                        .is_none()
+                        .then(|| std::fs::metadata(&path).ok().map(|m| m.dev()))
+                        .flatten(),
+                    path,
+                    remote,
                     running_since: Arc::default(),
                 },
             );
@@ -142,6 +168,19 @@ impl VolumeHealth {
     }
 
     async fn check(&self, name: &str, w: &Watched) -> Verdict {
+        if let Some(r) = &w.remote {
+            return match tokio::time::timeout(self.timeout, r.probe()).await {
+                Ok(Ok(())) => verdict(VolumeStatus::Healthy, None),
+                Ok(Err(e)) => verdict(VolumeStatus::Offline, Some(format!("the service: {e}"))),
+                Err(_) => verdict(
+                    VolumeStatus::Offline,
+                    Some(format!(
+                        "the service did not answer within {:?}",
+                        self.timeout
+                    )),
+                ),
+            };
+        }
         {
             let running = w.running_since.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(since) = *running {
@@ -232,7 +271,7 @@ mod tests {
     async fn healthy_then_degraded_when_read_only() {
         let d = tempfile::tempdir().unwrap();
         let h = VolumeHealth::new(
-            &[("v".into(), d.path().to_path_buf())],
+            vec![("v".into(), Target::Path(d.path().to_path_buf()))],
             Duration::from_secs(2),
             "n",
         );

@@ -1,9 +1,11 @@
 //! Volumes: where vfolders live. The `Volume` trait is what the APIs and the session manager use;
-//! backends (vfs today; xfs, btrfs, s3, azure on top of the same trait) implement it. Nothing here
-//! knows about HTTP or gRPC.
+//! backends implement it: directories on this host (`vfs/`, with `scopes/` for xfs and btrfs)
+//! and objects in a remote service (`object/`: s3). Nothing here knows about HTTP or gRPC.
 
 pub mod fsops;
+pub mod fuse;
 pub mod health;
+pub mod object;
 pub mod path;
 mod scan;
 pub mod scopes;
@@ -73,6 +75,20 @@ pub enum VolumeError {
     },
     #[error("not enough free space: need {needed} bytes, {available} available")]
     NoSpace { needed: u64, available: u64 },
+    /// A registered read-only vfolder (its bucket belongs to someone else).
+    #[error("vfolder {0} is read-only")]
+    ReadOnly(VFolderId),
+    /// The remote service failed or could not be reached (object stores, remote mounts).
+    #[error("{service}: {message}")]
+    Remote {
+        service: String,
+        message: String,
+        /// It did not answer in time (or at all), as opposed to answering with an error.
+        unreachable: bool,
+    },
+    /// A request the backend cannot serve as asked (e.g. registering on a vfs volume).
+    #[error("{0}")]
+    BadRequest(String),
     #[error("cancelled")]
     Cancelled,
     #[error("{0}")]
@@ -126,6 +142,8 @@ pub struct EntryStat {
     pub modified: SystemTime,
     /// For strong ETags: changes whenever the content may have changed.
     pub mtime_nanos: i128,
+    /// The object's own ETag where the backend has one (object stores); downloads serve it.
+    pub etag: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -239,6 +257,37 @@ pub trait ReadHandle: Send + Sync {
     fn read_range(&self, start: u64, end: u64) -> ByteStream;
 }
 
+/// What `/folder/mount` tells a compute agent about where a vfolder is.
+#[derive(Debug, Clone)]
+pub enum MountInfo {
+    /// A directory on this host (vfs, xfs, btrfs): the vfolder root.
+    HostPath(PathBuf),
+    /// A location in an object service, which the agent mounts itself.
+    Remote(RemoteLocation),
+}
+
+#[derive(Debug, Clone)]
+pub struct RemoteLocation {
+    pub backend: &'static str,
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    /// Key prefix of the vfolder (and subpath) in the bucket: "" or ending with "/".
+    pub prefix: String,
+    pub read_only: bool,
+    /// Only when the volume's config allows handing them out: (access key, secret key).
+    pub credentials: Option<(String, String)>,
+}
+
+/// How a registered vfolder maps onto what already exists in the service.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub bucket: String,
+    /// A key prefix inside the bucket ("" for all of it).
+    pub prefix: String,
+    pub read_only: bool,
+}
+
 /// A checked directory for a session mount.
 #[derive(Debug)]
 pub struct MountSource {
@@ -270,6 +319,9 @@ pub struct Checkpointing {
 pub struct WritePlan {
     /// Where the body goes: the upload's durable offset (0 creates the staging data).
     pub offset: u64,
+    /// The upload's destination in the vfolder (object stores start their multipart upload
+    /// at it; directories only need it when finishing).
+    pub dst: RelPath,
     /// The upload's length.
     pub size: u64,
     /// Made durable along the way, not only at the end.
@@ -277,6 +329,9 @@ pub struct WritePlan {
     /// When the body completes the upload, also move it here, as `finish` does, in the same step
     /// (an upload done in one PATCH then costs one round trip).
     pub finish_to: Option<RelPath>,
+    /// The body is kept whole or not at all (a checksum is verified after the write): nothing
+    /// of it may become irrevocable before the write returns.
+    pub atomic: bool,
 }
 
 /// Where upload bytes wait until the upload completes. For vfs/xfs this is a file in the quota
@@ -284,8 +339,10 @@ pub struct WritePlan {
 /// the scope's quota, invisible in listings and to session containers (which mount only vfolders).
 #[async_trait]
 pub trait UploadStaging: Send + Sync {
-    /// Cuts the staged data back to `offset` (crash recovery, discarded chunks).
-    async fn truncate(&self, vfid: &VFolderId, session: &str, offset: u64) -> Result<()>;
+    /// Cuts the staged data back to `offset` (crash recovery, discarded chunks) and returns the
+    /// offset now held: `offset`, or more where what lies past it cannot be taken back (parts
+    /// already stored in an object service), which the upload then resumes from.
+    async fn truncate(&self, vfid: &VFolderId, session: &str, offset: u64) -> Result<u64>;
     /// Writes `body` as `plan` says and syncs before returning (see `WritePlan`).
     async fn write(
         &self,
@@ -308,7 +365,8 @@ pub trait UploadStaging: Send + Sync {
 pub trait Volume: Send + Sync + fmt::Display {
     fn name(&self) -> &str;
     fn backend(&self) -> &'static str;
-    fn mount_path(&self) -> &Path;
+    /// Where the volume is, as `/volumes` reports it: a host path, or the service's URL.
+    fn location(&self) -> String;
     fn fsprefix(&self) -> &str;
     fn capabilities(&self) -> Vec<&'static str>;
 
@@ -374,20 +432,70 @@ pub trait Volume: Send + Sync + fmt::Display {
         dst: &VFolderId,
         progress: Arc<Progress>,
     ) -> Result<()>;
-    /// The host path of the vfolder root after checking that `subpath` stays inside it (what
-    /// `/folder/mount` reports to compute agents).
-    async fn vfolder_host_path(&self, vf: &VFolderId, subpath: &RelPath) -> Result<PathBuf>;
+    /// Where the vfolder is for a compute agent, after checking that `subpath` stays inside it
+    /// (what `/folder/mount` reports).
+    async fn mount_info(&self, vf: &VFolderId, subpath: &RelPath) -> Result<MountInfo>;
     /// The directory a session container gets for `subpath` of the vfolder, opened and checked
     /// now: its fd is what gets mounted, so no later change of the path can redirect the mount.
-    async fn mount_source(&self, vf: &VFolderId, subpath: &RelPath) -> Result<MountSource>;
+    /// Backends that mount something for it (FUSE) count `holder` as its user until
+    /// `release_mounts(holder)`.
+    async fn mount_source(
+        &self,
+        vf: &VFolderId,
+        subpath: &RelPath,
+        read_only: bool,
+        holder: &str,
+    ) -> Result<MountSource>;
+    /// `holder` (a session) needs nothing mounted any more.
+    async fn release_mounts(&self, _holder: &str) {}
+    /// After a restart: every holder not in `live` is gone.
+    async fn retain_mount_holders(&self, _live: &std::collections::HashSet<String>) {}
+    /// Makes an existing bucket (or prefix) the vfolder `vf`; its owner keeps its lifecycle.
+    async fn register_vfolder(&self, vf: &VFolderId, _r: &Registration) -> Result<()> {
+        Err(VolumeError::BadRequest(format!(
+            "vfolder {vf}: only object-store volumes register existing buckets; this one is {}",
+            self.backend()
+        )))
+    }
+    /// Forgets a registered vfolder without touching its objects.
+    async fn deregister_vfolder(&self, vf: &VFolderId) -> Result<()> {
+        Err(VolumeError::BadRequest(format!(
+            "vfolder {vf}: only registered vfolders of object-store volumes can be deregistered"
+        )))
+    }
+    /// A URL straight to the service for reading (or writing) `p`, valid for `expiry`.
+    async fn presign(
+        &self,
+        _vf: &VFolderId,
+        _p: &RelPath,
+        _write: bool,
+        _expiry: std::time::Duration,
+    ) -> Result<String> {
+        Err(VolumeError::BadRequest(format!(
+            "presigned URLs need an object-store volume with presign = true; this one is {}",
+            self.backend()
+        )))
+    }
     async fn usage(&self, vf: &VFolderId) -> Result<TreeUsage>;
+    /// Usage counted afresh (object stores keep counters; this recounts them from a listing).
+    async fn rescan_usage(&self, vf: &VFolderId) -> Result<TreeUsage> {
+        self.usage(vf).await
+    }
     async fn used_bytes(&self, vf: &VFolderId) -> Result<u64>;
 
     async fn list(&self, vf: &VFolderId, dir: &RelPath, limit: usize) -> Result<Listing>;
     async fn mkdir(&self, vf: &VFolderId, p: &RelPath, parents: bool, exist_ok: bool)
     -> Result<()>;
     async fn rename(&self, vf: &VFolderId, p: &RelPath, new_name: &str) -> Result<()>;
-    async fn move_path(&self, vf: &VFolderId, src: &RelPath, dst: &RelPath) -> Result<()>;
+    /// Moves `src` to `dst` (into it when it is a directory). Object stores copy, then delete,
+    /// object by object, advancing `progress`; directories rename at once.
+    async fn move_path(
+        &self,
+        vf: &VFolderId,
+        src: &RelPath,
+        dst: &RelPath,
+        progress: Arc<Progress>,
+    ) -> Result<()>;
     /// Missing paths are skipped; a directory without `recursive` is an error (ENOTEMPTY/EISDIR).
     async fn delete_files(
         &self,
@@ -441,6 +549,9 @@ pub trait Volume: Send + Sync + fmt::Display {
     ) -> Result<BoxStream<'static, io::Result<WalkEntry>>>;
 
     fn staging(&self) -> &dyn UploadStaging;
+
+    /// Starts the backend's own periodic work (object stores recount usage), until shutdown.
+    fn spawn_background(&self, _shutdown: tokio_util::sync::CancellationToken) {}
 }
 
 /// All configured volumes by name, with their health.
@@ -450,17 +561,25 @@ pub struct Volumes {
     health: Option<Arc<health::VolumeHealth>>,
 }
 
+/// What opening volumes needs besides their configs.
+pub struct OpenContext<'a> {
+    pub owner: Option<fsops::Owner>,
+    pub state: &'a crate::state::State,
+    pub state_dir: &'a Path,
+    /// Shared FUSE mounts (object-store volumes mount buckets for sessions with them).
+    pub fuse: Arc<fuse::FuseMounts>,
+}
+
 impl Volumes {
-    pub fn open(
-        configs: &[VolumeConfig],
-        owner: Option<fsops::Owner>,
-        state: &crate::state::State,
-    ) -> Result<Self> {
+    pub fn open(configs: &[VolumeConfig], cx: &OpenContext) -> Result<Self> {
         let mut by_name = BTreeMap::new();
         for c in configs {
             let v: Arc<dyn Volume> = match c.backend.as_str() {
                 // xfs and btrfs keep vfs's layout; their quota scopes differ (`scopes/`).
-                "vfs" | "xfs" | "btrfs" => Arc::new(vfs::VfsVolume::open(c, owner, state)?),
+                "vfs" | "xfs" | "btrfs" => Arc::new(vfs::VfsVolume::open(c, cx.owner, cx.state)?),
+                b if crate::config::OBJECT_BACKENDS.contains(&b) => {
+                    Arc::new(object::open(c, cx.state, cx.state_dir, cx.fuse.clone())?)
+                }
                 other => {
                     return Err(VolumeError::Internal(format!(
                         "volume {}: backend {other:?} is not built in",

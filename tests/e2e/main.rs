@@ -3,6 +3,7 @@
 
 mod common;
 
+mod backends;
 mod bgtasks;
 mod config_check;
 mod coord;

@@ -100,7 +100,12 @@ pub fn content_disposition(name: &str) -> String {
 }
 
 fn etag_of(stat: &EntryStat) -> String {
-    format!("\"{:x}-{:x}\"", stat.mtime_nanos, stat.size)
+    match &stat.etag {
+        // The object's own ETag (already quoted by the service).
+        Some(e) if e.starts_with('"') => e.clone(),
+        Some(e) => format!("\"{e}\""),
+        None => format!("\"{:x}-{:x}\"", stat.mtime_nanos, stat.size),
+    }
 }
 
 fn http_date_secs(t: SystemTime) -> SystemTime {

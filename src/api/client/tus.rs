@@ -762,11 +762,13 @@ async fn write_locked(
             stream,
             WritePlan {
                 offset,
+                dst: dst.clone(),
                 size: rec.size,
                 checkpoints,
                 // With a checksum the move waits for the digest; without, it is part of the
                 // write.
                 finish_to: expected.is_none().then(|| dst.clone()),
+                atomic: expected.is_some(),
             },
         )
         .await;
@@ -775,16 +777,27 @@ async fn write_locked(
         Some(c) => c.await.unwrap_or(offset),
         None => offset,
     };
+    // Back to the committed offset; an object store may have to keep more (parts it stored),
+    // which is then committed too.
     let cut_back = || async {
-        staging
+        let held = staging
             .truncate(&rec.vfid, &rec.session, committed)
             .await
-            .map_err(ApiError::from)
+            .map_err(ApiError::from)?;
+        if held > committed {
+            if !recorded {
+                st.uploads.ensure(&rec).await?;
+            }
+            st.uploads
+                .commit_offset(&rec.session, committed, held)
+                .await?;
+        }
+        Ok::<u64, ApiError>(held)
     };
     let staged = match staged {
         Ok(s) => s,
         Err(e) => {
-            let _ = cut_back().await;
+            let held = cut_back().await.unwrap_or(committed);
             return Err(match &e {
                 VolumeError::Io { source, .. }
                     if matches!(
@@ -792,7 +805,7 @@ async fn write_locked(
                         Some(libc::ENOSPC) | Some(libc::EDQUOT)
                     ) =>
                 {
-                    insufficient_storage(v.as_ref(), &rec, committed, &e).await
+                    insufficient_storage(v.as_ref(), &rec, held, &e).await
                 }
                 _ => e.into(),
             });

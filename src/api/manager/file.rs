@@ -27,6 +27,7 @@ pub fn routes() -> Router<AppState> {
         .route("/folder/file/list", post(list))
         .route("/folder/file/rename", post(rename))
         .route("/folder/file/move", post(move_path))
+        .route("/folder/file/move-async", post(move_async))
         .route("/folder/file/delete", post(delete))
         .route("/folder/file/delete-async", post(delete_async))
         .route("/folder/file/fetch", post(fetch))
@@ -209,9 +210,36 @@ async fn move_path(
     }
     st.volumes
         .get(&r.volume)?
-        .move_path(&r.vfid, &r.src_relpath, &r.dst_relpath)
+        .move_path(&r.vfid, &r.src_relpath, &r.dst_relpath, Default::default())
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Ours: the move as a background task with progress (on object stores a folder moves object
+/// by object, copy then delete), answered at once with its `bgtask_id`.
+async fn move_async(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<MoveReq>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    if r.src_relpath.is_root() {
+        return Err(ApiError::invalid_param(
+            "src_relpath",
+            "the vfolder root cannot be moved",
+        ));
+    }
+    let v = st.volumes.get(&r.volume)?;
+    // Checked now so the caller hears of these at once, not from a failed task.
+    v.stat(&r.vfid, &r.src_relpath).await?;
+    let id = st
+        .bgtasks
+        .spawn(TaskSpec::MovePath {
+            volume: r.volume,
+            vfid: r.vfid,
+            src: r.src_relpath,
+            dst: r.dst_relpath,
+        })
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"bgtask_id": id}))))
 }
 
 #[derive(Deserialize)]

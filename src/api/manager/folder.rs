@@ -13,7 +13,7 @@ use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::ApiJson;
 use crate::bgtask::TaskSpec;
 use crate::ids::VFolderId;
-use crate::volume::{RelPath, VolumeError};
+use crate::volume::{MountInfo, RelPath, VolumeError};
 
 use super::volume::VolumeReq;
 
@@ -27,6 +27,8 @@ pub fn routes() -> Router<AppState> {
         .route("/folder/usage", get(usage))
         .route("/folder/used-bytes", get(used_bytes))
         .route("/folder/fs-usage", get(fs_usage))
+        .route("/folder/register", post(register))
+        .route("/folder/deregister", post(deregister))
 }
 
 #[derive(Deserialize)]
@@ -55,6 +57,74 @@ struct CreateReq {
     options: Option<CreateOptions>,
 }
 
+/// Makes the quota scope of `vfid` when it is missing and the config allows it.
+async fn ensure_scope(
+    st: &AppState,
+    v: &dyn crate::volume::Volume,
+    vfid: &VFolderId,
+    limit: Option<u64>,
+) -> ApiResult<()> {
+    let qs = vfid
+        .quota_scope
+        .ok_or(VolumeError::QuotaScopeRequired(*vfid))?;
+    if v.describe_quota_scope(&qs).await?.is_none() {
+        if !st.config.proxy.allow_auto_quota_scope_creation {
+            return Err(VolumeError::QuotaScopeNotFound(qs).into());
+        }
+        let limit = crate::volume::QuotaLimit {
+            bytes: limit,
+            inodes: None,
+        };
+        match v.create_quota_scope(&qs, &limit).await {
+            Ok(()) | Err(VolumeError::QuotaScopeExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct RegisterReq {
+    volume: String,
+    vfid: VFolderId,
+    bucket: String,
+    #[serde(default)]
+    prefix: String,
+    #[serde(default)]
+    read_only: bool,
+}
+
+/// Ours: an existing bucket (or a prefix of it) becomes a vfolder; its owner keeps its
+/// lifecycle (deregistering or deleting the vfolder never touches its objects).
+async fn register(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<RegisterReq>,
+) -> ApiResult<StatusCode> {
+    let v = st.volumes.get(&r.volume)?;
+    ensure_scope(&st, v.as_ref(), &r.vfid, None).await?;
+    v.register_vfolder(
+        &r.vfid,
+        &crate::volume::Registration {
+            bucket: r.bucket,
+            prefix: r.prefix,
+            read_only: r.read_only,
+        },
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn deregister(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<FolderReq>,
+) -> ApiResult<StatusCode> {
+    st.volumes
+        .get(&r.volume)?
+        .deregister_vfolder(&r.vfid)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn create(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<CreateReq>,
@@ -70,27 +140,11 @@ async fn create(
         ));
     }
     let v = st.volumes.get(&r.volume)?;
-    let qs = r
-        .vfid
-        .quota_scope
-        .ok_or(VolumeError::QuotaScopeRequired(r.vfid))?;
-    if v.describe_quota_scope(&qs).await?.is_none() {
-        if !st.config.proxy.allow_auto_quota_scope_creation {
-            return Err(VolumeError::QuotaScopeNotFound(qs).into());
-        }
-        let limit = r
-            .options
-            .unwrap_or_default()
-            .initial_max_size_for_quota_scope;
-        let limit = crate::volume::QuotaLimit {
-            bytes: limit,
-            inodes: None,
-        };
-        match v.create_quota_scope(&qs, &limit).await {
-            Ok(()) | Err(VolumeError::QuotaScopeExists(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let limit = r
+        .options
+        .unwrap_or_default()
+        .initial_max_size_for_quota_scope;
+    ensure_scope(&st, v.as_ref(), &r.vfid, limit).await?;
     v.create_vfolder(&r.vfid, r.mode).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -184,8 +238,8 @@ async fn mount(
         )
     };
     let sub = RelPath::parse(&r.subpath).map_err(|e| invalid_subpath(e.to_string()))?;
-    match v.vfolder_host_path(&r.vfid, &sub).await {
-        Ok(_) => {}
+    let info = match v.mount_info(&r.vfid, &sub).await {
+        Ok(info) => info,
         Err(VolumeError::VFolderNotFound(_)) => {
             return Err(ApiError::plain_json(
                 StatusCode::BAD_REQUEST,
@@ -196,9 +250,26 @@ async fn mount(
             return Err(invalid_subpath(e.to_string()));
         }
         Err(e) => return Err(e.into()),
-    }
-    let root = v.vfolder_host_path(&r.vfid, &RelPath::root()).await?;
-    Ok(Json(json!({ "path": root.display().to_string() })))
+    };
+    Ok(Json(match info {
+        MountInfo::HostPath(p) => json!({ "path": p.display().to_string() }),
+        // Our addition: no host path; what an agent needs to mount the bucket itself.
+        MountInfo::Remote(l) => json!({
+            "path": null,
+            "remote": {
+                "backend": l.backend,
+                "endpoint": l.endpoint,
+                "region": l.region,
+                "bucket": l.bucket,
+                "prefix": l.prefix,
+                "read_only": l.read_only,
+                "credentials": l.credentials.map(|(k, s)| json!({
+                    "access_key": k,
+                    "secret_key": s,
+                })),
+            },
+        }),
+    }))
 }
 
 #[derive(Deserialize)]
@@ -223,11 +294,25 @@ async fn metadata(
 }
 
 /// Exact counts, however long the walk takes (Backend.AI answers -1 after 30 s).
+#[derive(Deserialize)]
+struct UsageReq {
+    volume: String,
+    vfid: VFolderId,
+    /// Ours: recount now (object stores answer from counters, recounted periodically).
+    #[serde(default)]
+    rescan: bool,
+}
+
 async fn usage(
     State(st): State<AppState>,
-    ApiJson(r): ApiJson<FolderReq>,
+    ApiJson(r): ApiJson<UsageReq>,
 ) -> ApiResult<Json<Value>> {
-    let u = st.volumes.get(&r.volume)?.usage(&r.vfid).await?;
+    let v = st.volumes.get(&r.volume)?;
+    let u = if r.rescan {
+        v.rescan_usage(&r.vfid).await?
+    } else {
+        v.usage(&r.vfid).await?
+    };
     Ok(Json(json!({
         "file_count": u.file_count,
         "used_bytes": u.used_bytes,

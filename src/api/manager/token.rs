@@ -28,6 +28,14 @@ struct UploadReq {
     vfid: VFolderId,
     relpath: RelPath,
     size: u64,
+    /// Ours: also answer a URL straight to the object service (volumes with presign = true).
+    #[serde(default)]
+    presign: bool,
+}
+
+/// How long a presigned URL lives: the token's lifetime (the volume caps it further).
+fn presign_expiry(st: &AppState) -> std::time::Duration {
+    st.config.proxy.session_expire
 }
 
 async fn upload(
@@ -53,6 +61,7 @@ async fn upload(
     v.check_space(r.vfid.quota_scope.as_ref(), r.size).await?;
     // The token says everything about the upload: nothing is written until it is used.
     let session = uuid::Uuid::new_v4().simple().to_string();
+    let r_relpath = r.relpath.clone();
     let exp = st.tokens.expiry();
     let token = st
         .tokens
@@ -66,7 +75,14 @@ async fn upload(
             exp,
         })
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(Json(json!({ "token": token })))
+    let mut body = json!({ "token": token });
+    if r.presign {
+        let url = v
+            .presign(&r.vfid, &r_relpath, true, presign_expiry(&st))
+            .await?;
+        body["presigned_url"] = json!(url);
+    }
+    Ok(Json(body))
 }
 
 /// Refuses an upload whose destination can never be written: the vfolder is missing, a parent
@@ -91,6 +107,9 @@ struct DownloadReq {
     #[serde(default)]
     #[allow(dead_code)]
     unmanaged_path: Option<String>,
+    /// Ours: also answer a URL straight to the object service (volumes with presign = true).
+    #[serde(default)]
+    presign: bool,
 }
 
 /// As in Backend.AI, `archive` and `unmanaged_path` are accepted but not put into the token
@@ -99,7 +118,22 @@ async fn download(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<DownloadReq>,
 ) -> ApiResult<Json<Value>> {
-    st.volumes.get(&r.volume)?;
+    let v = st.volumes.get(&r.volume)?;
+    let presigned = if r.presign {
+        // A URL for a file that is there: the service would answer 404 later, with no hint.
+        if v.stat(&r.vfid, &r.relpath).await?.kind != crate::volume::EntryKind::File {
+            return Err(ApiError::invalid_param(
+                "relpath",
+                "presigned URLs are for files",
+            ));
+        }
+        Some(
+            v.presign(&r.vfid, &r.relpath, false, presign_expiry(&st))
+                .await?,
+        )
+    } else {
+        None
+    };
     let token = st
         .tokens
         .mint(&DownloadClaims {
@@ -112,7 +146,11 @@ async fn download(
             unmanaged_path: None,
         })
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(Json(json!({ "token": token })))
+    let mut body = json!({ "token": token });
+    if let Some(url) = presigned {
+        body["presigned_url"] = json!(url);
+    }
+    Ok(Json(body))
 }
 
 #[derive(Deserialize)]

@@ -35,7 +35,7 @@ async fn volumes(State(st): State<AppState>, _: EmptyBody) -> Json<Value> {
             json!({
                 "name": v.name(),
                 "backend": v.backend(),
-                "path": v.mount_path().display().to_string(),
+                "path": v.location(),
                 "fsprefix": v.fsprefix(),
                 "capabilities": v.capabilities(),
             })

@@ -22,9 +22,9 @@ use super::scan;
 use super::scopes::{self, QuotaLimit, QuotaOps, Scopes};
 use super::tree;
 use super::{
-    DirEntry, EntryKind, EntryStat, FsUsage, HwInfo, Listing, MountSource, Progress, QuotaUsage,
-    ReadHandle, RelPath, Result, TreeUsage, UploadStaging, Volume, VolumeError, VolumeStatus,
-    WalkEntry,
+    DirEntry, EntryKind, EntryStat, FsUsage, HwInfo, Listing, MountInfo, MountSource, Progress,
+    QuotaUsage, ReadHandle, RelPath, Result, TreeUsage, UploadStaging, Volume, VolumeError,
+    VolumeStatus, WalkEntry,
 };
 use crate::config::VolumeConfig;
 use crate::ids::{QuotaScopeId, VFolderId};
@@ -120,6 +120,27 @@ impl VfsVolume {
     }
 }
 
+impl VfsVolume {
+    /// The host path of `subpath` of the vfolder, resolved by the kernel beneath the vfolder.
+    async fn host_path(&self, vf: &VFolderId, subpath: &RelPath) -> Result<PathBuf> {
+        let root = self.root();
+        let (vf, sub) = (*vf, subpath.clone());
+        let base = self.root.join(vf.rel_path());
+        blocking(move || {
+            let vfd = open_vfolder(root.as_fd(), &vf)?;
+            if sub.is_root() {
+                return Ok(base);
+            }
+            // The path the kernel resolved (symlinks inside the vfolder followed), so whoever
+            // mounts it gets exactly the directory that was checked.
+            let fd = fsops::open_beneath(vfd.as_fd(), &sub, libc::O_PATH | libc::O_DIRECTORY, 0)
+                .map_err(|e| VolumeError::io(&sub, e))?;
+            fsops::fd_path(fd.as_fd()).map_err(|e| VolumeError::io(&sub, e))
+        })
+        .await
+    }
+}
+
 impl fmt::Display for VfsVolume {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.scopes.backend() {
@@ -139,8 +160,8 @@ impl Volume for VfsVolume {
     fn backend(&self) -> &'static str {
         self.scopes.backend()
     }
-    fn mount_path(&self) -> &Path {
-        &self.root
+    fn location(&self) -> String {
+        self.root.display().to_string()
     }
     fn fsprefix(&self) -> &str {
         &self.fsprefix
@@ -420,25 +441,19 @@ impl Volume for VfsVolume {
         Ok(())
     }
 
-    async fn vfolder_host_path(&self, vf: &VFolderId, subpath: &RelPath) -> Result<PathBuf> {
-        let root = self.root();
-        let (vf, sub) = (*vf, subpath.clone());
-        let base = self.root.join(vf.rel_path());
-        blocking(move || {
-            let vfd = open_vfolder(root.as_fd(), &vf)?;
-            if sub.is_root() {
-                return Ok(base);
-            }
-            // The path the kernel resolved (symlinks inside the vfolder followed), so whoever
-            // mounts it gets exactly the directory that was checked.
-            let fd = fsops::open_beneath(vfd.as_fd(), &sub, libc::O_PATH | libc::O_DIRECTORY, 0)
-                .map_err(|e| VolumeError::io(&sub, e))?;
-            fsops::fd_path(fd.as_fd()).map_err(|e| VolumeError::io(&sub, e))
-        })
-        .await
+    async fn mount_info(&self, vf: &VFolderId, subpath: &RelPath) -> Result<MountInfo> {
+        self.host_path(vf, subpath).await?;
+        // Backend.AI reports the vfolder root; the subpath was only checked.
+        Ok(MountInfo::HostPath(self.root.join(vf.rel_path())))
     }
 
-    async fn mount_source(&self, vf: &VFolderId, subpath: &RelPath) -> Result<MountSource> {
+    async fn mount_source(
+        &self,
+        vf: &VFolderId,
+        subpath: &RelPath,
+        _read_only: bool,
+        _holder: &str,
+    ) -> Result<MountSource> {
         let root = self.root();
         let (vf, sub) = (*vf, subpath.clone());
         blocking(move || {
@@ -572,7 +587,13 @@ impl Volume for VfsVolume {
         .await
     }
 
-    async fn move_path(&self, vf: &VFolderId, src: &RelPath, dst: &RelPath) -> Result<()> {
+    async fn move_path(
+        &self,
+        vf: &VFolderId,
+        src: &RelPath,
+        dst: &RelPath,
+        _progress: Arc<Progress>,
+    ) -> Result<()> {
         let root = self.root();
         let (vf, src, dst) = (*vf, src.clone(), dst.clone());
         blocking(move || {

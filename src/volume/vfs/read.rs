@@ -78,6 +78,7 @@ pub fn entry_stat(st: &libc::stat) -> EntryStat {
         created: ts(st.st_ctime, st.st_ctime_nsec),
         modified: ts(st.st_mtime, st.st_mtime_nsec),
         mtime_nanos: st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128,
+        etag: None,
     }
 }
 

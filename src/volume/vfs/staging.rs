@@ -180,14 +180,15 @@ impl VfsStaging {
 
 #[async_trait]
 impl UploadStaging for VfsStaging {
-    async fn truncate(&self, vf: &VFolderId, session: &str, offset: u64) -> Result<()> {
+    async fn truncate(&self, vf: &VFolderId, session: &str, offset: u64) -> Result<u64> {
         let fd = self
             .open_staged(vf, session, libc::O_WRONLY)
             .map_err(|e| io_err(".upload", e))?;
         blocking(move || {
             let f = File::from(fd);
             f.set_len(offset).map_err(|e| io_err(".upload", e))?;
-            f.sync_all().map_err(|e| io_err(".upload", e))
+            f.sync_all().map_err(|e| io_err(".upload", e))?;
+            Ok(offset)
         })
         .await
     }
@@ -204,6 +205,8 @@ impl UploadStaging for VfsStaging {
             size,
             checkpoints,
             finish_to,
+            dst: _,
+            atomic: _,
         } = plan;
         let root = self.root_fd.clone();
         let owner = self.owner;

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod loopfs;
+pub mod moto;
 pub mod redis;
 pub mod tools;
 
@@ -107,8 +108,12 @@ enabled = false
     pub async fn start(self) -> Daemon {
         let path = self.dir.path().join("storage-agent.toml");
         std::fs::write(&path, toml::to_string(&self.config).unwrap()).unwrap();
-        let vol_dir = self.config["volume"]["vol1"]["path"]
-            .as_str()
+        let vol_dir = self
+            .config
+            .get("volume")
+            .and_then(|v| v.get("vol1"))
+            .and_then(|v| v.get("path"))
+            .and_then(|p| p.as_str())
             .map(PathBuf::from)
             .unwrap_or_else(|| self.dir.path().join("vol1"));
         let mut d = Daemon {

@@ -1,0 +1,285 @@
+//! `[volume.<name>]` keys of object-store backends (`s3`): where the service is, how to sign,
+//! and how vfolders map onto buckets.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::reader::Section;
+
+/// Access key and secret. Never printed: Debug shows the key id only.
+#[derive(Clone)]
+pub struct Credentials {
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credentials({}, <secret>)", self.access_key)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// Each vfolder is a bucket `<bucket-prefix><vfolder uuid hex>` (the S3 proposal's choice).
+    BucketPerVFolder { bucket_prefix: String },
+    /// Each vfolder is the prefix `<quota scope hex>/<vfolder hex>/` in one bucket.
+    PrefixPerVFolder { bucket: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct ObjectConfig {
+    pub endpoint: String,
+    pub region: String,
+    pub credentials: Credentials,
+    /// Path-style (`endpoint/bucket/key`) or virtual-hosted (`bucket.endpoint/key`) URLs.
+    pub path_style: bool,
+    pub tls_verify: bool,
+    pub layout: Layout,
+    /// Size of each part of a multipart upload (the most a tus upload buffers on local disk).
+    pub part_size: u64,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// How often usage counters are recounted from a listing (objects change behind our back).
+    pub rescan_interval: Duration,
+    /// `/folder/mount` includes the credentials (compute agents mount the bucket themselves).
+    pub hand_out_credentials: bool,
+    /// Token routes may answer with presigned URLs straight to the service.
+    pub presign: bool,
+    pub presign_max_expiry: Duration,
+    /// What `/folder/fs-usage` reports as capacity (object stores have no fixed size).
+    pub capacity: u64,
+    /// Session mounts (FUSE) stay this long after their last user, so churn does not remount.
+    pub mount_linger: Duration,
+}
+
+pub const MIN_PART: u64 = 5 << 20;
+pub const MAX_PART: u64 = 5 << 30;
+
+/// Reads the object-store keys of a volume table; `None` (with problems pushed) when unusable.
+pub fn read(sec: &Section) -> Option<ObjectConfig> {
+    let region = sec.string("region", "us-east-1");
+    let endpoint = sec.opt_string("endpoint");
+    if let Some(e) = &endpoint
+        && !(e.starts_with("http://") || e.starts_with("https://"))
+    {
+        sec.problems().push(
+            sec.key_path("endpoint"),
+            format!("{e:?}"),
+            "an http:// or https:// URL of the S3 service",
+        );
+    }
+    // AWS itself is virtual-hosted; anything named by URL is most likely path-style (MinIO,
+    // Ceph RGW, moto).
+    let default_addressing = if endpoint.is_some() {
+        "path"
+    } else {
+        "virtual-hosted"
+    };
+    let addressing = sec.choice(
+        "addressing",
+        &["path", "virtual-hosted"],
+        default_addressing,
+    );
+    let layout = match sec
+        .choice(
+            "layout",
+            &["bucket-per-vfolder", "prefix-per-vfolder"],
+            "bucket-per-vfolder",
+        )
+        .as_str()
+    {
+        "prefix-per-vfolder" => match sec.opt_string("bucket") {
+            Some(b) if valid_bucket(&b) => Layout::PrefixPerVFolder { bucket: b },
+            other => {
+                sec.problems().push(
+                    sec.key_path("bucket"),
+                    other.map_or("missing".into(), |b| format!("{b:?}")),
+                    "the bucket that holds every vfolder (3-63 of a-z, 0-9, '-', '.')",
+                );
+                return None;
+            }
+        },
+        _ => {
+            let prefix = sec.string("bucket-prefix", "");
+            if prefix.len() > 31
+                || !prefix
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            {
+                sec.problems().push(
+                    sec.key_path("bucket-prefix"),
+                    format!("{prefix:?}"),
+                    "at most 31 of a-z, 0-9 and '-' (bucket names are the prefix and 32 hex digits)",
+                );
+            }
+            Layout::BucketPerVFolder {
+                bucket_prefix: prefix,
+            }
+        }
+    };
+    let part_size = sec.size("part-size", 8 << 20);
+    if !(MIN_PART..=MAX_PART).contains(&part_size) {
+        sec.problems().push(
+            sec.key_path("part-size"),
+            part_size.to_string(),
+            "5m to 5g (S3's limits for a part)",
+        );
+    }
+    let credentials = read_credentials(sec)?;
+    Some(ObjectConfig {
+        endpoint: endpoint
+            .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"))
+            .trim_end_matches('/')
+            .to_string(),
+        region,
+        credentials,
+        path_style: addressing == "path",
+        tls_verify: sec.bool("tls-verify", true),
+        layout,
+        part_size,
+        connect_timeout: sec.duration("connect-timeout", Duration::from_secs(5)),
+        request_timeout: sec.duration("request-timeout", Duration::from_secs(60)),
+        rescan_interval: sec.duration("rescan-interval", Duration::from_secs(3600)),
+        hand_out_credentials: sec.bool("hand-out-credentials", false),
+        presign: sec.bool("presign", false),
+        presign_max_expiry: sec.duration("presign-max-expiry", Duration::from_secs(3600)),
+        capacity: sec.size("capacity", 1 << 50),
+        mount_linger: sec.duration("mount-linger", Duration::from_secs(60)),
+    })
+}
+
+/// S3 bucket naming rules (the subset every S3-compatible service accepts).
+pub fn valid_bucket(b: &str) -> bool {
+    (3..=63).contains(&b.len())
+        && b.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && b.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && b.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// Inline keys, else a credentials file (AWS's INI format, `profile`), else the environment.
+fn read_credentials(sec: &Section) -> Option<Credentials> {
+    let inline = (sec.opt_string("access-key"), sec.opt_string("secret-key"));
+    let file = sec.opt_path("credentials-file");
+    let profile = sec.string("profile", "default");
+    match inline {
+        (Some(access_key), Some(secret_key)) => {
+            return Some(Credentials {
+                access_key,
+                secret_key,
+            });
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            sec.problems().push(
+                sec.key_path("access-key"),
+                "only one of access-key and secret-key",
+                "both, or neither (then credentials-file or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)",
+            );
+            return None;
+        }
+        (None, None) => {}
+    }
+    if let Some(path) = file {
+        return match from_file(&path, &profile) {
+            Ok(c) => Some(c),
+            Err(why) => {
+                sec.problems().push(
+                    sec.key_path("credentials-file"),
+                    format!("{} ({why})", path.display()),
+                    "a readable AWS credentials file with aws_access_key_id and aws_secret_access_key",
+                );
+                None
+            }
+        };
+    }
+    match (
+        std::env::var("AWS_ACCESS_KEY_ID"),
+        std::env::var("AWS_SECRET_ACCESS_KEY"),
+    ) {
+        (Ok(access_key), Ok(secret_key)) => Some(Credentials {
+            access_key,
+            secret_key,
+        }),
+        _ => {
+            sec.problems().push(
+                sec.key_path("access-key"),
+                "missing",
+                "access-key and secret-key, credentials-file, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment",
+            );
+            None
+        }
+    }
+}
+
+/// `[profile]` sections with `aws_access_key_id` / `aws_secret_access_key`, as the AWS CLI
+/// writes them.
+fn from_file(path: &Path, profile: &str) -> Result<Credentials, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let (mut section, mut key, mut secret) = (String::new(), None, None);
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim().trim_start_matches("profile ").to_string();
+            continue;
+        }
+        if section != profile {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            match k.trim() {
+                "aws_access_key_id" => key = Some(v.trim().to_string()),
+                "aws_secret_access_key" => secret = Some(v.trim().to_string()),
+                _ => {}
+            }
+        }
+    }
+    match (key, secret) {
+        (Some(access_key), Some(secret_key)) => Ok(Credentials {
+            access_key,
+            secret_key,
+        }),
+        _ => Err(format!("no complete [{profile}] profile")),
+    }
+}
+
+/// Where the daemon keeps what an object-store volume needs locally (multipart part buffers).
+pub fn local_dir(state_dir: &Path, volume: &str) -> PathBuf {
+    state_dir.join("objects").join(volume)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_files_are_read_by_profile() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("creds");
+        std::fs::write(
+            &p,
+            "[default]\naws_access_key_id = AK1\naws_secret_access_key = S1\n\n[profile other]\naws_access_key_id=AK2\naws_secret_access_key=S2\n",
+        )
+        .unwrap();
+        let c = from_file(&p, "default").unwrap();
+        assert_eq!(
+            (c.access_key.as_str(), c.secret_key.as_str()),
+            ("AK1", "S1")
+        );
+        let c = from_file(&p, "other").unwrap();
+        assert_eq!(c.access_key, "AK2");
+        assert!(from_file(&p, "missing").is_err());
+        assert!(
+            !format!("{c:?}").contains("S2"),
+            "secrets are never printed"
+        );
+    }
+
+    #[test]
+    fn bucket_names() {
+        assert!(valid_bucket("bai-0123"));
+        assert!(!valid_bucket("ab"));
+        assert!(!valid_bucket("Upper"));
+        assert!(!valid_bucket("-lead"));
+    }
+}

@@ -1,0 +1,383 @@
+//! FUSE mounts of remote storage for session containers (`rclone mount`), shared and counted.
+//!
+//! One mount per (volume, bucket, mode) serves every session that needs it; who needs it is
+//! kept in SQLite (`fuse_mounts`, `fuse_mount_holders`), so the counts survive a restart and
+//! are then trimmed to the sessions still alive. A mount nobody uses any more stays for its
+//! linger time (session churn must not thrash mounts), then goes. A mount whose FUSE process
+//! died (ENOTCONN) is found at the next use and made again.
+//!
+//! rclone rather than s3fs: one tool for S3 and Azure Blob (and the remote volumes built on
+//! them), its configuration comes through the environment (no secret on a command line or in a
+//! file), `--read-only` enforces read-only at the FUSE layer, and it runs in its own session,
+//! so the daemon restarting does not take the mounts (and the sessions on them) down.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::Row;
+use tokio_util::sync::CancellationToken;
+
+use super::{Result, VolumeError};
+use crate::state::State;
+
+/// How long a new mount may take to appear before it is given up.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What to mount.
+#[derive(Clone)]
+pub struct FuseSpec {
+    /// Names the shared mount: `<volume>/<bucket>/<ro|rw>`.
+    pub key: String,
+    /// The rclone remote, e.g. `:s3:bucket`.
+    pub remote: String,
+    /// rclone's settings (backend options, credentials): passed as its environment only.
+    pub env: Vec<(String, String)>,
+    pub read_only: bool,
+    pub linger: Duration,
+}
+
+pub struct FuseMounts {
+    state: State,
+    /// Mount points and rclone's logs and caches live under here (`<state-dir>/fuse`).
+    dir: PathBuf,
+    /// Owner of everything in the mounts (the sessions' kernel uid/gid).
+    owner: Option<(u32, u32)>,
+    lock: tokio::sync::Mutex<()>,
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn db(e: sqlx::Error) -> VolumeError {
+    VolumeError::Internal(format!("state database: {e}"))
+}
+
+fn mount_err(key: &str, message: String) -> VolumeError {
+    VolumeError::Remote {
+        service: format!("mount {key}"),
+        message,
+        unreachable: false,
+    }
+}
+
+/// Is something mounted exactly at `p` (by /proc/self/mountinfo)?
+fn is_mount_point(p: &Path) -> bool {
+    let want = p.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| {
+            info.lines()
+                .any(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&*want))
+        })
+        .unwrap_or(false)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
+        match (b[i], octal) {
+            (b'\\', Some(n)) => {
+                out.push(n);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum MountState {
+    Absent,
+    Live,
+    /// Mounted, but its FUSE process is gone (or does not answer).
+    Stale,
+}
+
+async fn mount_state(p: &Path) -> MountState {
+    if !is_mount_point(p) {
+        return MountState::Absent;
+    }
+    let path = p.to_path_buf();
+    let probe = tokio::task::spawn_blocking(move || std::fs::metadata(&path).map(|_| ()));
+    match tokio::time::timeout(Duration::from_secs(5), probe).await {
+        Ok(Ok(Ok(()))) => MountState::Live,
+        _ => MountState::Stale,
+    }
+}
+
+fn detach(p: &Path) {
+    let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+}
+
+impl FuseMounts {
+    pub fn new(state: State, state_dir: &Path, owner: Option<(u32, u32)>) -> Arc<Self> {
+        Arc::new(FuseMounts {
+            state,
+            dir: state_dir.join("fuse"),
+            owner,
+            lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn mountpoint(&self, key: &str) -> PathBuf {
+        self.dir.join("mnt").join(key.replace('/', "."))
+    }
+
+    /// The mount for `spec`, made if missing (or stale), with `holder` counted as its user.
+    pub async fn acquire(&self, spec: &FuseSpec, holder: &str) -> Result<PathBuf> {
+        let _g = self.lock.lock().await;
+        let mnt = self.mountpoint(&spec.key);
+        match mount_state(&mnt).await {
+            MountState::Live => {}
+            state => {
+                if state == MountState::Stale {
+                    tracing::warn!(key = %spec.key, "FUSE mount is stale (its process died); mounting again");
+                    detach(&mnt);
+                }
+                self.mount(spec, &mnt).await?;
+            }
+        }
+        let pool = self.state.pool();
+        sqlx::query(
+            "INSERT INTO fuse_mounts (key, mountpoint, linger_secs, released_at) VALUES (?, ?, ?, NULL)
+             ON CONFLICT(key) DO UPDATE SET released_at = NULL, linger_secs = excluded.linger_secs",
+        )
+        .bind(&spec.key)
+        .bind(mnt.to_string_lossy())
+        .bind(spec.linger.as_secs() as i64)
+        .execute(pool)
+        .await
+        .map_err(db)?;
+        sqlx::query("INSERT OR IGNORE INTO fuse_mount_holders (key, holder) VALUES (?, ?)")
+            .bind(&spec.key)
+            .bind(holder)
+            .execute(pool)
+            .await
+            .map_err(db)?;
+        Ok(mnt)
+    }
+
+    async fn mount(&self, spec: &FuseSpec, mnt: &Path) -> Result<()> {
+        let err = |m: String| mount_err(&spec.key, m);
+        for d in [
+            mnt.to_path_buf(),
+            self.dir.join("cache"),
+            self.dir.join("log"),
+        ] {
+            std::fs::create_dir_all(&d).map_err(|e| err(format!("{}: {e}", d.display())))?;
+        }
+        let name = spec.key.replace('/', ".");
+        let log = self.dir.join("log").join(format!("{name}.log"));
+        let mut cmd = tokio::process::Command::new("rclone");
+        cmd.arg("mount")
+            .arg(&spec.remote)
+            .arg(mnt)
+            .args([
+                "--allow-other",
+                "--umask",
+                "002",
+                "--vfs-cache-mode",
+                "writes",
+            ])
+            .arg("--cache-dir")
+            .arg(self.dir.join("cache").join(&name))
+            .args([
+                "--dir-cache-time",
+                "5s",
+                "--log-level",
+                "NOTICE",
+                "--log-file",
+            ])
+            .arg(&log);
+        if spec.read_only {
+            cmd.arg("--read-only");
+        }
+        if let Some((uid, gid)) = self.owner {
+            cmd.args(["--uid", &uid.to_string(), "--gid", &gid.to_string()]);
+        }
+        // Only what rclone needs: our own environment may carry settings that change its
+        // behaviour (AWS_CA_BUNDLE breaks its S3 client) or secrets it has no business with.
+        cmd.env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", &self.dir)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Its own process group and session: a signal to the daemon's group, or the daemon
+            // restarting, leaves the mount (and the sessions on it) alone.
+            .process_group(0);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(err(
+                    "rclone is not installed (apt-get install rclone): sessions on object-store volumes mount buckets with it".into(),
+                ));
+            }
+            Err(e) => return Err(err(format!("cannot start rclone: {e}"))),
+        };
+        let started = tokio::time::Instant::now();
+        loop {
+            if is_mount_point(mnt) {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(err(format!(
+                    "rclone exited ({status}) before mounting: {}",
+                    tail(&log)
+                )));
+            }
+            if started.elapsed() > MOUNT_TIMEOUT {
+                let _ = child.start_kill();
+                detach(mnt);
+                return Err(err(format!(
+                    "not mounted within {MOUNT_TIMEOUT:?}: {}",
+                    tail(&log)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Reap rclone when it ends (at unmount), so it leaves no zombie.
+        let key = spec.key.clone();
+        tokio::spawn(async move {
+            if let Ok(status) = child.wait().await {
+                tracing::debug!(key, %status, "rclone mount process ended");
+            }
+        });
+        tracing::info!(key = %spec.key, mountpoint = %mnt.display(), read_only = spec.read_only, "FUSE mount made");
+        Ok(())
+    }
+
+    /// `holder` no longer needs the mounts of `volume`.
+    pub async fn release(&self, volume: &str, holder: &str) {
+        let _g = self.lock.lock().await;
+        let prefix = format!("{volume}/%");
+        let pool = self.state.pool();
+        let _ = sqlx::query("DELETE FROM fuse_mount_holders WHERE holder = ? AND key LIKE ?")
+            .bind(holder)
+            .bind(&prefix)
+            .execute(pool)
+            .await;
+        self.mark_unused(pool).await;
+    }
+
+    /// Holders of `volume`'s mounts that are not in `live` are gone (after a restart).
+    pub async fn retain(&self, volume: &str, live: &HashSet<String>) {
+        let _g = self.lock.lock().await;
+        let pool = self.state.pool();
+        let rows = sqlx::query("SELECT key, holder FROM fuse_mount_holders WHERE key LIKE ?")
+            .bind(format!("{volume}/%"))
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default();
+        for r in rows {
+            let (key, holder): (String, String) = (r.get(0), r.get(1));
+            if !live.contains(&holder) {
+                let _ = sqlx::query("DELETE FROM fuse_mount_holders WHERE key = ? AND holder = ?")
+                    .bind(&key)
+                    .bind(&holder)
+                    .execute(pool)
+                    .await;
+            }
+        }
+        self.mark_unused(pool).await;
+    }
+
+    async fn mark_unused(&self, pool: &sqlx::SqlitePool) {
+        let _ = sqlx::query(
+            "UPDATE fuse_mounts SET released_at = ? WHERE released_at IS NULL
+             AND key NOT IN (SELECT key FROM fuse_mount_holders)",
+        )
+        .bind(now())
+        .execute(pool)
+        .await;
+    }
+
+    /// How many users a mount has (tests and metrics).
+    pub async fn holders(&self, key: &str) -> usize {
+        sqlx::query("SELECT COUNT(*) FROM fuse_mount_holders WHERE key = ?")
+            .bind(key)
+            .fetch_one(self.state.pool())
+            .await
+            .map(|r| r.get::<i64, _>(0) as usize)
+            .unwrap_or(0)
+    }
+
+    /// Unmounts what has had no user for its linger time.
+    pub async fn reap_once(&self) {
+        let _g = self.lock.lock().await;
+        let pool = self.state.pool();
+        let due = sqlx::query(
+            "SELECT key, mountpoint FROM fuse_mounts WHERE released_at IS NOT NULL
+             AND released_at + linger_secs <= ? AND key NOT IN (SELECT key FROM fuse_mount_holders)",
+        )
+        .bind(now())
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
+        for r in due {
+            let (key, mnt): (String, String) = (r.get(0), r.get(1));
+            let mnt = PathBuf::from(mnt);
+            // Detached: a process still inside (a shell of ours, a stuck reader) must not keep
+            // it; rclone ends once the kernel lets go.
+            detach(&mnt);
+            let _ = std::fs::remove_dir(&mnt);
+            let _ = std::fs::remove_dir_all(self.dir.join("cache").join(key.replace('/', ".")));
+            let _ = sqlx::query("DELETE FROM fuse_mounts WHERE key = ?")
+                .bind(&key)
+                .execute(pool)
+                .await;
+            tracing::info!(key, "FUSE mount removed after its linger");
+        }
+    }
+
+    pub fn spawn_reaper(self: &Arc<Self>, shutdown: CancellationToken) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => this.reap_once().await,
+                }
+            }
+        });
+    }
+}
+
+/// The end of rclone's log, for error messages.
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    if lines.is_empty() {
+        "(rclone logged nothing)".into()
+    } else {
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/x\\134y"), "/x\\y");
+    }
+}

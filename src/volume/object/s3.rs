@@ -1,0 +1,389 @@
+//! S3 and S3-compatible services (AWS, MinIO, Ceph RGW, moto). Data goes through object_store;
+//! what it lacks (bucket create/delete/head, zero-byte `dir/` markers, copies between buckets,
+//! presigned URLs) is signed by rusty-s3 and sent with reqwest. rusty-s3 only signs (no HTTP
+//! client, no async runtime, a handful of small dependencies), where the AWS SDK would add
+//! hundreds of crates to a 2-core build for four calls.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::{BackoffConfig, ClientOptions, RetryConfig};
+use reqwest::Url;
+use rusty_s3::{S3Action, UrlStyle};
+
+use super::service::{BucketClient, Service, remote};
+use crate::config::object::ObjectConfig;
+use crate::volume::fuse::FuseSpec;
+use crate::volume::{RemoteLocation, Result, VolumeError};
+
+/// How long the URLs we sign for our own requests stay valid (they are used at once).
+const OWN_REQUEST: Duration = Duration::from_secs(300);
+
+pub struct S3 {
+    cfg: ObjectConfig,
+    http: reqwest::Client,
+    creds: rusty_s3::Credentials,
+    endpoint: Url,
+    clients: Mutex<HashMap<String, BucketClient>>,
+}
+
+impl S3 {
+    pub fn new(cfg: &ObjectConfig) -> Result<Self> {
+        let endpoint: Url = cfg
+            .endpoint
+            .parse()
+            .map_err(|e| VolumeError::Internal(format!("endpoint {:?}: {e}", cfg.endpoint)))?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .timeout(cfg.request_timeout)
+            .danger_accept_invalid_certs(!cfg.tls_verify)
+            .build()
+            .map_err(|e| VolumeError::Internal(format!("HTTP client: {e}")))?;
+        Ok(S3 {
+            creds: rusty_s3::Credentials::new(
+                cfg.credentials.access_key.clone(),
+                cfg.credentials.secret_key.clone(),
+            ),
+            cfg: cfg.clone(),
+            http,
+            endpoint,
+            clients: Mutex::default(),
+        })
+    }
+
+    fn signer(&self, bucket: &str) -> Result<rusty_s3::Bucket> {
+        let style = if self.cfg.path_style {
+            UrlStyle::Path
+        } else {
+            UrlStyle::VirtualHost
+        };
+        rusty_s3::Bucket::new(
+            self.endpoint.clone(),
+            style,
+            bucket.to_string(),
+            self.cfg.region.clone(),
+        )
+        .map_err(|e| VolumeError::BadRequest(format!("bucket {bucket:?}: {e}")))
+    }
+
+    /// The endpoint object_store talks to for one bucket: virtual-hosted style puts the
+    /// bucket in the host name itself.
+    fn bucket_endpoint(&self, bucket: &str) -> String {
+        if self.cfg.path_style {
+            return self.cfg.endpoint.clone();
+        }
+        let mut u = self.endpoint.clone();
+        if let Some(host) = u.host_str().map(|h| format!("{bucket}.{h}")) {
+            let _ = u.set_host(Some(&host));
+        }
+        u.as_str().trim_end_matches('/').to_string()
+    }
+
+    fn build(&self, bucket: &str) -> Result<AmazonS3> {
+        let options = ClientOptions::new()
+            .with_timeout(self.cfg.request_timeout)
+            .with_connect_timeout(self.cfg.connect_timeout)
+            .with_allow_http(self.cfg.endpoint.starts_with("http://"))
+            .with_allow_invalid_certificates(!self.cfg.tls_verify);
+        // A dead endpoint must fail a request in bounded time, not after minutes of retries.
+        let retry = RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: 2,
+            retry_timeout: self.cfg.request_timeout,
+        };
+        AmazonS3Builder::new()
+            .with_endpoint(self.bucket_endpoint(bucket))
+            .with_virtual_hosted_style_request(!self.cfg.path_style)
+            .with_region(&self.cfg.region)
+            .with_bucket_name(bucket)
+            .with_access_key_id(&self.cfg.credentials.access_key)
+            .with_secret_access_key(&self.cfg.credentials.secret_key)
+            .with_client_options(options)
+            .with_retry(retry)
+            .build()
+            .map_err(|e| VolumeError::Internal(format!("S3 client for {bucket}: {e}")))
+    }
+
+    /// Sends a request signed by rusty-s3; answers other than 2xx come back as errors with
+    /// their status and the service's message.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        url: Url,
+        headers: &[(&str, String)],
+        body: String,
+    ) -> Result<reqwest::StatusCode> {
+        let what = format!("{method} {}", url.path());
+        // Explicit even when empty: S3 wants a Content-Length on every PUT.
+        let mut req = self
+            .http
+            .request(method, url)
+            .header(reqwest::header::CONTENT_LENGTH, body.len())
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| remote(&self.location(), format!("{what}: {}", error_chain(&e))))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(status);
+        }
+        if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::CONFLICT {
+            return Ok(status);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        Err(remote(
+            &self.location(),
+            format!("{what}: {status}: {}", s3_message(&text)),
+        ))
+    }
+}
+
+/// reqwest's error with its causes ("error sending request" alone says little).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The `<Code>` and `<Message>` of an S3 error document.
+fn s3_message(xml: &str) -> String {
+    let tag = |t: &str| {
+        xml.split(&format!("<{t}>"))
+            .nth(1)
+            .and_then(|r| r.split(&format!("</{t}>")).next())
+            .map(str::to_string)
+    };
+    match (tag("Code"), tag("Message")) {
+        (Some(c), Some(m)) => format!("{c}: {m}"),
+        (Some(c), None) => c,
+        _ => xml.chars().take(200).collect(),
+    }
+}
+
+#[async_trait]
+impl Service for S3 {
+    fn kind(&self) -> &'static str {
+        "s3"
+    }
+
+    fn location(&self) -> String {
+        match &self.cfg.layout {
+            crate::config::object::Layout::PrefixPerVFolder { bucket } => {
+                format!("{}/{bucket}", self.cfg.endpoint)
+            }
+            crate::config::object::Layout::BucketPerVFolder { bucket_prefix } => {
+                format!("{}/{bucket_prefix}*", self.cfg.endpoint)
+            }
+        }
+    }
+
+    fn bucket(&self, name: &str) -> Result<BucketClient> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(name) {
+            return Ok(c.clone());
+        }
+        let s3 = Arc::new(self.build(name)?);
+        let c = BucketClient {
+            name: name.to_string(),
+            store: s3.clone(),
+            multipart: s3.clone(),
+            pages: s3,
+        };
+        // Bounded: buckets of deleted vfolders are not kept for ever.
+        if clients.len() > 1024 {
+            clients.clear();
+        }
+        clients.insert(name.to_string(), c.clone());
+        Ok(c)
+    }
+
+    async fn create_bucket(&self, name: &str) -> Result<bool> {
+        let b = self.signer(name)?;
+        let action = b.create_bucket(&self.creds);
+        let body = action.body();
+        let status = self
+            .send(reqwest::Method::PUT, action.sign(OWN_REQUEST), &[], body)
+            .await?;
+        Ok(status != reqwest::StatusCode::CONFLICT)
+    }
+
+    async fn delete_bucket(&self, name: &str) -> Result<()> {
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        let b = self.signer(name)?;
+        let url = b.delete_bucket(&self.creds).sign(OWN_REQUEST);
+        match self
+            .send(reqwest::Method::DELETE, url, &[], String::new())
+            .await?
+        {
+            s if s == reqwest::StatusCode::CONFLICT => Err(remote(
+                &self.location(),
+                format!("bucket {name} is not empty"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    async fn bucket_exists(&self, name: &str) -> Result<bool> {
+        let b = self.signer(name)?;
+        let url = b.head_bucket(Some(&self.creds)).sign(OWN_REQUEST);
+        let status = self
+            .send(reqwest::Method::HEAD, url, &[], String::new())
+            .await?;
+        Ok(status != reqwest::StatusCode::NOT_FOUND)
+    }
+
+    async fn put_dir_marker(&self, bucket: &str, key: &str) -> Result<()> {
+        let b = self.signer(bucket)?;
+        let url = b.put_object(Some(&self.creds), key).sign(OWN_REQUEST);
+        self.send(reqwest::Method::PUT, url, &[], String::new())
+            .await
+            .map(|_| ())
+    }
+
+    async fn delete_dir_marker(&self, bucket: &str, key: &str) -> Result<()> {
+        let b = self.signer(bucket)?;
+        let url = b.delete_object(Some(&self.creds), key).sign(OWN_REQUEST);
+        self.send(reqwest::Method::DELETE, url, &[], String::new())
+            .await
+            .map(|_| ())
+    }
+
+    async fn copy_across(&self, from: (&str, &str), to: (&str, &str), size: u64) -> Result<bool> {
+        // CopyObject takes objects up to 5 GiB in one request.
+        if size > 5 << 30 {
+            return Ok(false);
+        }
+        let b = self.signer(to.0)?;
+        let source = format!(
+            "/{}/{}",
+            from.0,
+            percent_encoding::utf8_percent_encode(from.1, COPY_SOURCE)
+        );
+        let mut action = b.put_object(Some(&self.creds), to.1);
+        action
+            .headers_mut()
+            .insert("x-amz-copy-source", source.clone());
+        let url = action.sign(OWN_REQUEST);
+        match self
+            .send(
+                reqwest::Method::PUT,
+                url,
+                &[("x-amz-copy-source", source)],
+                String::new(),
+            )
+            .await?
+        {
+            s if s == reqwest::StatusCode::NOT_FOUND => Err(VolumeError::Io {
+                path: from.1.to_string(),
+                source: std::io::Error::from_raw_os_error(libc::ENOENT),
+            }),
+            _ => Ok(true),
+        }
+    }
+
+    fn presign(&self, bucket: &str, key: &str, write: bool, expiry: Duration) -> Result<String> {
+        let b = self.signer(bucket)?;
+        let url = if write {
+            b.put_object(Some(&self.creds), key).sign(expiry)
+        } else {
+            b.get_object(Some(&self.creds), key).sign(expiry)
+        };
+        Ok(url.to_string())
+    }
+
+    fn remote_location(&self, bucket: &str, prefix: &str, read_only: bool) -> RemoteLocation {
+        RemoteLocation {
+            backend: "s3",
+            endpoint: self.cfg.endpoint.clone(),
+            region: self.cfg.region.clone(),
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+            read_only,
+            credentials: self.cfg.hand_out_credentials.then(|| {
+                (
+                    self.cfg.credentials.access_key.clone(),
+                    self.cfg.credentials.secret_key.clone(),
+                )
+            }),
+        }
+    }
+
+    fn fuse_spec(&self, key: String, bucket: &str, read_only: bool) -> FuseSpec {
+        let mut env = vec![
+            ("RCLONE_S3_PROVIDER".into(), "Other".into()),
+            ("RCLONE_S3_ENDPOINT".into(), self.cfg.endpoint.clone()),
+            ("RCLONE_S3_REGION".into(), self.cfg.region.clone()),
+            (
+                "RCLONE_S3_ACCESS_KEY_ID".into(),
+                self.cfg.credentials.access_key.clone(),
+            ),
+            (
+                "RCLONE_S3_SECRET_ACCESS_KEY".into(),
+                self.cfg.credentials.secret_key.clone(),
+            ),
+            (
+                "RCLONE_S3_FORCE_PATH_STYLE".into(),
+                self.cfg.path_style.to_string(),
+            ),
+        ];
+        if !self.cfg.tls_verify {
+            env.push(("RCLONE_NO_CHECK_CERTIFICATE".into(), "true".into()));
+        }
+        FuseSpec {
+            key,
+            remote: format!(":s3:{bucket}"),
+            env,
+            read_only,
+            linger: self.cfg.mount_linger,
+        }
+    }
+
+    async fn probe(&self) -> std::result::Result<(), String> {
+        // A signed HEAD of the layout's bucket, or of one that cannot exist: 200 or 404 say the
+        // service answers and takes our signature; 403 says the credentials are wrong.
+        let name = match &self.cfg.layout {
+            crate::config::object::Layout::PrefixPerVFolder { bucket } => bucket.clone(),
+            crate::config::object::Layout::BucketPerVFolder { bucket_prefix } => {
+                format!("{bucket_prefix}probe-{}", uuid::Uuid::new_v4().simple())
+            }
+        };
+        let b = self.signer(&name).map_err(|e| e.to_string())?;
+        let url = b.head_bucket(Some(&self.creds)).sign(OWN_REQUEST);
+        let resp = self
+            .http
+            .head(url)
+            .send()
+            .await
+            .map_err(|e| error_chain(&e))?;
+        match resp.status() {
+            s if s.is_success() || s == reqwest::StatusCode::NOT_FOUND => Ok(()),
+            s if s == reqwest::StatusCode::FORBIDDEN => Err(format!(
+                "{s}: the service refused our signature (wrong access key or secret key?)"
+            )),
+            s => Err(s.to_string()),
+        }
+    }
+}
+
+/// `x-amz-copy-source` is a path: keep '/' and the unreserved characters.
+const COPY_SOURCE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'/')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');

@@ -1,0 +1,91 @@
+//! What differs between object services (S3 today; Azure Blob on the same seam): buckets, dir
+//! markers, presigned URLs, how a session mounts a bucket, and the data client of a bucket.
+//! Everything else in `object/` is written once against this.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use object_store::ObjectStore;
+use object_store::list::PaginatedListStore;
+use object_store::multipart::MultipartStore;
+
+use crate::volume::fuse::FuseSpec;
+use crate::volume::{RemoteLocation, Result, VolumeError};
+
+/// The data client of one bucket (container).
+#[derive(Clone)]
+pub struct BucketClient {
+    pub name: String,
+    pub store: Arc<dyn ObjectStore>,
+    pub multipart: Arc<dyn MultipartStore>,
+    pub pages: Arc<dyn PaginatedListStore>,
+}
+
+#[async_trait]
+pub trait Service: Send + Sync {
+    /// The backend name (`s3`).
+    fn kind(&self) -> &'static str;
+    /// Where it is, for `/volumes` and logs (never with credentials).
+    fn location(&self) -> String;
+    fn bucket(&self, name: &str) -> Result<BucketClient>;
+    /// Makes a bucket; one that exists already is `Ok(false)`.
+    async fn create_bucket(&self, name: &str) -> Result<bool>;
+    /// Removes an empty bucket; a missing one is fine.
+    async fn delete_bucket(&self, name: &str) -> Result<()>;
+    async fn bucket_exists(&self, name: &str) -> Result<bool>;
+    /// Stores the zero-byte object `key` (which ends with "/"): an empty directory.
+    async fn put_dir_marker(&self, bucket: &str, key: &str) -> Result<()>;
+    /// Removes the marker `key` (ending with "/"); object_store's paths cannot name it.
+    async fn delete_dir_marker(&self, bucket: &str, key: &str) -> Result<()>;
+    /// Copies an object between buckets inside the service; `Ok(false)` when it cannot for
+    /// this one (too large for one request), so the caller streams it instead.
+    async fn copy_across(&self, from: (&str, &str), to: (&str, &str), size: u64) -> Result<bool>;
+    /// A URL straight to the service for GET (or PUT) of `key`.
+    fn presign(&self, bucket: &str, key: &str, write: bool, expiry: Duration) -> Result<String>;
+    /// What `/folder/mount` reports for a location.
+    fn remote_location(&self, bucket: &str, prefix: &str, read_only: bool) -> RemoteLocation;
+    /// How a session mounts a bucket with rclone (`key` names the shared mount).
+    fn fuse_spec(&self, key: String, bucket: &str, read_only: bool) -> FuseSpec;
+    /// One cheap authenticated request: the service answers and accepts our credentials.
+    async fn probe(&self) -> std::result::Result<(), String>;
+}
+
+/// An object_store error as a volume error: missing objects keep the errno of a missing file
+/// (the APIs answer them as they do for directories), the rest says which service failed.
+pub fn store_err(service: &str, key: &str, e: object_store::Error) -> VolumeError {
+    use object_store::Error as E;
+    let errno = |code| VolumeError::Io {
+        path: key.to_string(),
+        source: std::io::Error::from_raw_os_error(code),
+    };
+    match e {
+        E::NotFound { .. } => errno(libc::ENOENT),
+        E::AlreadyExists { .. } => errno(libc::EEXIST),
+        E::InvalidPath { source } => VolumeError::BadRequest(format!(
+            "{key:?} is not a key this volume can store: {source}"
+        )),
+        other => remote(service, other.to_string()),
+    }
+}
+
+/// A failed call to the service: unreachable (no answer, timeouts) or an error answer.
+pub fn remote(service: &str, message: String) -> VolumeError {
+    let lower = message.to_ascii_lowercase();
+    let unreachable = [
+        "timed out",
+        "timeout",
+        "connection refused",
+        "error sending request",
+        "dns error",
+        "connect error",
+        "operation timed out",
+    ]
+    .iter()
+    .any(|s| lower.contains(s));
+    VolumeError::Remote {
+        service: service.to_string(),
+        message,
+        unreachable,
+    }
+}

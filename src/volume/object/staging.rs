@@ -1,0 +1,555 @@
+//! tus uploads into an object service as multipart uploads. Nothing is staged whole: the next
+//! part is buffered in a local file (synced, so acknowledged offsets survive a crash) and goes
+//! up as soon as it is full; the multipart upload's id and its stored parts are kept in SQLite,
+//! so after a restart the same multipart upload continues. Completion is the service's atomic
+//! CompleteMultipartUpload (or one PUT for an upload smaller than a part); termination and
+//! expiry abort it.
+//!
+//! A body that must be kept whole or not at all (it carries a checksum, verified after the
+//! write) sends no part up while it lasts: its bytes wait in the buffer until the next write or
+//! the completion, so a mismatch can still be cut away.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::ObjectStoreExt;
+use object_store::multipart::PartId;
+use sqlx::Row;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use super::Shared;
+use super::files::{Loc, payload};
+use crate::ids::VFolderId;
+use crate::volume::{
+    ByteStream, RelPath, Result, StagedWrite, UploadStaging, VolumeError, WritePlan,
+};
+
+/// S3 allows 10 000 parts per upload: larger uploads get larger parts.
+const MAX_PARTS: u64 = 10_000;
+
+pub struct ObjectStaging {
+    shared: Arc<Shared>,
+}
+
+/// A multipart upload in progress, as SQLite has it.
+struct Upload {
+    bucket: String,
+    key: String,
+    upload_id: Option<String>,
+    /// Bytes already stored as parts; the local buffer holds what follows.
+    base: u64,
+    part_size: u64,
+    parts: Vec<(u32, String)>,
+}
+
+fn db(e: sqlx::Error) -> VolumeError {
+    VolumeError::Internal(format!("state database: {e}"))
+}
+
+fn local(path: &std::path::Path, e: std::io::Error) -> VolumeError {
+    VolumeError::Io {
+        path: path.display().to_string(),
+        source: e,
+    }
+}
+
+fn lost(session: &str, what: String) -> VolumeError {
+    VolumeError::Io {
+        path: format!("upload {session}: {what}"),
+        source: std::io::Error::from_raw_os_error(libc::ENOENT),
+    }
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+impl ObjectStaging {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        ObjectStaging { shared }
+    }
+
+    fn volume(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn buffer(&self, session: &str, base: u64) -> PathBuf {
+        self.shared.local_dir.join(format!("{session}.{base}"))
+    }
+
+    async fn buffer_len(&self, session: &str, base: u64) -> u64 {
+        tokio::fs::metadata(self.buffer(session, base))
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    async fn load(&self, session: &str) -> Result<Option<Upload>> {
+        let pool = self.shared.state.pool();
+        let Some(r) = sqlx::query(
+            "SELECT bucket, key, upload_id, base, part_size FROM object_uploads
+             WHERE volume = ? AND session = ?",
+        )
+        .bind(self.volume())
+        .bind(session)
+        .fetch_optional(pool)
+        .await
+        .map_err(db)?
+        else {
+            return Ok(None);
+        };
+        let parts = sqlx::query(
+            "SELECT part, content_id FROM object_upload_parts WHERE volume = ? AND session = ?
+             ORDER BY part",
+        )
+        .bind(self.volume())
+        .bind(session)
+        .fetch_all(pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|p| (p.get::<i64, _>(0) as u32, p.get::<String, _>(1)))
+        .collect();
+        Ok(Some(Upload {
+            bucket: r.get(0),
+            key: r.get(1),
+            upload_id: r.get(2),
+            base: r.get::<i64, _>(3) as u64,
+            part_size: r.get::<i64, _>(4) as u64,
+            parts,
+        }))
+    }
+
+    async fn create(&self, session: &str, loc: &Loc, key: &str, size: u64) -> Result<Upload> {
+        // Parts of whole MiB, at least the configured size, few enough for S3's 10 000.
+        let needed = size.div_ceil(MAX_PARTS).div_ceil(1 << 20) << 20;
+        let part_size = self.shared.cfg.part_size.max(needed);
+        tokio::fs::create_dir_all(&self.shared.local_dir)
+            .await
+            .map_err(|e| local(&self.shared.local_dir, e))?;
+        sqlx::query(
+            "INSERT OR REPLACE INTO object_uploads
+             (volume, session, bucket, key, upload_id, base, part_size, updated_at)
+             VALUES (?, ?, ?, ?, NULL, 0, ?, ?)",
+        )
+        .bind(self.volume())
+        .bind(session)
+        .bind(&loc.client.name)
+        .bind(key)
+        .bind(part_size as i64)
+        .bind(now())
+        .execute(self.shared.state.pool())
+        .await
+        .map_err(db)?;
+        Ok(Upload {
+            bucket: loc.client.name.clone(),
+            key: key.to_string(),
+            upload_id: None,
+            base: 0,
+            part_size,
+            parts: Vec::new(),
+        })
+    }
+
+    fn svc(&self, up: &Upload) -> String {
+        format!("{} bucket {}", self.shared.service.kind(), up.bucket)
+    }
+
+    /// Sends the first `len` bytes of the buffer up as the next part, records it, and moves
+    /// what follows them (after a whole-body write) into the next buffer.
+    async fn send_part(&self, session: &str, up: &mut Upload, len: u64) -> Result<()> {
+        let client = self.shared.service.bucket(&up.bucket)?;
+        let path = object_store::path::Path::parse(&up.key)
+            .map_err(|e| VolumeError::BadRequest(format!("{:?}: {e}", up.key)))?;
+        let svc = self.svc(up);
+        let err = |e: object_store::Error| super::service::store_err(&svc, &up.key, e);
+        let from = self.buffer(session, up.base);
+        let mut f = tokio::fs::File::open(&from)
+            .await
+            .map_err(|e| local(&from, e))?;
+        let mut data = vec![0u8; len as usize];
+        f.read_exact(&mut data).await.map_err(|e| local(&from, e))?;
+        let id = match &up.upload_id {
+            Some(id) => id.clone(),
+            None => {
+                let id = client
+                    .multipart
+                    .create_multipart(&path)
+                    .await
+                    .map_err(err)?;
+                sqlx::query(
+                    "UPDATE object_uploads SET upload_id = ? WHERE volume = ? AND session = ?",
+                )
+                .bind(&id)
+                .bind(self.volume())
+                .bind(session)
+                .execute(self.shared.state.pool())
+                .await
+                .map_err(db)?;
+                up.upload_id = Some(id.clone());
+                id
+            }
+        };
+        let idx = up.parts.len();
+        let part = client
+            .multipart
+            .put_part(&path, &id, idx, payload(Bytes::from(data)))
+            .await
+            .map_err(err)?;
+        // The rest of the buffer (only after a whole-body write) starts the next one.
+        let next_base = up.base + len;
+        let to = self.buffer(session, next_base);
+        let mut rest = Vec::new();
+        f.seek(std::io::SeekFrom::Start(len))
+            .await
+            .map_err(|e| local(&from, e))?;
+        f.read_to_end(&mut rest)
+            .await
+            .map_err(|e| local(&from, e))?;
+        let mut nf = tokio::fs::File::create(&to)
+            .await
+            .map_err(|e| local(&to, e))?;
+        nf.write_all(&rest).await.map_err(|e| local(&to, e))?;
+        nf.sync_all().await.map_err(|e| local(&to, e))?;
+        let mut tx = self.shared.state.pool().begin().await.map_err(db)?;
+        sqlx::query(
+            "INSERT OR REPLACE INTO object_upload_parts (volume, session, part, content_id, size)
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(self.volume())
+        .bind(session)
+        .bind(idx as i64)
+        .bind(&part.content_id)
+        .bind(len as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query(
+            "UPDATE object_uploads SET base = ?, updated_at = ? WHERE volume = ? AND session = ?",
+        )
+        .bind(next_base as i64)
+        .bind(now())
+        .bind(self.volume())
+        .bind(session)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        let _ = tokio::fs::remove_file(&from).await;
+        up.parts.push((idx as u32, part.content_id));
+        up.base = next_base;
+        Ok(())
+    }
+
+    /// Puts the whole upload in place at its key: the rest of the buffer as the last part and
+    /// the multipart upload completed, or one PUT when it never needed a part. Counts it.
+    async fn complete(&self, vf: &VFolderId, session: &str, up: &mut Upload) -> Result<()> {
+        while self.buffer_len(session, up.base).await > up.part_size {
+            let part = up.part_size;
+            self.send_part(session, up, part).await?;
+        }
+        let client = self.shared.service.bucket(&up.bucket)?;
+        let path = object_store::path::Path::parse(&up.key)
+            .map_err(|e| VolumeError::BadRequest(format!("{:?}: {e}", up.key)))?;
+        let (svc, key) = (self.svc(up), up.key.clone());
+        let err = |e: object_store::Error| super::service::store_err(&svc, &key, e);
+        let replaced = match client.store.head(&path).await {
+            Ok(m) => Some(m.size),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => return Err(err(e)),
+        };
+        let rest = self.buffer_len(session, up.base).await;
+        let size = up.base + rest;
+        match up.upload_id.clone() {
+            None => {
+                let from = self.buffer(session, up.base);
+                let data = match tokio::fs::read(&from).await {
+                    Ok(d) => d,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && rest == 0 => Vec::new(),
+                    Err(e) => return Err(local(&from, e)),
+                };
+                client
+                    .store
+                    .put(&path, payload(Bytes::from(data)))
+                    .await
+                    .map_err(err)?;
+            }
+            Some(id) => {
+                if rest > 0 {
+                    self.send_part(session, up, rest).await?;
+                }
+                let parts = up
+                    .parts
+                    .iter()
+                    .map(|(_, c)| PartId {
+                        content_id: c.clone(),
+                    })
+                    .collect();
+                client
+                    .multipart
+                    .complete_multipart(&path, &id, parts)
+                    .await
+                    .map_err(err)?;
+            }
+        }
+        let objects = if replaced.is_some() { 0 } else { 1 };
+        let bytes = size as i64 - replaced.unwrap_or(0) as i64;
+        if let Err(e) = self.shared.registry.add(vf, objects, bytes).await {
+            tracing::warn!(error = %e, "cannot update usage counters after an upload");
+        }
+        self.forget(session).await
+    }
+
+    /// Drops what we keep about an upload (rows and buffers), not the service's side.
+    async fn forget(&self, session: &str) -> Result<()> {
+        let pool = self.shared.state.pool();
+        for sql in [
+            "DELETE FROM object_upload_parts WHERE volume = ? AND session = ?",
+            "DELETE FROM object_uploads WHERE volume = ? AND session = ?",
+        ] {
+            sqlx::query(sql)
+                .bind(self.volume())
+                .bind(session)
+                .execute(pool)
+                .await
+                .map_err(db)?;
+        }
+        self.remove_buffers(session).await;
+        Ok(())
+    }
+
+    async fn remove_buffers(&self, session: &str) {
+        let Ok(mut dir) = tokio::fs::read_dir(&self.shared.local_dir).await else {
+            return;
+        };
+        let prefix = format!("{session}.");
+        while let Ok(Some(e)) = dir.next_entry().await {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = tokio::fs::remove_file(e.path()).await;
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl UploadStaging for ObjectStaging {
+    async fn truncate(&self, _vf: &VFolderId, session: &str, offset: u64) -> Result<u64> {
+        let Some(up) = self.load(session).await? else {
+            return if offset == 0 {
+                Ok(0)
+            } else {
+                Err(lost(session, "no multipart upload recorded".into()))
+            };
+        };
+        // Stored parts cannot be taken back: the upload resumes after them.
+        if offset <= up.base {
+            if offset < up.base {
+                tracing::info!(
+                    session,
+                    offset,
+                    kept = up.base,
+                    "parts already stored past the acknowledged offset are kept"
+                );
+            }
+            let _ = tokio::fs::File::create(self.buffer(session, up.base)).await;
+            return Ok(up.base);
+        }
+        let path = self.buffer(session, up.base);
+        let len = self.buffer_len(session, up.base).await;
+        if offset > up.base + len {
+            return Err(lost(
+                session,
+                format!(
+                    "the local buffer holds {len} bytes past {}, {offset} were acknowledged",
+                    up.base
+                ),
+            ));
+        }
+        let f = tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .await
+            .map_err(|e| local(&path, e))?;
+        f.set_len(offset - up.base)
+            .await
+            .map_err(|e| local(&path, e))?;
+        f.sync_all().await.map_err(|e| local(&path, e))?;
+        Ok(offset)
+    }
+
+    async fn write(
+        &self,
+        vf: &VFolderId,
+        session: &str,
+        mut body: ByteStream,
+        plan: WritePlan,
+    ) -> Result<StagedWrite> {
+        let (loc, entry) = self.shared.loc(vf).await?;
+        if entry.read_only {
+            return Err(VolumeError::ReadOnly(*vf));
+        }
+        let mut up = match self.load(session).await? {
+            Some(u) => u,
+            None if plan.offset == 0 => {
+                self.create(session, &loc, &loc.key(&plan.dst), plan.size)
+                    .await?
+            }
+            None => return Err(lost(session, "no multipart upload recorded".into())),
+        };
+        let held = up.base + self.buffer_len(session, up.base).await;
+        if plan.offset != held {
+            let now_held = self.truncate(vf, session, plan.offset).await?;
+            if now_held != plan.offset {
+                return Err(lost(
+                    session,
+                    format!(
+                        "the upload holds {held} bytes, the write starts at {}",
+                        plan.offset
+                    ),
+                ));
+            }
+        }
+        let path = self.buffer(session, up.base);
+        let open = |p: PathBuf| async move {
+            tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .await
+                .map_err(|e| local(&p, e))
+        };
+        let mut file = open(path).await?;
+        let mut buffered = plan.offset - up.base;
+        let mut written = 0u64;
+        let mut body_error = None;
+        let (mut ckpt_at, mut ckpt_bytes) = (Instant::now(), 0u64);
+        let tick = plan
+            .checkpoints
+            .as_ref()
+            .map(|c| c.every)
+            .unwrap_or(std::time::Duration::from_secs(3600));
+        loop {
+            let next = match tokio::time::timeout(tick, body.next()).await {
+                Ok(n) => n,
+                Err(_) => Some(Ok(Bytes::new())), // a tick: a checkpoint may be due
+            };
+            let mut chunk = match next {
+                Some(Ok(b)) => b,
+                Some(Err(e)) => {
+                    body_error = Some(e);
+                    break;
+                }
+                None => break,
+            };
+            while !chunk.is_empty() {
+                let room = if plan.atomic {
+                    chunk.len() as u64
+                } else {
+                    up.part_size - buffered
+                };
+                let n = room.min(chunk.len() as u64) as usize;
+                let piece = chunk.split_to(n);
+                let p = self.buffer(session, up.base);
+                file.write_all(&piece).await.map_err(|e| local(&p, e))?;
+                buffered += n as u64;
+                written += n as u64;
+                ckpt_bytes += n as u64;
+                let more = plan.offset + written < plan.size;
+                if !plan.atomic && buffered == up.part_size && more {
+                    file.sync_all().await.map_err(|e| local(&p, e))?;
+                    let part = up.part_size;
+                    self.send_part(session, &mut up, part).await?;
+                    buffered = 0;
+                    file = open(self.buffer(session, up.base)).await?;
+                    if let Some(c) = &plan.checkpoints {
+                        let _ = c.durable.send(up.base);
+                    }
+                    (ckpt_at, ckpt_bytes) = (Instant::now(), 0);
+                }
+            }
+            if let Some(c) = &plan.checkpoints
+                && ckpt_bytes > 0
+                && (ckpt_at.elapsed() >= c.every || ckpt_bytes >= c.every_bytes)
+            {
+                let p = self.buffer(session, up.base);
+                file.sync_data().await.map_err(|e| local(&p, e))?;
+                let _ = c.durable.send(up.base + buffered);
+                (ckpt_at, ckpt_bytes) = (Instant::now(), 0);
+            }
+        }
+        let p = self.buffer(session, up.base);
+        file.sync_all().await.map_err(|e| local(&p, e))?;
+        drop(file);
+        let finished =
+            body_error.is_none() && plan.offset + written == plan.size && plan.finish_to.is_some();
+        if finished {
+            self.complete(vf, session, &mut up).await?;
+        }
+        Ok(StagedWrite {
+            written,
+            body_error,
+            finished,
+        })
+    }
+
+    async fn finish(&self, vf: &VFolderId, session: &str, dst: &RelPath) -> Result<()> {
+        let (loc, _) = self.shared.loc(vf).await?;
+        let mut up = match self.load(session).await? {
+            Some(u) => u,
+            // An empty upload that never wrote: an empty object.
+            None => self.create(session, &loc, &loc.key(dst), 0).await?,
+        };
+        if up.key != loc.key(dst) {
+            return Err(VolumeError::Internal(format!(
+                "upload {session} goes to {:?}, not {:?}",
+                up.key,
+                loc.key(dst)
+            )));
+        }
+        self.complete(vf, session, &mut up).await
+    }
+
+    async fn discard(&self, _vf: &VFolderId, session: &str) -> Result<()> {
+        self.abort(session).await
+    }
+
+    async fn sweep(&self, older_than: SystemTime) -> Result<usize> {
+        let cutoff = older_than
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let stale: Vec<String> =
+            sqlx::query("SELECT session FROM object_uploads WHERE volume = ? AND updated_at < ?")
+                .bind(self.volume())
+                .bind(cutoff)
+                .fetch_all(self.shared.state.pool())
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+        for s in &stale {
+            self.abort(s).await?;
+        }
+        Ok(stale.len())
+    }
+}
+
+impl ObjectStaging {
+    /// Aborts the service's multipart upload (its stored parts go) and forgets ours.
+    async fn abort(&self, session: &str) -> Result<()> {
+        if let Some(up) = self.load(session).await?
+            && let Some(id) = &up.upload_id
+            && let Ok(client) = self.shared.service.bucket(&up.bucket)
+            && let Ok(path) = object_store::path::Path::parse(&up.key)
+            && let Err(e) = client.multipart.abort_multipart(&path, id).await
+        {
+            tracing::warn!(session, error = %e, "cannot abort a multipart upload (the service's lifecycle rules will)");
+        }
+        self.forget(session).await
+    }
+}

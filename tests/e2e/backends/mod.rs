@@ -1,0 +1,48 @@
+//! The shared volume suite (`suite.rs`) against every backend: `vfs` on a directory, `s3` on
+//! a real S3 service (moto), with the backend's storage read independently (the filesystem,
+//! boto3).
+
+mod suite;
+
+use crate::common::Daemon;
+use crate::common::moto::Moto;
+
+#[tokio::test]
+async fn vfs_passes_the_volume_suite() {
+    let d = Daemon::start().await;
+    let peek = |vfid: &str, rel: &str| std::fs::read(d.vfolder_path(vfid).join(rel)).ok();
+    suite::volume_suite(&d, &peek).await;
+}
+
+/// The bucket of a vfolder on a bucket-per-vfolder volume with `prefix`.
+pub fn bucket_of(prefix: &str, vfid: &str) -> String {
+    format!("{prefix}{}", vfid.rsplit('/').next().unwrap())
+}
+
+/// An object's bytes through boto3; None when it (or its bucket) is missing.
+pub fn s3_object(moto: &Moto, bucket: &str, key: &str) -> Option<Vec<u8>> {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let said = moto.boto(&format!(
+        "try:\n    s3.download_file({bucket:?}, {key:?}, {:?})\n    print('ok')\n\
+         except Exception as e:\n    print('missing', e)",
+        out.path().display().to_string()
+    ));
+    said.starts_with("ok")
+        .then(|| std::fs::read(out.path()).unwrap())
+}
+
+#[tokio::test]
+async fn s3_passes_the_volume_suite() {
+    let moto = Moto::start();
+    let d = Daemon::builder()
+        .s3(&moto.endpoint(), "suite-")
+        .start()
+        .await;
+    let peek = |vfid: &str, rel: &str| s3_object(&moto, &bucket_of("suite-", vfid), rel);
+    suite::volume_suite(&d, &peek).await;
+    assert!(
+        moto.buckets().is_empty(),
+        "deleting the vfolders deleted their buckets: {:?}",
+        moto.buckets()
+    );
+}
