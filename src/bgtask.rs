@@ -148,7 +148,7 @@ impl BgTasks {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn run(&self, id: Uuid, spec: TaskSpec, progress: Arc<Progress>) {
+    async fn run(self: &Arc<Self>, id: Uuid, spec: TaskSpec, progress: Arc<Progress>) {
         tracing::info!(?spec, "background task started");
         self.events
             .publish(Event::BgTaskUpdated {
@@ -158,13 +158,18 @@ impl BgTasks {
                 message: Some(TASK_STARTED.into()),
             })
             .await;
-        let work = self.execute(&spec, progress.clone());
-        tokio::pin!(work);
+        // A task of its own: a bug that panics in it fails the task instead of leaving it
+        // "running" for ever.
+        let (this, task, p) = (self.clone(), spec.clone(), progress.clone());
+        let mut work = tokio::spawn(async move { this.execute(&task, p).await }.in_current_span());
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
         let result = loop {
             tokio::select! {
-                r = &mut work => break r,
+                r = &mut work => break r.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "background task panicked");
+                    Err(VolumeError::Internal(format!("the task stopped unexpectedly: {e}")))
+                }),
                 _ = tick.tick() => self.report_progress(id, &progress).await,
             }
         };

@@ -16,6 +16,7 @@ mod manager_api;
 mod manager_bad_input;
 mod memory;
 mod quota;
+mod s3;
 mod sessions;
 mod sftp;
 mod tls;

@@ -294,9 +294,10 @@ impl Loc {
             .filter(|m| m.size == 0)
             .map(|m| format!("{}/", m.location))
             .collect();
-        let mut results = self.client.store.delete_stream(
-            stream::iter(metas.into_iter().map(|m| Ok(m.location))).boxed(),
-        );
+        let mut results = self
+            .client
+            .store
+            .delete_stream(stream::iter(metas.into_iter().map(|m| Ok(m.location))).boxed());
         while let Some(r) = results.next().await {
             match r {
                 Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
@@ -471,9 +472,7 @@ impl Loc {
             }
         }
         self.delete_objects(moved).await?;
-        self.service
-            .delete_dir_marker(&self.client.name, &sp)
-            .await
+        self.service.delete_dir_marker(&self.client.name, &sp).await
     }
 
     pub async fn open_read(&self, p: &RelPath) -> Result<Box<dyn ReadHandle>> {

@@ -362,7 +362,10 @@ impl Volume for ObjectVolume {
             let mut all = from.list_all(&from.prefix);
             let mut u = TreeUsage::default();
             while let Some(m) = all.try_next().await? {
-                let rest = &m.location.as_ref()[from.prefix.len()..];
+                // The source's own marker ("qs/vf/", listed as "qs/vf") has its twin already.
+                let Some(rest) = m.location.as_ref().strip_prefix(from.prefix.as_str()) else {
+                    continue;
+                };
                 from.copy_object(&m, &to, &format!("{}{rest}", to.prefix))
                     .await?;
                 u.file_count += 1;

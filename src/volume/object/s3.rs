@@ -157,6 +157,15 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The innermost cause of an error (what actually failed: "Connection refused", a timeout).
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cur: &dyn std::error::Error = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
 /// The `<Code>` and `<Message>` of an S3 error document.
 fn s3_message(xml: &str) -> String {
     let tag = |t: &str| {
@@ -354,28 +363,47 @@ impl Service for S3 {
     }
 
     async fn probe(&self) -> std::result::Result<(), String> {
-        // A signed HEAD of the layout's bucket, or of one that cannot exist: 200 or 404 say the
-        // service answers and takes our signature; 403 says the credentials are wrong.
+        // One signed listing of the layout's bucket, or of one that cannot exist: an answer or
+        // NoSuchBucket says the service is there and takes our signature.
         let name = match &self.cfg.layout {
             crate::config::object::Layout::PrefixPerVFolder { bucket } => bucket.clone(),
             crate::config::object::Layout::BucketPerVFolder { bucket_prefix } => {
                 format!("{bucket_prefix}probe-{}", uuid::Uuid::new_v4().simple())
             }
         };
-        let b = self.signer(&name).map_err(|e| e.to_string())?;
-        let url = b.head_bucket(Some(&self.creds)).sign(OWN_REQUEST);
-        let resp = self
-            .http
-            .head(url)
-            .send()
-            .await
-            .map_err(|e| error_chain(&e))?;
-        match resp.status() {
-            s if s.is_success() || s == reqwest::StatusCode::NOT_FOUND => Ok(()),
-            s if s == reqwest::StatusCode::FORBIDDEN => Err(format!(
-                "{s}: the service refused our signature (wrong access key or secret key?)"
-            )),
-            s => Err(s.to_string()),
+        let store = self.build(&name).map_err(|e| e.to_string())?;
+        let opts = object_store::list::PaginatedListOptions {
+            max_keys: Some(1),
+            ..Default::default()
+        };
+        use object_store::list::PaginatedListStore;
+        let refused = |said: String| {
+            format!("the service refused our signature (wrong access key or secret key?): {said}")
+        };
+        match store.list_paginated(None, opts).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(
+                e @ (object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }),
+            ) => Err(refused(s3_message(&e.to_string()))),
+            Err(e) => {
+                let msg = e.to_string();
+                if msg.contains("NoSuchBucket") {
+                    Ok(())
+                } else if msg.contains("403 Forbidden")
+                    || [
+                        "InvalidAccessKeyId",
+                        "SignatureDoesNotMatch",
+                        "AccessDenied",
+                    ]
+                    .iter()
+                    .any(|c| msg.contains(c))
+                {
+                    Err(refused(s3_message(&msg)))
+                } else {
+                    Err(format!("cannot list: {}", root_cause(&e)))
+                }
+            }
         }
     }
 }

@@ -46,3 +46,27 @@ async fn s3_passes_the_volume_suite() {
         moto.buckets()
     );
 }
+
+#[tokio::test]
+async fn s3_with_a_prefix_per_vfolder_passes_the_volume_suite() {
+    let moto = Moto::start();
+    moto.boto("s3.create_bucket(Bucket='shared-bucket')");
+    let d = Daemon::builder()
+        .s3(&moto.endpoint(), "")
+        .set("volume.vol1.layout", "prefix-per-vfolder")
+        .set("volume.vol1.bucket", "shared-bucket")
+        .start()
+        .await;
+    let peek = |vfid: &str, rel: &str| {
+        let (qs, vf) = vfid.split_once('/').unwrap();
+        let qs = uuid::Uuid::parse_str(qs.split_once(':').unwrap().1).unwrap();
+        s3_object(
+            &moto,
+            "shared-bucket",
+            &format!("{}/{vf}/{rel}", qs.simple()),
+        )
+    };
+    suite::volume_suite(&d, &peek).await;
+    let left = moto.boto("print(s3.list_objects_v2(Bucket='shared-bucket').get('KeyCount', 0))");
+    assert_eq!(left.trim(), "0", "deleted vfolders leave no object behind");
+}

@@ -15,7 +15,9 @@ pub type Peek<'a> = dyn Fn(&str, &str) -> Option<Vec<u8>> + 'a;
 const MIB: usize = 1 << 20;
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 async fn op(d: &Daemon, path: &str, vfid: &str, mut body: Value) -> Resp {
@@ -77,31 +79,57 @@ pub async fn volume_suite(d: &Daemon, peek: &Peek<'_>) {
     let qs = format!("user:{}", uuid::Uuid::new_v4());
     let vfid = format!("{qs}/{}", uuid::Uuid::new_v4().simple());
     let r = d
-        .mgr("POST", "/folder/create", json!({"volume": "vol1", "vfid": vfid}))
+        .mgr(
+            "POST",
+            "/folder/create",
+            json!({"volume": "vol1", "vfid": vfid}),
+        )
         .await;
     assert_eq!(r.status, 204, "{}", r.text());
     let r = d
-        .mgr("POST", "/folder/create", json!({"volume": "vol1", "vfid": vfid}))
+        .mgr(
+            "POST",
+            "/folder/create",
+            json!({"volume": "vol1", "vfid": vfid}),
+        )
         .await;
     assert_eq!(r.status, 409, "creating it again: {}", r.text());
 
     // Uploads: one PATCH, and chunked across several parts.
     let small = b"hello, volume".to_vec();
-    assert_eq!(upload(d, &vfid, "a/b/hello.txt", &small, 1 << 30).await.status, 204);
+    assert_eq!(
+        upload(d, &vfid, "a/b/hello.txt", &small, 1 << 30)
+            .await
+            .status,
+        204
+    );
     assert_eq!(peek(&vfid, "a/b/hello.txt").as_deref(), Some(&small[..]));
     let big = pattern(12 * MIB + 123, 7);
     let r = upload(d, &vfid, "big.bin", &big, 3 * MIB).await;
     assert_eq!(r.status, 204, "{}", r.text());
-    assert!(peek(&vfid, "big.bin") == Some(big.clone()), "the chunked upload is byte-identical");
+    assert!(
+        peek(&vfid, "big.bin") == Some(big.clone()),
+        "the chunked upload is byte-identical"
+    );
     let empty: Vec<u8> = Vec::new();
     assert_eq!(upload(d, &vfid, "empty.txt", &empty, 1).await.status, 204);
     assert_eq!(peek(&vfid, "empty.txt").as_deref(), Some(&empty[..]));
 
     // mkdir and listings: files, directories from keys below them, empty directories.
-    let r = op(d, "/folder/file/mkdir", &vfid, json!({"relpath": "made/deep", "parents": true})).await;
+    let r = op(
+        d,
+        "/folder/file/mkdir",
+        &vfid,
+        json!({"relpath": "made/deep", "parents": true}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let r = op(d, "/folder/file/mkdir", &vfid, json!({"relpath": "made"})).await;
-    assert!(r.status >= 400, "mkdir of an existing directory: {}", r.text());
+    assert!(
+        r.status >= 400,
+        "mkdir of an existing directory: {}",
+        r.text()
+    );
     let root = list(d, &vfid, ".").await;
     assert_eq!(
         names(&root),
@@ -120,43 +148,89 @@ pub async fn volume_suite(d: &Daemon, peek: &Peek<'_>) {
         .unwrap()
         .clone();
     assert_eq!(item["stat"]["size"], big.len());
-    assert_eq!(names(&list(d, &vfid, "made").await), [("deep".into(), "DIRECTORY".into())]);
+    assert_eq!(
+        names(&list(d, &vfid, "made").await),
+        [("deep".into(), "DIRECTORY".into())]
+    );
     assert!(names(&list(d, &vfid, "made/deep").await).is_empty());
     let r = op(d, "/folder/file/list", &vfid, json!({"relpath": "nope"})).await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["errno"], 2);
 
     // rename (never onto an existing name), move into a directory and to a new name.
-    let r = op(d, "/folder/file/rename", &vfid, json!({"relpath": "big.bin", "new_name": "big2.bin"})).await;
+    let r = op(
+        d,
+        "/folder/file/rename",
+        &vfid,
+        json!({"relpath": "big.bin", "new_name": "big2.bin"}),
+    )
+    .await;
     assert_eq!(r.status, 204, "{}", r.text());
     assert!(peek(&vfid, "big.bin").is_none());
     assert!(peek(&vfid, "big2.bin") == Some(big.clone()));
-    let r = op(d, "/folder/file/rename", &vfid, json!({"relpath": "empty.txt", "new_name": "big2.bin"})).await;
+    let r = op(
+        d,
+        "/folder/file/rename",
+        &vfid,
+        json!({"relpath": "empty.txt", "new_name": "big2.bin"}),
+    )
+    .await;
     assert_eq!(r.json()["errno"], 17, "{}", r.text());
-    let r = op(d, "/folder/file/move", &vfid, json!({"src_relpath": "a/b/hello.txt", "dst_relpath": "made"})).await;
+    let r = op(
+        d,
+        "/folder/file/move",
+        &vfid,
+        json!({"src_relpath": "a/b/hello.txt", "dst_relpath": "made"}),
+    )
+    .await;
     assert_eq!(r.status, 204, "{}", r.text());
     assert_eq!(peek(&vfid, "made/hello.txt").as_deref(), Some(&small[..]));
     // A folder moved as a background task, with everything in it.
-    let r = op(d, "/folder/file/move-async", &vfid, json!({"src_relpath": "made", "dst_relpath": "moved"})).await;
+    let r = op(
+        d,
+        "/folder/file/move-async",
+        &vfid,
+        json!({"src_relpath": "made", "dst_relpath": "moved"}),
+    )
+    .await;
     assert_eq!(r.status, 202, "{}", r.text());
     let task = d.wait_task(r.json()["bgtask_id"].as_str().unwrap()).await;
     assert_eq!(task["status"], "done", "{task}");
     assert_eq!(peek(&vfid, "moved/hello.txt").as_deref(), Some(&small[..]));
     assert!(peek(&vfid, "made/hello.txt").is_none());
-    assert_eq!(names(&list(d, &vfid, "moved").await), [
-        ("deep".into(), "DIRECTORY".into()),
-        ("hello.txt".into(), "FILE".into()),
-    ]);
+    assert_eq!(
+        names(&list(d, &vfid, "moved").await),
+        [
+            ("deep".into(), "DIRECTORY".into()),
+            ("hello.txt".into(), "FILE".into()),
+        ]
+    );
 
     // fetch.
-    let r = op(d, "/folder/file/fetch", &vfid, json!({"relpath": "moved/hello.txt"})).await;
+    let r = op(
+        d,
+        "/folder/file/fetch",
+        &vfid,
+        json!({"relpath": "moved/hello.txt"}),
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(&r.body[..], &small[..]);
-    op(d, "/folder/file/fetch", &vfid, json!({"relpath": "missing"})).await.problem(404);
+    op(
+        d,
+        "/folder/file/fetch",
+        &vfid,
+        json!({"relpath": "missing"}),
+    )
+    .await
+    .problem(404);
 
     // Ranged download with validators.
     let t = d
-        .token("/folder/file/download", json!({"volume": "vol1", "vfid": vfid, "relpath": "big2.bin"}))
+        .token(
+            "/folder/file/download",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "big2.bin"}),
+        )
         .await;
     let url = d.url("client", &format!("/download?token={t}"));
     let r = send(d.http.get(&url).header("Range", "bytes=5000000-5000009")).await;
@@ -176,7 +250,11 @@ pub async fn volume_suite(d: &Daemon, peek: &Peek<'_>) {
             json!({"volume": "vol1", "virtual_folder_id": vfid, "files": ["moved"], "filename": "m.zip"}),
         )
         .await;
-    let r = send(d.http.get(d.url("client", &format!("/download-archive?token={t}")))).await;
+    let r = send(
+        d.http
+            .get(d.url("client", &format!("/download-archive?token={t}"))),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(r.body.to_vec())).unwrap();
     let mut found = Vec::new();
@@ -188,34 +266,64 @@ pub async fn volume_suite(d: &Daemon, peek: &Peek<'_>) {
     }
     found.sort();
     let got: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
-    assert!(got.contains(&"moved/hello.txt") && got.contains(&"moved/deep"), "{got:?}");
+    assert!(
+        got.contains(&"moved/hello.txt") && got.contains(&"moved/deep"),
+        "{got:?}"
+    );
     assert_eq!(
-        found.iter().find(|(n, _)| n == "moved/hello.txt").unwrap().1,
+        found
+            .iter()
+            .find(|(n, _)| n == "moved/hello.txt")
+            .unwrap()
+            .1,
         small
     );
 
     // Usage counts what is there.
     let r = d
-        .mgr("GET", "/folder/usage", json!({"volume": "vol1", "vfid": vfid}))
+        .mgr(
+            "GET",
+            "/folder/usage",
+            json!({"volume": "vol1", "vfid": vfid}),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let used = r.json()["used_bytes"].as_u64().unwrap();
     assert!(used >= (big.len() + small.len()) as u64, "{}", r.text());
 
     // Deletes: a non-empty directory needs recursive; missing paths are fine.
-    let r = op(d, "/folder/file/delete", &vfid, json!({"relpaths": ["moved"]})).await;
+    let r = op(
+        d,
+        "/folder/file/delete",
+        &vfid,
+        json!({"relpaths": ["moved"]}),
+    )
+    .await;
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.json()["errno"], 39);
-    let r = op(d, "/folder/file/delete", &vfid, json!({"relpaths": ["moved", "never"], "recursive": true})).await;
+    let r = op(
+        d,
+        "/folder/file/delete",
+        &vfid,
+        json!({"relpaths": ["moved", "never"], "recursive": true}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(peek(&vfid, "moved/hello.txt").is_none());
-    assert!(!names(&list(d, &vfid, ".").await).iter().any(|(n, _)| n == "moved"));
+    assert!(
+        !names(&list(d, &vfid, ".").await)
+            .iter()
+            .any(|(n, _)| n == "moved")
+    );
 
     // Clone, then delete both.
     let clone = format!("{qs}/{}", uuid::Uuid::new_v4().simple());
     let t = d.start_clone(&vfid, &clone).await;
     assert_eq!(d.wait_task(&t).await["status"], "done");
-    assert!(peek(&clone, "big2.bin") == Some(big.clone()), "the clone is byte-identical");
+    assert!(
+        peek(&clone, "big2.bin") == Some(big.clone()),
+        "the clone is byte-identical"
+    );
     for v in [&vfid, &clone] {
         let t = d.start_delete(v).await;
         assert_eq!(d.wait_task(&t).await["status"], "done");

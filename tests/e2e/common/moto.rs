@@ -91,13 +91,17 @@ impl Drop for Moto {
 impl Builder {
     /// vol1 becomes an `s3` volume on `endpoint` (bucket per vfolder, `bucket-prefix`).
     pub fn s3(self, endpoint: &str, bucket_prefix: &str) -> Self {
-        self.remove("volume", "vol1")
-            .set("volume.vol1.backend", "s3")
+        let b = self.remove("volume", "vol1");
+        let b = if bucket_prefix.is_empty() {
+            b
+        } else {
+            b.set("volume.vol1.bucket-prefix", bucket_prefix)
+        };
+        b.set("volume.vol1.backend", "s3")
             .set("volume.vol1.endpoint", endpoint)
             .set("volume.vol1.region", "us-east-1")
             .set("volume.vol1.access-key", KEY)
             .set("volume.vol1.secret-key", SECRET)
-            .set("volume.vol1.bucket-prefix", bucket_prefix)
             .set("volume.vol1.part-size", "5m")
             .set("volume.vol1.request-timeout", "20s")
             .set("volume.vol1.connect-timeout", "2s")

@@ -1,0 +1,679 @@
+//! What only object-store volumes do, against a real S3 service (moto) and checked with boto3:
+//! registered buckets, multipart uploads that survive a kill -9, usage counters and rescans,
+//! presigned URLs, `/folder/mount` for agents, shared FUSE mounts for sessions, and clear,
+//! bounded failures for dead endpoints and wrong keys. The file operations every backend shares
+//! are in `backends/`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use storage_agent::pb;
+
+use crate::backends::{bucket_of, s3_object};
+use crate::common::agent::{ContainerGuard, keypair, mount, sftp_key, text};
+use crate::common::moto::Moto;
+use crate::common::redis::free_port;
+use crate::common::{Daemon, random_file, random_vfid, send, sha256_file};
+
+const MIB: u64 = 1 << 20;
+
+async fn op(d: &Daemon, path: &str, vfid: &str, mut body: Value) -> crate::common::Resp {
+    body["volume"] = json!("vol1");
+    body["vfid"] = json!(vfid);
+    d.mgr("POST", path, body).await
+}
+
+async fn create(d: &Daemon, vfid: &str) {
+    let r = d
+        .mgr(
+            "POST",
+            "/folder/create",
+            json!({"volume": "vol1", "vfid": vfid}),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+}
+
+async fn put_small(d: &Daemon, vfid: &str, relpath: &str, data: &[u8]) {
+    let t = d
+        .token(
+            "/folder/file/upload",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": relpath, "size": data.len()}),
+        )
+        .await;
+    let r = send(
+        d.http
+            .patch(d.url("client", &format!("/upload?token={t}")))
+            .header("Tus-Resumable", "1.0.0")
+            .header("Content-Type", "application/offset+octet-stream")
+            .header("Upload-Offset", "0")
+            .body(data.to_vec()),
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+}
+
+async fn usage(d: &Daemon, vfid: &str, rescan: bool) -> (u64, u64) {
+    let r = d
+        .mgr(
+            "GET",
+            "/folder/usage",
+            json!({"volume": "vol1", "vfid": vfid, "rescan": rescan}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    (
+        v["file_count"].as_u64().unwrap(),
+        v["used_bytes"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_registered_bucket_stays_its_owners() {
+    let moto = Moto::start();
+    moto.boto(
+        "s3.create_bucket(Bucket='owned-data')\n\
+         for i in range(3): s3.put_object(Bucket='owned-data', Key=f'dir/f{i}.txt', Body=f'data {i}'.encode())\n\
+         s3.put_object(Bucket='owned-data', Key='top.bin', Body=b'x' * 1000)",
+    );
+    let d = Daemon::builder().s3(&moto.endpoint(), "reg-").start().await;
+    let count = || {
+        moto.boto("print(s3.list_objects_v2(Bucket='owned-data').get('KeyCount', 0))")
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+
+    // Read-only: everything readable, nothing writable (403), counted in the background.
+    let ro = random_vfid();
+    let r = op(
+        &d,
+        "/folder/register",
+        &ro,
+        json!({"bucket": "owned-data", "read_only": true}),
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = op(&d, "/folder/file/list", &ro, json!({"relpath": "dir"})).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["items"].as_array().unwrap().len(), 3);
+    let t = d
+        .token(
+            "/folder/file/download",
+            json!({"volume": "vol1", "vfid": ro, "relpath": "dir/f1.txt"}),
+        )
+        .await;
+    let r = send(d.http.get(d.url("client", &format!("/download?token={t}")))).await;
+    assert_eq!(&r.body[..], b"data 1");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while usage(&d, &ro, false).await != (4, 1000 + 3 * 6) {
+        assert!(
+            Instant::now() < deadline,
+            "the registered bucket is counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // mkdir answers per path (Backend.AI's batch format).
+    let r = op(&d, "/folder/file/mkdir", &ro, json!({"relpath": "new"})).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("read-only"), "{}", r.text());
+    for (path, body) in [
+        ("/folder/file/delete", json!({"relpaths": ["top.bin"]})),
+        (
+            "/folder/file/rename",
+            json!({"relpath": "top.bin", "new_name": "x"}),
+        ),
+        (
+            "/folder/file/upload",
+            json!({"relpath": "up.txt", "size": 3}),
+        ),
+    ] {
+        let p = op(&d, path, &ro, body).await.problem(403);
+        assert!(
+            p["msg"].as_str().unwrap().contains("read-only"),
+            "{path}: {p}"
+        );
+    }
+    let r = op(&d, "/folder/deregister", &ro, json!({})).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(
+        op(&d, "/folder/file/list", &ro, json!({"relpath": "."}))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(count(), 4, "deregistering leaves every object");
+
+    // Read-write on a prefix: our writes land in the owner's bucket; deleting the vfolder only
+    // forgets it.
+    let rw = random_vfid();
+    let r = op(
+        &d,
+        "/folder/register",
+        &rw,
+        json!({"bucket": "owned-data", "prefix": "dir"}),
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = op(&d, "/folder/file/list", &rw, json!({"relpath": "."})).await;
+    assert_eq!(
+        r.json()["items"].as_array().unwrap().len(),
+        3,
+        "{}",
+        r.text()
+    );
+    put_small(&d, &rw, "new.txt", b"ours").await;
+    assert_eq!(
+        s3_object(&moto, "owned-data", "dir/new.txt").as_deref(),
+        Some(&b"ours"[..])
+    );
+    let t = d.start_delete(&rw).await;
+    assert_eq!(d.wait_task(&t).await["status"], "done");
+    assert_eq!(
+        count(),
+        5,
+        "deleting a registered vfolder deletes nothing of the bucket"
+    );
+
+    // What cannot be registered, and what cannot be deregistered.
+    let p = op(
+        &d,
+        "/folder/register",
+        &random_vfid(),
+        json!({"bucket": "no-such-bucket"}),
+    )
+    .await
+    .problem(400);
+    assert!(p["msg"].as_str().unwrap().contains("does not exist"), "{p}");
+    let mine = random_vfid();
+    create(&d, &mine).await;
+    op(&d, "/folder/deregister", &mine, json!({}))
+        .await
+        .problem(400);
+}
+
+#[tokio::test]
+async fn a_200mib_upload_killed_mid_way_continues_its_multipart_upload() {
+    const SIZE: u64 = 200 * MIB;
+    const FIRST: u64 = 100 * MIB;
+    let moto = Moto::start();
+    let mut d = Daemon::builder().s3(&moto.endpoint(), "big-").start().await;
+    let vfid = random_vfid();
+    create(&d, &vfid).await;
+    let bucket = bucket_of("big-", &vfid);
+    let src = d.dir.path().join("src.bin");
+    random_file(&src, SIZE, 42);
+    let want = sha256_file(&src);
+    let t = d
+        .token(
+            "/folder/file/upload",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "data/big.bin", "size": SIZE}),
+        )
+        .await;
+    let url = d.url("client", &format!("/upload?token={t}"));
+
+    // Watch the local part buffers the whole time: never more than one part (5 MiB) on disk.
+    let buffers = d.state_dir.join("objects/vol1");
+    let (stop, largest) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let watcher = {
+        let (stop, largest, dir) = (stop.clone(), largest.clone(), buffers.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let total: u64 = std::fs::read_dir(&dir)
+                    .map(|es| {
+                        es.flatten()
+                            .filter_map(|e| e.metadata().ok())
+                            .map(|m| m.len())
+                            .sum()
+                    })
+                    .unwrap_or(0);
+                largest.fetch_max(total, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+
+    // The first half, then the body stalls: the daemon checkpoints it, and is killed.
+    let data = std::fs::read(&src).unwrap();
+    let first = bytes::Bytes::copy_from_slice(&data[..FIRST as usize]);
+    let body = futures::stream::iter(
+        first
+            .chunks(MIB as usize)
+            .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c)))
+            .collect::<Vec<_>>(),
+    )
+    .chain(futures::stream::pending());
+    let client = reqwest::Client::new();
+    let patch = tokio::spawn(
+        client
+            .patch(&url)
+            .header("Tus-Resumable", "1.0.0")
+            .header("Content-Type", "application/offset+octet-stream")
+            .header("Upload-Offset", "0")
+            .body(reqwest::Body::wrap_stream(body))
+            .send(),
+    );
+    // The client port changes with a restart: the URL is built from the daemon each time.
+    let upload_url = |d: &Daemon| d.url("client", &format!("/upload?token={t}"));
+    let head = |d: &Daemon| {
+        let url = upload_url(d);
+        let http = d.http.clone();
+        async move {
+            let r = send(http.head(&url).header("Tus-Resumable", "1.0.0")).await;
+            r.header("upload-offset")
+                .and_then(|o| o.parse::<u64>().ok())
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while head(&d).await.unwrap_or(0) < FIRST - 8 * MIB {
+        assert!(
+            Instant::now() < deadline,
+            "the first half was never checkpointed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let uploads = || {
+        moto.boto(&format!(
+            "print(json.dumps([u['UploadId'] for u in s3.list_multipart_uploads(Bucket='{bucket}').get('Uploads', [])]))"
+        ))
+    };
+    let before: Vec<String> = serde_json::from_str(&uploads()).unwrap();
+    assert_eq!(before.len(), 1, "one multipart upload in progress");
+    d.kill9();
+    patch.abort();
+    d.restart().await;
+
+    // Resumed from the durable offset, into the same multipart upload.
+    let offset = head(&d).await.expect("the upload survives the kill");
+    assert!((FIRST - 8 * MIB..=FIRST).contains(&offset), "{offset}");
+    let after: Vec<String> = serde_json::from_str(&uploads()).unwrap();
+    assert_eq!(after, before, "the same multipart upload continues");
+    let r = send(
+        d.http
+            .patch(upload_url(&d))
+            .header("Tus-Resumable", "1.0.0")
+            .header("Content-Type", "application/offset+octet-stream")
+            .header("Upload-Offset", offset.to_string())
+            .body(data[offset as usize..].to_vec()),
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+    assert!(
+        largest.load(Ordering::Relaxed) <= 5 * MIB,
+        "at most one part buffered locally, saw {}",
+        largest.load(Ordering::Relaxed)
+    );
+
+    // boto3 sees exactly the bytes, and no multipart upload is left.
+    let got = moto.boto(&format!(
+        "h = hashlib.sha256()\n\
+         for c in s3.get_object(Bucket='{bucket}', Key='data/big.bin')['Body'].iter_chunks(1 << 20): h.update(c)\n\
+         print(h.hexdigest())"
+    ));
+    assert_eq!(got.trim(), want);
+    assert_eq!(uploads().trim(), "[]");
+    assert_eq!(
+        usage(&d, &vfid, false).await,
+        (1, SIZE),
+        "counted by our own write"
+    );
+}
+
+#[tokio::test]
+async fn usage_counters_rescans_presigned_urls_and_mount_info() {
+    let moto = Moto::start();
+    let d = Daemon::builder()
+        .s3(&moto.endpoint(), "use-")
+        .set("volume.vol1.presign", true)
+        .start()
+        .await;
+    let vfid = random_vfid();
+    create(&d, &vfid).await;
+    let bucket = bucket_of("use-", &vfid);
+    put_small(&d, &vfid, "a.bin", &[1u8; 1000]).await;
+    assert_eq!(
+        usage(&d, &vfid, false).await,
+        (1, 1000),
+        "our writes count at once"
+    );
+    moto.boto(&format!(
+        "s3.put_object(Bucket='{bucket}', Key='behind/b.bin', Body=b'2' * 2000)"
+    ));
+    assert_eq!(
+        usage(&d, &vfid, false).await,
+        (1, 1000),
+        "counters, not a listing"
+    );
+    assert_eq!(
+        usage(&d, &vfid, true).await,
+        (2, 3000),
+        "a rescan finds what changed"
+    );
+    assert_eq!(usage(&d, &vfid, false).await, (2, 3000));
+
+    // Presigned URLs straight to the service.
+    let r = d
+        .mgr(
+            "POST",
+            "/folder/file/download",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "a.bin", "presign": true}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let url = r.json()["presigned_url"].as_str().unwrap().to_string();
+    let got = reqwest::get(&url).await.unwrap().bytes().await.unwrap();
+    assert_eq!(&got[..], &[1u8; 1000]);
+    let r = d
+        .mgr(
+            "POST",
+            "/folder/file/upload",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "direct.txt", "size": 6, "presign": true}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let url = r.json()["presigned_url"].as_str().unwrap().to_string();
+    let put = reqwest::Client::new()
+        .put(&url)
+        .body("direct")
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.status());
+    assert_eq!(
+        s3_object(&moto, &bucket, "direct.txt").as_deref(),
+        Some(&b"direct"[..])
+    );
+
+    // What a compute agent is told: no host path, where the bucket is; no keys unless allowed.
+    let r = d
+        .mgr(
+            "GET",
+            "/folder/mount",
+            json!({"volume": "vol1", "vfid": vfid, "subpath": "behind"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = r.json();
+    assert_eq!(m["path"], Value::Null);
+    assert_eq!(m["remote"]["bucket"], bucket);
+    assert_eq!(m["remote"]["prefix"], "behind/");
+    assert_eq!(m["remote"]["endpoint"], moto.endpoint());
+    assert_eq!(m["remote"]["credentials"], Value::Null);
+    let r = d
+        .mgr(
+            "GET",
+            "/folder/mount",
+            json!({"volume": "vol1", "vfid": vfid, "subpath": "a.bin"}),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        400,
+        "a file is not a mountable directory: {}",
+        r.text()
+    );
+
+    // A volume that does not allow them refuses presigning, clearly.
+    let other = Daemon::builder()
+        .s3(&moto.endpoint(), "other-")
+        .start()
+        .await;
+    let vfid = random_vfid();
+    create(&other, &vfid).await;
+    put_small(&other, &vfid, "a.bin", b"a").await;
+    let p = other
+        .mgr(
+            "POST",
+            "/folder/file/download",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "a.bin", "presign": true}),
+        )
+        .await
+        .problem(400);
+    assert!(p["msg"].as_str().unwrap().contains("presign"), "{p}");
+}
+
+/// The FUSE mounts of object-store volumes under the daemon's state dir.
+fn fuse_mounts(d: &Daemon) -> Vec<String> {
+    let state = d.state_dir.to_string_lossy().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("fuse.rclone") && l.contains(&state))
+        .map(str::to_string)
+        .collect()
+}
+
+async fn sftp_session(
+    d: &Daemon,
+    user: &uuid::Uuid,
+    vfid: &str,
+    read_only: bool,
+    public: &str,
+) -> Result<pb::Session, tonic::Status> {
+    let mut rpc = d.rpc().await;
+    rpc.create_session(pb::CreateSessionRequest {
+        kind: pb::SessionKind::Sftp as i32,
+        user_id: user.to_string(),
+        access_key: "AKIATEST".into(),
+        resource_group: "storage".into(),
+        mounts: vec![mount("vol1", vfid, "data", read_only)],
+        credentials: Some(pb::Credentials {
+            public_keys: vec![public.to_string()],
+            generate_password: false,
+        }),
+        max_sessions_per_user: Some(4),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner().session.unwrap())
+}
+
+#[tokio::test]
+async fn sessions_on_one_bucket_share_one_fuse_mount_until_the_linger_ends() {
+    let moto = Moto::start();
+    let d = Daemon::builder()
+        .agent()
+        .s3(&moto.endpoint(), "sess-")
+        .start()
+        .await;
+    let _g = ContainerGuard(d.node_id());
+    let user = uuid::Uuid::new_v4();
+    let vfid = format!("user:{user}/{}", uuid::Uuid::new_v4().simple());
+    create(&d, &vfid).await;
+    put_small(&d, &vfid, "hello.txt", b"from the api").await;
+    let bucket = bucket_of("sess-", &vfid);
+    let (key, public) = keypair(d.dir.path(), "s3");
+
+    let a = sftp_session(&d, &user, &vfid, false, &public)
+        .await
+        .expect("session a");
+    let b = sftp_session(&d, &user, &vfid, false, &public)
+        .await
+        .expect("session b");
+    assert_eq!(
+        fuse_mounts(&d).len(),
+        1,
+        "one mount for both: {:?}",
+        fuse_mounts(&d)
+    );
+
+    // Both see the bucket; what one writes lands in it.
+    let local = d.dir.path().join("got.txt");
+    let up = d.dir.path().join("up.txt");
+    std::fs::write(&up, b"from sftp").unwrap();
+    let out = sftp_key(
+        &key,
+        "work",
+        a.endpoints[0].port as u16,
+        &format!(
+            "get data/hello.txt {}\nput {} data/up.txt\n",
+            local.display(),
+            up.display()
+        ),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::read(&local).unwrap(), b"from the api");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s3_object(&moto, &bucket, "up.txt").as_deref() != Some(&b"from sftp"[..]) {
+        assert!(
+            Instant::now() < deadline,
+            "the sftp upload reaches the bucket"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let out = sftp_key(&key, "work", b.endpoints[0].port as u16, "ls data\n");
+    assert!(text(&out).contains("hello.txt"), "{}", text(&out));
+
+    // The mount outlives the first session, and goes after the last one plus the linger (2 s).
+    let mut rpc = d.rpc().await;
+    rpc.destroy_session(pb::DestroySessionRequest { id: a.id.clone() })
+        .await
+        .unwrap();
+    assert_eq!(fuse_mounts(&d).len(), 1, "still used by b");
+    rpc.destroy_session(pb::DestroySessionRequest { id: b.id.clone() })
+        .await
+        .unwrap();
+    assert_eq!(fuse_mounts(&d).len(), 1, "kept for the linger");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fuse_mounts(&d).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "unmounted after the linger: {:?}",
+            fuse_mounts(&d)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_read_only_bucket_is_mounted_read_only_at_the_fuse_layer() {
+    let moto = Moto::start();
+    moto.boto("s3.create_bucket(Bucket='ro-data')\ns3.put_object(Bucket='ro-data', Key='keep.txt', Body=b'keep')");
+    let d = Daemon::builder()
+        .agent()
+        .s3(&moto.endpoint(), "ro-")
+        .start()
+        .await;
+    let _g = ContainerGuard(d.node_id());
+    let user = uuid::Uuid::new_v4();
+    let vfid = format!("user:{user}/{}", uuid::Uuid::new_v4().simple());
+    let r = op(
+        &d,
+        "/folder/register",
+        &vfid,
+        json!({"bucket": "ro-data", "read_only": true}),
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let (key, public) = keypair(d.dir.path(), "ro");
+
+    let e = sftp_session(&d, &user, &vfid, false, &public)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("read-only"), "{}", e.message());
+
+    let s = sftp_session(&d, &user, &vfid, true, &public)
+        .await
+        .expect("read-only session");
+    let mounts = fuse_mounts(&d);
+    assert_eq!(mounts.len(), 1);
+    let mount_options = mounts[0].split(' ').nth(5).unwrap_or("");
+    assert!(
+        mount_options.split(',').any(|o| o == "ro"),
+        "FUSE mount is ro: {}",
+        mounts[0]
+    );
+    // Not even root on the host writes through it.
+    let point = mounts[0].split(' ').nth(4).unwrap();
+    let e = std::fs::write(std::path::Path::new(point).join("x.txt"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+
+    let up = d.dir.path().join("up.txt");
+    std::fs::write(&up, b"nope").unwrap();
+    let port = s.endpoints[0].port as u16;
+    let out = sftp_key(
+        &key,
+        "work",
+        port,
+        &format!("put {} data/up.txt\n", up.display()),
+    );
+    assert!(
+        !out.status.success(),
+        "a write into a read-only bucket: {}",
+        text(&out)
+    );
+    let out = sftp_key(&key, "work", port, "get data/keep.txt /dev/null\n");
+    assert!(out.status.success(), "{}", text(&out));
+    let keys = moto
+        .boto("print(sorted(o['Key'] for o in s3.list_objects_v2(Bucket='ro-data')['Contents']))");
+    assert_eq!(keys.trim(), "['keep.txt']");
+}
+
+/// A daemon on a service that cannot be used starts, says why, and answers every call on the
+/// volume at once with that reason instead of hanging.
+async fn refused_clearly(d: &Daemon, says: &str) {
+    let r = d
+        .mgr("GET", "/volume/hwinfo", json!({"volume": "vol1"}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let hw = r.json();
+    assert_eq!(hw["status"], "offline", "{hw}");
+    let info = hw["status_info"].as_str().unwrap_or("").to_lowercase();
+    assert!(
+        info.contains(says),
+        "the reason names the problem ({says}): {hw}"
+    );
+    let started = Instant::now();
+    let r = d
+        .mgr(
+            "POST",
+            "/folder/create",
+            json!({"volume": "vol1", "vfid": random_vfid()}),
+        )
+        .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered at once"
+    );
+}
+
+#[tokio::test]
+async fn dead_endpoints_and_wrong_keys_fail_clearly_and_never_hang() {
+    // Nothing listens there.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let d = Daemon::builder().s3(&dead, "x-").start().await;
+    refused_clearly(&d, "connect").await;
+
+    // A service that takes the connection and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let started = Instant::now();
+    let d = Daemon::builder()
+        .s3(&silent_url, "x-")
+        .set("storage-agent.volume-check-timeout", "3s")
+        .start()
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the start is not held up for long"
+    );
+    refused_clearly(&d, "did not answer").await;
+
+    // A service that refuses our keys.
+    let moto = Moto::start_with_auth();
+    let d = Daemon::builder().s3(&moto.endpoint(), "x-").start().await;
+    refused_clearly(&d, "signature").await;
+    drop(silent);
+}
