@@ -214,7 +214,7 @@ class Proxy:
 class StorageAgent(Proxy):
     name = "storage-agent"
 
-    def __init__(self, work, binary, agent_ports=None, backend="vfs", vol=None):
+    def __init__(self, work, binary, agent_ports=None, backend="vfs", vol=None, volume_extra=""):
         self.dir = work / "sa"
         self.vol = vol or self.dir / "vol1"
         self.vol.mkdir(parents=True, exist_ok=True)
@@ -234,7 +234,7 @@ class StorageAgent(Proxy):
             f'[storage-agent]\nstate-dir = "{self.dir / "state"}"\nlog-level = "warn"\n'
             '[api.client]\nservice-addr = "127.0.0.1:0"\n'
             f'[api.manager]\nservice-addr = "127.0.0.1:0"\ninternal-addr = "127.0.0.1:0"\nsecret = "{MANAGER_SECRET}"\n'
-            f'[volume.vol1]\nbackend = "{backend}"\npath = "{self.vol}"\n' + agent
+            f'[volume.vol1]\nbackend = "{backend}"\npath = "{self.vol}"\n{volume_extra}' + agent
         )
         out = open(self.dir / "out", "w")
         self.proc = subprocess.Popen(
@@ -384,6 +384,27 @@ class Nginx:
 
 
 # ---- results ------------------------------------------------------------------------------------
+
+
+class MotoServer:
+    """moto's S3 server (what the tests use) on a free loopback port."""
+
+    name = "moto"
+
+    def __init__(self, work):
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+        self.proc = subprocess.Popen(
+            ["moto_server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=open(work / "moto.log", "w"), env=env,
+        )
+        self.pid = self.proc.pid
+        wait_port(self.port)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
 
 
 class LoopBtrfs:
@@ -704,6 +725,43 @@ class Bench:
                     f"usage of a {files}-file quota scope (btrfs), {cache} cache", name, "ms", v, better="lower"
                 )
 
+    def s3(self):
+        """An upload into an S3 bucket through us (tus, multipart parts as they fill) against
+        boto3's own upload_file straight to the same service."""
+        size = (16 << 20) if self.smoke else self.big
+        moto = self.start(MotoServer(self.work))
+        extra = (
+            f'endpoint = "{moto.endpoint}"\nregion = "us-east-1"\naccess-key = "bench"\n'
+            'secret-key = "bench-secret"\nbucket-prefix = "bench-"\npart-size = "16m"\n'
+        )
+        sa = self.start(StorageAgent(self.work / "s3", self.sa_bin, backend="s3", volume_extra=extra))
+        src = self.work / "s3src.bin"
+        random_file(src, size)
+        warm(src)
+        boto = (
+            "import boto3, sys, time\n"
+            "from boto3.s3.transfer import TransferConfig\n"
+            f"s3 = boto3.client('s3', endpoint_url='{moto.endpoint}', aws_access_key_id='bench',"
+            " aws_secret_access_key='bench-secret', region_name='us-east-1')\n"
+            "b = sys.argv[2]\ns3.create_bucket(Bucket=b)\nt = time.time()\n"
+            "s3.upload_file(sys.argv[1], b, 'up.bin', Config=TransferConfig(multipart_chunksize=16 << 20))\n"
+            "print(time.time() - t)\n"
+        )
+        env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+        ours, theirs = [], []
+        for i in range(self.rounds):
+            vfid = sa.new_vfolder()
+            out = self.bench("upload", "--url", sa.upload_url(vfid, "up.bin", size), "--file", src, "--chunk", 0)
+            ours.append(self.field(out, "MBps"))
+            secs = float(subprocess.run(
+                ["python3", "-c", boto, str(src), f"boto-{os.getpid()}-{i}"],
+                check=True, capture_output=True, text=True, env=env,
+            ).stdout.strip())
+            theirs.append(size / secs / MB)
+        label = f"upload {size >> 20} MiB into S3 (moto)"
+        self.results.add(label, "storage-agent", "MB/s", ours)
+        self.results.add(label, "boto3 upload_file", "MB/s", theirs)
+
     # -- concurrency, memory
 
     def concurrent(self, sa, py, tus):
@@ -826,7 +884,7 @@ def main():
     ap.add_argument("--bench-bin", default=str(ROOT / "target/release/examples/bench"))
     ap.add_argument("--skip-sessions", action="store_true", help="without Docker")
     ap.add_argument("--only", help="one scenario (uploads, downloads, small_files, manager_api, "
-                    "archive, usage, quota, concurrent, sessions); results are printed, RESULTS.md untouched")
+                    "archive, usage, quota, s3, concurrent, sessions); results are printed, RESULTS.md untouched")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (drop_caches, sshd, Docker)")
@@ -846,6 +904,7 @@ def main():
             "archive": lambda: b.archive(sa, py),
             "usage": lambda: b.usage(sa, py),
             "quota": b.quota,
+            "s3": b.s3,
             "concurrent": lambda: b.concurrent(sa, py, tus),
         }
         if args.only:

@@ -534,6 +534,35 @@ async fn sessions_on_one_bucket_share_one_fuse_mount_until_the_linger_ends() {
     let out = sftp_key(&key, "work", b.endpoints[0].port as u16, "ls data\n");
     assert!(text(&out).contains("hello.txt"), "{}", text(&out));
 
+    // A restart adopts the sessions and keeps counting them: the mount is not released.
+    let mut d = d;
+    d.restart().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        fuse_mounts(&d).len(),
+        1,
+        "still held by the adopted sessions"
+    );
+    let out = sftp_key(&key, "work", b.endpoints[0].port as u16, "ls data\n");
+    assert!(text(&out).contains("up.txt"), "{}", text(&out));
+
+    // A mount whose rclone died is found stale and made again for the next session.
+    let killed = std::process::Command::new("pkill")
+        .args(["-9", "-f", &format!("rclone mount :s3:{bucket} ")])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "rclone was running");
+    let c = sftp_session(&d, &user, &vfid, false, &public)
+        .await
+        .expect("session c");
+    let out = sftp_key(&key, "work", c.endpoints[0].port as u16, "ls data\n");
+    assert!(
+        text(&out).contains("hello.txt"),
+        "remounted: {}",
+        text(&out)
+    );
+    assert_eq!(fuse_mounts(&d).len(), 1, "{:?}", fuse_mounts(&d));
+
     // The mount outlives the first session, and goes after the last one plus the linger (2 s).
     let mut rpc = d.rpc().await;
     rpc.destroy_session(pb::DestroySessionRequest { id: a.id.clone() })
@@ -541,6 +570,10 @@ async fn sessions_on_one_bucket_share_one_fuse_mount_until_the_linger_ends() {
         .unwrap();
     assert_eq!(fuse_mounts(&d).len(), 1, "still used by b");
     rpc.destroy_session(pb::DestroySessionRequest { id: b.id.clone() })
+        .await
+        .unwrap();
+    assert_eq!(fuse_mounts(&d).len(), 1, "still used by c");
+    rpc.destroy_session(pb::DestroySessionRequest { id: c.id.clone() })
         .await
         .unwrap();
     assert_eq!(fuse_mounts(&d).len(), 1, "kept for the linger");

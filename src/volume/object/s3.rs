@@ -415,3 +415,61 @@ const COPY_SOURCE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUM
     .remove(b'_')
     .remove(b'.')
     .remove(b'~');
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::object::{Credentials, Layout};
+
+    fn cfg(endpoint: &str, path_style: bool) -> ObjectConfig {
+        ObjectConfig {
+            endpoint: endpoint.into(),
+            region: "eu-west-1".into(),
+            credentials: Credentials {
+                access_key: "k".into(),
+                secret_key: "s".into(),
+            },
+            path_style,
+            tls_verify: true,
+            layout: Layout::BucketPerVFolder {
+                bucket_prefix: "p-".into(),
+            },
+            part_size: 8 << 20,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            rescan_interval: Duration::ZERO,
+            hand_out_credentials: false,
+            presign: false,
+            presign_max_expiry: Duration::from_secs(60),
+            capacity: 1,
+            mount_linger: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn virtual_hosted_style_puts_the_bucket_in_the_host() {
+        let s = S3::new(&cfg("https://s3.eu-west-1.amazonaws.com", false)).unwrap();
+        assert_eq!(
+            s.bucket_endpoint("data"),
+            "https://data.s3.eu-west-1.amazonaws.com"
+        );
+        let s = S3::new(&cfg("http://minio:9000", true)).unwrap();
+        assert_eq!(s.bucket_endpoint("data"), "http://minio:9000");
+        let url = s
+            .presign("data", "a b/c.txt", false, Duration::from_secs(60))
+            .unwrap();
+        assert!(
+            url.starts_with("http://minio:9000/data/a%20b/c.txt?"),
+            "{url}"
+        );
+        assert!(url.contains("X-Amz-Signature="), "{url}");
+    }
+
+    #[test]
+    fn error_documents_are_summarized() {
+        let xml = "<Error><Code>NoSuchKey</Code><Message>gone</Message></Error>";
+        assert_eq!(s3_message(xml), "NoSuchKey: gone");
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        assert_eq!(root_cause(&io), "Connection refused");
+    }
+}

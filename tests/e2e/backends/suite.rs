@@ -111,6 +111,59 @@ pub async fn volume_suite(d: &Daemon, peek: &Peek<'_>) {
         peek(&vfid, "big.bin") == Some(big.clone()),
         "the chunked upload is byte-identical"
     );
+    // A PATCH with a checksum is kept whole or not at all, also across several parts.
+    let summed = pattern(11 * MIB, 3);
+    let t = d
+        .token(
+            "/folder/file/upload",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "sum.bin", "size": summed.len()}),
+        )
+        .await;
+    let url = d.url("client", &format!("/upload?token={t}"));
+    let patch = |off: usize, end: usize, sum: String| {
+        send(
+            d.http
+                .patch(&url)
+                .header("Tus-Resumable", "1.0.0")
+                .header("Content-Type", "application/offset+octet-stream")
+                .header("Upload-Offset", off.to_string())
+                .header("Upload-Checksum", sum)
+                .body(summed[off..end].to_vec()),
+        )
+    };
+    let sha1 = |b: &[u8]| {
+        use base64::Engine;
+        use sha1::Digest;
+        format!(
+            "sha1 {}",
+            base64::engine::general_purpose::STANDARD.encode(sha1::Sha1::digest(b))
+        )
+    };
+    let r = patch(0, 7 * MIB, sha1(b"not this")).await;
+    assert_eq!(r.status, 460, "{}", r.text());
+    let head = send(d.http.head(&url).header("Tus-Resumable", "1.0.0")).await;
+    assert_eq!(
+        head.header("upload-offset").as_deref(),
+        Some("0"),
+        "nothing kept"
+    );
+    let r = patch(0, 7 * MIB, sha1(&summed[..7 * MIB])).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = patch(7 * MIB, summed.len(), sha1(&summed[7 * MIB..])).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert!(
+        peek(&vfid, "sum.bin") == Some(summed.clone()),
+        "checksummed upload is intact"
+    );
+    let r = op(
+        d,
+        "/folder/file/delete",
+        &vfid,
+        json!({"relpaths": ["sum.bin"]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
     let empty: Vec<u8> = Vec::new();
     assert_eq!(upload(d, &vfid, "empty.txt", &empty, 1).await.status, 204);
     assert_eq!(peek(&vfid, "empty.txt").as_deref(), Some(&empty[..]));
