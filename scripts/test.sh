@@ -48,6 +48,7 @@ phase docker    scripts/testenv.sh docker
 phase image     scripts/testenv.sh base-image
 phase dufs      scripts/testenv.sh dufs
 phase bai-venv  scripts/testenv.sh bai-venv
+phase azurite   scripts/testenv.sh azurite
 phase vm        scripts/testenv.sh vm
 phase fmt       cargo fmt --all -- --check
 phase clippy    cargo clippy --all-targets --locked -- -D warnings

@@ -10,6 +10,7 @@
 #                                  (backend.ai-common 26.9.6), which tests decode events with
 #   scripts/testenv.sh peers       benchmark peers: the Backend.AI storage proxy 26.9.6 (venv)
 #                                  and @tus/server (bench/peers)
+#   scripts/testenv.sh azurite     Azure's blob storage emulator (npm, in $SA_CACHE/azurite)
 #   scripts/testenv.sh vm          a VM for the XFS quota tests (this kernel has no XFS quota):
 #                                  QEMU from bookworm-backports, Debian's kernel, virtme-ng
 #   scripts/testenv.sh all         all of the above
@@ -57,9 +58,9 @@ packages() {
     }
   fi
   # The distribution's sshd and redis may autostart on their default ports; tests use their own.
-  python3 -c 'import tusclient, moto, boto3' 2>/dev/null || {
-    log "pip: tuspy, moto, boto3"
-    python3 -m pip install -q tuspy 'moto[server]' boto3
+  python3 -c 'import tusclient, moto, boto3, azure.storage.blob' 2>/dev/null || {
+    log "pip: tuspy, moto, boto3, azure-storage-blob"
+    python3 -m pip install -q tuspy 'moto[server]' boto3 azure-storage-blob
   }
   if [ ! -d "$HERE/tests/clients/node_modules/tus-js-client" ]; then
     log "npm: tus-js-client (tests/clients)"
@@ -144,6 +145,14 @@ peers() {
   fi
 }
 
+azurite() {
+  if [ ! -x "$SA_CACHE/azurite/node_modules/.bin/azurite-blob" ]; then
+    log "npm: azurite (Azure blob storage emulator)"
+    mkdir -p "$SA_CACHE/azurite"
+    (cd "$SA_CACHE/azurite" && npm install --no-audit --no-fund --silent azurite@3.35.0)
+  fi
+}
+
 # XFS project quota needs a kernel built with it; the tests boot Debian's own under QEMU with
 # virtme-ng (software emulation: KVM guests do not run on these machines). TESTENV-VM.md.
 vm() {
@@ -178,6 +187,7 @@ case "${1:-all}" in
   bai-venv) bai_venv ;;
   peers) peers ;;
   vm) vm ;;
-  all) packages; docker_up; base_image; dufs >/dev/null; bai_venv; peers; vm ;;
-  *) echo "usage: $0 {packages|docker|base-image|dufs|bai-venv|peers|vm|all}" >&2; exit 2 ;;
+  azurite) azurite ;;
+  all) packages; docker_up; base_image; dufs >/dev/null; bai_venv; peers; azurite; vm ;;
+  *) echo "usage: $0 {packages|docker|base-image|dufs|bai-venv|peers|azurite|vm|all}" >&2; exit 2 ;;
 esac

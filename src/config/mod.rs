@@ -23,10 +23,10 @@ pub const ENV_CONFIG: &str = "STORAGE_AGENT_CONFIG";
 pub const LOOKUP_PATHS: &[&str] = &["./storage-agent.toml", "/etc/backend.ai/storage-agent.toml"];
 
 /// Volume backends this build can serve.
-pub const BACKENDS: &[&str] = &["vfs", "xfs", "btrfs", "s3"];
+pub const BACKENDS: &[&str] = &["vfs", "xfs", "btrfs", "s3", "azure-blob"];
 
 /// Backends whose vfolders are objects in a remote service, not directories on this host.
-pub const OBJECT_BACKENDS: &[&str] = &["s3"];
+pub const OBJECT_BACKENDS: &[&str] = &["s3", "azure-blob"];
 
 /// Sections and keys of Backend.AI's storage-proxy.toml that we accept so an existing file can be
 /// reused, but that mean nothing here (no worker processes, no aiomonitor).
@@ -577,7 +577,11 @@ fn read_volume(name: String, sec: &Section) -> VolumeConfig {
         path: sec.path("path", ""),
         fsprefix: sec.string("fsprefix", "."),
         options: sec.raw_table("options"),
-        object: if is_object { object::read(sec) } else { None },
+        object: if is_object {
+            object::read(sec, &backend)
+        } else {
+            None
+        },
         backend,
         name,
     };

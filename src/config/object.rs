@@ -1,5 +1,5 @@
-//! `[volume.<name>]` keys of object-store backends (`s3`): where the service is, how to sign,
-//! and how vfolders map onto buckets.
+//! `[volume.<name>]` keys of object-store backends (`s3`, `azure-blob`): where the service is,
+//! how to sign, and how vfolders map onto buckets (containers).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -20,6 +20,37 @@ impl fmt::Debug for Credentials {
     }
 }
 
+/// Azure's shared key, or an account SAS (the query string, without '?').
+#[derive(Clone)]
+pub enum AzureAuth {
+    Key(String),
+    Sas(String),
+}
+
+impl fmt::Debug for AzureAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AzureAuth::Key(_) => "AzureAuth::Key(<secret>)",
+            AzureAuth::Sas(_) => "AzureAuth::Sas(<secret>)",
+        })
+    }
+}
+
+/// What differs between the services.
+#[derive(Debug, Clone)]
+pub enum ServiceConfig {
+    S3 {
+        region: String,
+        credentials: Credentials,
+        /// Path-style (`endpoint/bucket/key`) or virtual-hosted (`bucket.endpoint/key`) URLs.
+        path_style: bool,
+    },
+    Azure {
+        account: String,
+        auth: AzureAuth,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layout {
     /// Each vfolder is a bucket `<bucket-prefix><vfolder uuid hex>` (the S3 proposal's choice).
@@ -30,11 +61,9 @@ pub enum Layout {
 
 #[derive(Debug, Clone)]
 pub struct ObjectConfig {
+    /// The service's URL: the S3 endpoint, or Azure's account URL.
     pub endpoint: String,
-    pub region: String,
-    pub credentials: Credentials,
-    /// Path-style (`endpoint/bucket/key`) or virtual-hosted (`bucket.endpoint/key`) URLs.
-    pub path_style: bool,
+    pub service: ServiceConfig,
     pub tls_verify: bool,
     pub layout: Layout,
     /// Size of each part of a multipart upload (the most a tus upload buffers on local disk).
@@ -47,6 +76,7 @@ pub struct ObjectConfig {
     pub hand_out_credentials: bool,
     /// Token routes may answer with presigned URLs straight to the service.
     pub presign: bool,
+    /// The longest a presigned URL (or SAS) lives.
     pub presign_max_expiry: Duration,
     /// What `/folder/fs-usage` reports as capacity (object stores have no fixed size).
     pub capacity: u64,
@@ -58,8 +88,8 @@ pub const MIN_PART: u64 = 5 << 20;
 pub const MAX_PART: u64 = 5 << 30;
 
 /// Reads the object-store keys of a volume table; `None` (with problems pushed) when unusable.
-pub fn read(sec: &Section) -> Option<ObjectConfig> {
-    let region = sec.string("region", "us-east-1");
+pub fn read(sec: &Section, backend: &str) -> Option<ObjectConfig> {
+    let azure = backend == "azure-blob";
     let endpoint = sec.opt_string("endpoint");
     if let Some(e) = &endpoint
         && !(e.starts_with("http://") || e.starts_with("https://"))
@@ -67,51 +97,86 @@ pub fn read(sec: &Section) -> Option<ObjectConfig> {
         sec.problems().push(
             sec.key_path("endpoint"),
             format!("{e:?}"),
-            "an http:// or https:// URL of the S3 service",
+            "an http:// or https:// URL of the service",
         );
     }
-    // AWS itself is virtual-hosted; anything named by URL is most likely path-style (MinIO,
-    // Ceph RGW, moto).
-    let default_addressing = if endpoint.is_some() {
-        "path"
+    let (service, endpoint) = if azure {
+        let account = sec.opt_string("account");
+        let Some(account) = account.filter(|a| {
+            (3..=24).contains(&a.len())
+                && a.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        }) else {
+            sec.problems().push(
+                sec.key_path("account"),
+                "missing or invalid",
+                "the storage account name (3-24 lowercase letters and digits)",
+            );
+            return None;
+        };
+        let auth = read_azure_auth(sec)?;
+        let endpoint =
+            endpoint.unwrap_or_else(|| format!("https://{account}.blob.core.windows.net"));
+        (ServiceConfig::Azure { account, auth }, endpoint)
     } else {
-        "virtual-hosted"
+        let region = sec.string("region", "us-east-1");
+        // AWS itself is virtual-hosted; anything named by URL is most likely path-style (MinIO,
+        // Ceph RGW, moto).
+        let default_addressing = if endpoint.is_some() {
+            "path"
+        } else {
+            "virtual-hosted"
+        };
+        let addressing = sec.choice(
+            "addressing",
+            &["path", "virtual-hosted"],
+            default_addressing,
+        );
+        let credentials = read_credentials(sec)?;
+        let endpoint = endpoint.unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
+        (
+            ServiceConfig::S3 {
+                region,
+                credentials,
+                path_style: addressing == "path",
+            },
+            endpoint,
+        )
     };
-    let addressing = sec.choice(
-        "addressing",
-        &["path", "virtual-hosted"],
-        default_addressing,
-    );
+    // The same choice under each service's own words: buckets, or containers.
+    let noun = if azure { "container" } else { "bucket" };
+    let per_vfolder = format!("{noun}-per-vfolder");
     let layout = match sec
         .choice(
             "layout",
-            &["bucket-per-vfolder", "prefix-per-vfolder"],
-            "bucket-per-vfolder",
+            &[per_vfolder.as_str(), "prefix-per-vfolder"],
+            &per_vfolder,
         )
         .as_str()
     {
-        "prefix-per-vfolder" => match sec.opt_string("bucket") {
+        "prefix-per-vfolder" => match sec.opt_string(noun) {
             Some(b) if valid_bucket(&b) => Layout::PrefixPerVFolder { bucket: b },
             other => {
                 sec.problems().push(
-                    sec.key_path("bucket"),
+                    sec.key_path(noun),
                     other.map_or("missing".into(), |b| format!("{b:?}")),
-                    "the bucket that holds every vfolder (3-63 of a-z, 0-9, '-', '.')",
+                    format!("the {noun} that holds every vfolder (3-63 of a-z, 0-9, '-', '.')"),
                 );
                 return None;
             }
         },
         _ => {
-            let prefix = sec.string("bucket-prefix", "");
+            let key = format!("{noun}-prefix");
+            let prefix = sec.string(&key, "");
             if prefix.len() > 31
                 || !prefix
                     .chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             {
                 sec.problems().push(
-                    sec.key_path("bucket-prefix"),
+                    sec.key_path(&key),
                     format!("{prefix:?}"),
-                    "at most 31 of a-z, 0-9 and '-' (bucket names are the prefix and 32 hex digits)",
+                    format!("at most 31 of a-z, 0-9 and '-' ({noun} names are the prefix and 32 hex digits)"),
                 );
             }
             Layout::BucketPerVFolder {
@@ -124,18 +189,12 @@ pub fn read(sec: &Section) -> Option<ObjectConfig> {
         sec.problems().push(
             sec.key_path("part-size"),
             part_size.to_string(),
-            "5m to 5g (S3's limits for a part)",
+            "5m to 5g (S3's limits for a part; Azure blocks fit in them too)",
         );
     }
-    let credentials = read_credentials(sec)?;
     Some(ObjectConfig {
-        endpoint: endpoint
-            .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"))
-            .trim_end_matches('/')
-            .to_string(),
-        region,
-        credentials,
-        path_style: addressing == "path",
+        endpoint: endpoint.trim_end_matches('/').to_string(),
+        service,
         tls_verify: sec.bool("tls-verify", true),
         layout,
         part_size,
@@ -144,10 +203,55 @@ pub fn read(sec: &Section) -> Option<ObjectConfig> {
         rescan_interval: sec.duration("rescan-interval", Duration::from_secs(3600)),
         hand_out_credentials: sec.bool("hand-out-credentials", false),
         presign: sec.bool("presign", false),
-        presign_max_expiry: sec.duration("presign-max-expiry", Duration::from_secs(3600)),
+        presign_max_expiry: sec.duration(
+            "presign-max-expiry",
+            Duration::from_secs(if azure { 7 * 86400 } else { 3600 }),
+        ),
         capacity: sec.size("capacity", 1 << 50),
         mount_linger: sec.duration("mount-linger", Duration::from_secs(60)),
     })
+}
+
+/// An account key (base64), or an account SAS, inline or in `AZURE_STORAGE_KEY`.
+fn read_azure_auth(sec: &Section) -> Option<AzureAuth> {
+    let key = sec
+        .opt_string("account-key")
+        .or_else(|| std::env::var("AZURE_STORAGE_KEY").ok());
+    let sas = sec.opt_string("sas");
+    match (key, sas) {
+        (Some(k), None) => {
+            use base64::Engine;
+            if base64::engine::general_purpose::STANDARD
+                .decode(&k)
+                .is_err()
+            {
+                sec.problems().push(
+                    sec.key_path("account-key"),
+                    "not base64",
+                    "the storage account's key, as the portal shows it",
+                );
+                return None;
+            }
+            Some(AzureAuth::Key(k))
+        }
+        (None, Some(s)) => Some(AzureAuth::Sas(s.trim_start_matches('?').to_string())),
+        (Some(_), Some(_)) => {
+            sec.problems().push(
+                sec.key_path("sas"),
+                "both account-key and sas",
+                "one of account-key and sas",
+            );
+            None
+        }
+        (None, None) => {
+            sec.problems().push(
+                sec.key_path("account-key"),
+                "missing",
+                "account-key (or AZURE_STORAGE_KEY in the environment), or an account sas",
+            );
+            None
+        }
+    }
 }
 
 /// S3 bucket naming rules (the subset every S3-compatible service accepts).

@@ -275,8 +275,16 @@ pub struct RemoteLocation {
     /// Key prefix of the vfolder (and subpath) in the bucket: "" or ending with "/".
     pub prefix: String,
     pub read_only: bool,
-    /// Only when the volume's config allows handing them out: (access key, secret key).
-    pub credentials: Option<(String, String)>,
+    /// Only when the volume's config allows handing them out: named values (S3's access and
+    /// secret key; Azure's account and a SAS URL for the container).
+    pub credentials: Option<Vec<(&'static str, String)>>,
+}
+
+/// A URL that grants access to one vfolder's container straight at the service, until then.
+#[derive(Debug, Clone)]
+pub struct SharedAccess {
+    pub url: String,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// How a registered vfolder maps onto what already exists in the service.
@@ -473,6 +481,18 @@ pub trait Volume: Send + Sync + fmt::Display {
     ) -> Result<String> {
         Err(VolumeError::BadRequest(format!(
             "presigned URLs need an object-store volume with presign = true; this one is {}",
+            self.backend()
+        )))
+    }
+    /// A SAS-style URL for the whole vfolder (Azure containers): read, or read and write.
+    async fn share(
+        &self,
+        vf: &VFolderId,
+        _write: bool,
+        _expiry: std::time::Duration,
+    ) -> Result<SharedAccess> {
+        Err(VolumeError::BadRequest(format!(
+            "vfolder {vf}: shared access URLs need an azure-blob volume; this one is {}",
             self.backend()
         )))
     }

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod azure;
 mod backends;
 mod bgtasks;
 mod config_check;

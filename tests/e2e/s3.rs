@@ -4,19 +4,17 @@
 //! bounded failures for dead endpoints and wrong keys. The file operations every backend shares
 //! are in `backends/`.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use serde_json::{Value, json};
 use storage_agent::pb;
 
+use crate::backends::killed::killed_upload_resumes;
 use crate::backends::{bucket_of, s3_object};
 use crate::common::agent::{ContainerGuard, keypair, mount, sftp_key, text};
 use crate::common::moto::Moto;
 use crate::common::redis::free_port;
-use crate::common::{Daemon, random_file, random_vfid, send, sha256_file};
+use crate::common::{Daemon, random_vfid, send};
 
 const MIB: u64 = 1 << 20;
 
@@ -198,133 +196,27 @@ async fn a_registered_bucket_stays_its_owners() {
 
 #[tokio::test]
 async fn a_200mib_upload_killed_mid_way_continues_its_multipart_upload() {
-    const SIZE: u64 = 200 * MIB;
-    const FIRST: u64 = 100 * MIB;
     let moto = Moto::start();
     let mut d = Daemon::builder().s3(&moto.endpoint(), "big-").start().await;
     let vfid = random_vfid();
     create(&d, &vfid).await;
     let bucket = bucket_of("big-", &vfid);
-    let src = d.dir.path().join("src.bin");
-    random_file(&src, SIZE, 42);
-    let want = sha256_file(&src);
-    let t = d
-        .token(
-            "/folder/file/upload",
-            json!({"volume": "vol1", "vfid": vfid, "relpath": "data/big.bin", "size": SIZE}),
-        )
-        .await;
-    let url = d.url("client", &format!("/upload?token={t}"));
-
-    // Watch the local part buffers the whole time: never more than one part (5 MiB) on disk.
-    let buffers = d.state_dir.join("objects/vol1");
-    let (stop, largest) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let watcher = {
-        let (stop, largest, dir) = (stop.clone(), largest.clone(), buffers.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let total: u64 = std::fs::read_dir(&dir)
-                    .map(|es| {
-                        es.flatten()
-                            .filter_map(|e| e.metadata().ok())
-                            .map(|m| m.len())
-                            .sum()
-                    })
-                    .unwrap_or(0);
-                largest.fetch_max(total, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        })
-    };
-
-    // The first half, then the body stalls: the daemon checkpoints it, and is killed.
-    let data = std::fs::read(&src).unwrap();
-    let first = bytes::Bytes::copy_from_slice(&data[..FIRST as usize]);
-    let body = futures::stream::iter(
-        first
-            .chunks(MIB as usize)
-            .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c)))
-            .collect::<Vec<_>>(),
-    )
-    .chain(futures::stream::pending());
-    let client = reqwest::Client::new();
-    let patch = tokio::spawn(
-        client
-            .patch(&url)
-            .header("Tus-Resumable", "1.0.0")
-            .header("Content-Type", "application/offset+octet-stream")
-            .header("Upload-Offset", "0")
-            .body(reqwest::Body::wrap_stream(body))
-            .send(),
-    );
-    // The client port changes with a restart: the URL is built from the daemon each time.
-    let upload_url = |d: &Daemon| d.url("client", &format!("/upload?token={t}"));
-    let head = |d: &Daemon| {
-        let url = upload_url(d);
-        let http = d.http.clone();
-        async move {
-            let r = send(http.head(&url).header("Tus-Resumable", "1.0.0")).await;
-            r.header("upload-offset")
-                .and_then(|o| o.parse::<u64>().ok())
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while head(&d).await.unwrap_or(0) < FIRST - 8 * MIB {
-        assert!(
-            Instant::now() < deadline,
-            "the first half was never checkpointed"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     let uploads = || {
         moto.boto(&format!(
             "print(json.dumps([u['UploadId'] for u in s3.list_multipart_uploads(Bucket='{bucket}').get('Uploads', [])]))"
         ))
     };
-    let before: Vec<String> = serde_json::from_str(&uploads()).unwrap();
-    assert_eq!(before.len(), 1, "one multipart upload in progress");
-    d.kill9();
-    patch.abort();
-    d.restart().await;
-
-    // Resumed from the durable offset, into the same multipart upload.
-    let offset = head(&d).await.expect("the upload survives the kill");
-    assert!((FIRST - 8 * MIB..=FIRST).contains(&offset), "{offset}");
-    let after: Vec<String> = serde_json::from_str(&uploads()).unwrap();
-    assert_eq!(after, before, "the same multipart upload continues");
-    let r = send(
-        d.http
-            .patch(upload_url(&d))
-            .header("Tus-Resumable", "1.0.0")
-            .header("Content-Type", "application/offset+octet-stream")
-            .header("Upload-Offset", offset.to_string())
-            .body(data[offset as usize..].to_vec()),
-    )
-    .await;
-    assert_eq!(r.status, 204, "{}", r.text());
-    stop.store(true, Ordering::Relaxed);
-    watcher.join().unwrap();
-    assert!(
-        largest.load(Ordering::Relaxed) <= 5 * MIB,
-        "at most one part buffered locally, saw {}",
-        largest.load(Ordering::Relaxed)
-    );
-
-    // boto3 sees exactly the bytes, and no multipart upload is left.
-    let got = moto.boto(&format!(
-        "h = hashlib.sha256()\n\
-         for c in s3.get_object(Bucket='{bucket}', Key='data/big.bin')['Body'].iter_chunks(1 << 20): h.update(c)\n\
-         print(h.hexdigest())"
-    ));
-    assert_eq!(got.trim(), want);
-    assert_eq!(uploads().trim(), "[]");
+    let sha256 = || {
+        moto.boto(&format!(
+            "h = hashlib.sha256()\n\
+             for c in s3.get_object(Bucket='{bucket}', Key='data/big.bin')['Body'].iter_chunks(1 << 20): h.update(c)\n\
+             print(h.hexdigest())"
+        ))
+    };
+    killed_upload_resumes(&mut d, &vfid, &uploads, &sha256).await;
     assert_eq!(
         usage(&d, &vfid, false).await,
-        (1, SIZE),
+        (1, 200 * MIB),
         "counted by our own write"
     );
 }
@@ -655,7 +547,7 @@ async fn a_read_only_bucket_is_mounted_read_only_at_the_fuse_layer() {
 
 /// A daemon on a service that cannot be used starts, says why, and answers every call on the
 /// volume at once with that reason instead of hanging.
-async fn refused_clearly(d: &Daemon, says: &str) {
+pub async fn refused_clearly(d: &Daemon, says: &str) {
     let r = d
         .mgr("GET", "/volume/hwinfo", json!({"volume": "vol1"}))
         .await;

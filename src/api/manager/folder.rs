@@ -29,6 +29,43 @@ pub fn routes() -> Router<AppState> {
         .route("/folder/fs-usage", get(fs_usage))
         .route("/folder/register", post(register))
         .route("/folder/deregister", post(deregister))
+        .route("/folder/sas", post(sas))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum SasPermission {
+    Read,
+    ReadWrite,
+}
+
+#[derive(Deserialize)]
+struct SasReq {
+    volume: String,
+    vfid: VFolderId,
+    permission: SasPermission,
+    /// Capped by the volume's presign-max-expiry.
+    #[serde(default)]
+    expiry_secs: Option<u64>,
+}
+
+/// Ours: a URL with a SAS for the vfolder's container, straight at Azure (read, or read and
+/// write; never more than the vfolder itself allows).
+async fn sas(State(st): State<AppState>, ApiJson(r): ApiJson<SasReq>) -> ApiResult<Json<Value>> {
+    let expiry = std::time::Duration::from_secs(r.expiry_secs.unwrap_or(3600));
+    let shared = st
+        .volumes
+        .get(&r.volume)?
+        .share(
+            &r.vfid,
+            matches!(r.permission, SasPermission::ReadWrite),
+            expiry,
+        )
+        .await?;
+    Ok(Json(json!({
+        "url": shared.url,
+        "expires_at": shared.expires_at.to_rfc3339(),
+    })))
 }
 
 #[derive(Deserialize)]
@@ -263,10 +300,11 @@ async fn mount(
                 "bucket": l.bucket,
                 "prefix": l.prefix,
                 "read_only": l.read_only,
-                "credentials": l.credentials.map(|(k, s)| json!({
-                    "access_key": k,
-                    "secret_key": s,
-                })),
+                "credentials": l.credentials.map(|c| {
+                    c.into_iter()
+                        .map(|(k, v)| (k.to_string(), Value::String(v)))
+                        .collect::<serde_json::Map<_, _>>()
+                }),
             },
         }),
     }))

@@ -125,21 +125,32 @@ impl Loc {
         }
     }
 
-    /// Whether anything lives below the directory prefix (a marker of its own counts).
+    /// Whether anything lives below the directory prefix. Pages are followed while they come
+    /// back empty: a service may drop the prefix's own marker from a page (Azure does).
     async fn has_children(&self, dir_prefix: &str) -> Result<bool> {
-        let page = self
-            .client
-            .pages
-            .list_paginated(
-                Some(dir_prefix),
-                PaginatedListOptions {
-                    max_keys: Some(1),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| self.err(dir_prefix, e))?;
-        Ok(!page.result.objects.is_empty() || !page.result.common_prefixes.is_empty())
+        let mut token = None;
+        loop {
+            let page = self
+                .client
+                .pages
+                .list_paginated(
+                    Some(dir_prefix),
+                    PaginatedListOptions {
+                        max_keys: Some(2),
+                        page_token: token.take(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| self.err(dir_prefix, e))?;
+            if !page.result.objects.is_empty() || !page.result.common_prefixes.is_empty() {
+                return Ok(true);
+            }
+            match page.page_token {
+                Some(t) => token = Some(t),
+                None => return Ok(false),
+            }
+        }
     }
 
     pub async fn stat(&self, p: &RelPath) -> Result<EntryStat> {
@@ -154,7 +165,13 @@ impl Loc {
             }
             return Ok(dir_stat(Some(m.last_modified.into())));
         }
-        if self.has_children(&format!("{key}/")).await? {
+        let below = format!("{key}/");
+        if self.has_children(&below).await?
+            || self
+                .service
+                .dir_marker_exists(&self.client.name, &below)
+                .await?
+        {
             return Ok(dir_stat(None));
         }
         Err(enoent(p))

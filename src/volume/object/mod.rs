@@ -4,9 +4,11 @@
 //! mounts of buckets for session containers. The daemon talks to the service directly for the
 //! APIs; nothing is mounted for them.
 
+mod azure;
 mod files;
 mod registry;
 mod s3;
+mod sas;
 pub mod service;
 mod staging;
 
@@ -28,8 +30,8 @@ use crate::state::State;
 use crate::volume::fuse::FuseMounts;
 use crate::volume::{
     EntryKind, EntryStat, FsUsage, HwInfo, Listing, MountInfo, MountSource, Progress, QuotaLimit,
-    QuotaOps, QuotaUsage, ReadHandle, Registration, RelPath, Result, TreeUsage, UploadStaging,
-    Volume, VolumeError, VolumeStatus, WalkEntry, fsops,
+    QuotaOps, QuotaUsage, ReadHandle, Registration, RelPath, Result, SharedAccess, TreeUsage,
+    UploadStaging, Volume, VolumeError, VolumeStatus, WalkEntry, fsops,
 };
 use files::Loc;
 use registry::{Entry, Registry};
@@ -99,15 +101,7 @@ pub fn open(
         .object
         .clone()
         .ok_or_else(|| VolumeError::Internal(format!("volume {}: no object settings", c.name)))?;
-    let service: Arc<dyn Service> = match c.backend.as_str() {
-        "s3" => Arc::new(s3::S3::new(&cfg)?),
-        other => {
-            return Err(VolumeError::Internal(format!(
-                "volume {}: {other} is not an object-store backend",
-                c.name
-            )));
-        }
-    };
+    let service = service_of(c, &cfg)?;
     let shared = Arc::new(Shared {
         name: c.name.clone(),
         registry: Registry::new(&c.name, state.clone()),
@@ -124,14 +118,24 @@ pub fn open(
     })
 }
 
+fn service_of(c: &VolumeConfig, cfg: &ObjectConfig) -> Result<Arc<dyn Service>> {
+    match c.backend.as_str() {
+        "s3" => Ok(Arc::new(s3::S3::new(cfg)?)),
+        "azure-blob" => Ok(Arc::new(azure::Azure::new(cfg)?)),
+        other => Err(VolumeError::Internal(format!(
+            "volume {}: {other} is not an object-store backend",
+            c.name
+        ))),
+    }
+}
+
 /// What the volume health check asks of an object-store volume: one signed request.
 pub fn probe(c: &VolumeConfig) -> Result<Arc<dyn crate::volume::health::RemoteProbe>> {
     let cfg = c
         .object
         .clone()
         .ok_or_else(|| VolumeError::Internal(format!("volume {}: no object settings", c.name)))?;
-    let s: Arc<dyn Service> = Arc::new(s3::S3::new(&cfg)?);
-    Ok(Arc::new(ServiceProbe(s)))
+    Ok(Arc::new(ServiceProbe(service_of(c, &cfg)?)))
 }
 
 struct ServiceProbe(Arc<dyn Service>);
@@ -535,6 +539,36 @@ impl Volume for ObjectVolume {
         self.shared
             .service
             .presign(&e.bucket, &loc.key(p), write, expiry)
+    }
+
+    async fn share(&self, vf: &VFolderId, write: bool, expiry: Duration) -> Result<SharedAccess> {
+        let (_, e) = if write {
+            self.shared.writable(vf).await?
+        } else {
+            self.shared.loc(vf).await?
+        };
+        if !e.prefix.is_empty() {
+            // A container SAS would reach every other vfolder in the container.
+            return Err(VolumeError::BadRequest(format!(
+                "vfolder {vf} is a prefix of container {}: a SAS for it would grant the whole container",
+                e.bucket
+            )));
+        }
+        let expiry = expiry.clamp(Duration::from_secs(1), self.shared.cfg.presign_max_expiry);
+        let url = self
+            .shared
+            .service
+            .container_sas(&e.bucket, write, expiry)?
+            .ok_or_else(|| {
+                VolumeError::BadRequest(format!(
+                    "{} volumes have no shared access signatures",
+                    self.backend()
+                ))
+            })?;
+        Ok(SharedAccess {
+            url,
+            expires_at: chrono::Utc::now() + expiry,
+        })
     }
 
     async fn usage(&self, vf: &VFolderId) -> Result<TreeUsage> {

@@ -15,7 +15,7 @@ use reqwest::Url;
 use rusty_s3::{S3Action, UrlStyle};
 
 use super::service::{BucketClient, Service, remote};
-use crate::config::object::ObjectConfig;
+use crate::config::object::{Credentials, ObjectConfig, ServiceConfig};
 use crate::volume::fuse::FuseSpec;
 use crate::volume::{RemoteLocation, Result, VolumeError};
 
@@ -24,6 +24,9 @@ const OWN_REQUEST: Duration = Duration::from_secs(300);
 
 pub struct S3 {
     cfg: ObjectConfig,
+    region: String,
+    credentials: Credentials,
+    path_style: bool,
     http: reqwest::Client,
     creds: rusty_s3::Credentials,
     endpoint: Url,
@@ -32,6 +35,14 @@ pub struct S3 {
 
 impl S3 {
     pub fn new(cfg: &ObjectConfig) -> Result<Self> {
+        let ServiceConfig::S3 {
+            region,
+            credentials,
+            path_style,
+        } = &cfg.service
+        else {
+            return Err(VolumeError::Internal("not an S3 volume".into()));
+        };
         let endpoint: Url = cfg
             .endpoint
             .parse()
@@ -44,9 +55,12 @@ impl S3 {
             .map_err(|e| VolumeError::Internal(format!("HTTP client: {e}")))?;
         Ok(S3 {
             creds: rusty_s3::Credentials::new(
-                cfg.credentials.access_key.clone(),
-                cfg.credentials.secret_key.clone(),
+                credentials.access_key.clone(),
+                credentials.secret_key.clone(),
             ),
+            region: region.clone(),
+            credentials: credentials.clone(),
+            path_style: *path_style,
             cfg: cfg.clone(),
             http,
             endpoint,
@@ -55,7 +69,7 @@ impl S3 {
     }
 
     fn signer(&self, bucket: &str) -> Result<rusty_s3::Bucket> {
-        let style = if self.cfg.path_style {
+        let style = if self.path_style {
             UrlStyle::Path
         } else {
             UrlStyle::VirtualHost
@@ -64,7 +78,7 @@ impl S3 {
             self.endpoint.clone(),
             style,
             bucket.to_string(),
-            self.cfg.region.clone(),
+            self.region.clone(),
         )
         .map_err(|e| VolumeError::BadRequest(format!("bucket {bucket:?}: {e}")))
     }
@@ -72,7 +86,7 @@ impl S3 {
     /// The endpoint object_store talks to for one bucket: virtual-hosted style puts the
     /// bucket in the host name itself.
     fn bucket_endpoint(&self, bucket: &str) -> String {
-        if self.cfg.path_style {
+        if self.path_style {
             return self.cfg.endpoint.clone();
         }
         let mut u = self.endpoint.clone();
@@ -96,11 +110,11 @@ impl S3 {
         };
         AmazonS3Builder::new()
             .with_endpoint(self.bucket_endpoint(bucket))
-            .with_virtual_hosted_style_request(!self.cfg.path_style)
-            .with_region(&self.cfg.region)
+            .with_virtual_hosted_style_request(!self.path_style)
+            .with_region(&self.region)
             .with_bucket_name(bucket)
-            .with_access_key_id(&self.cfg.credentials.access_key)
-            .with_secret_access_key(&self.cfg.credentials.secret_key)
+            .with_access_key_id(&self.credentials.access_key)
+            .with_secret_access_key(&self.credentials.secret_key)
             .with_client_options(options)
             .with_retry(retry)
             .build()
@@ -264,6 +278,15 @@ impl Service for S3 {
             .map(|_| ())
     }
 
+    async fn dir_marker_exists(&self, bucket: &str, key: &str) -> Result<bool> {
+        let b = self.signer(bucket)?;
+        let url = b.head_object(Some(&self.creds), key).sign(OWN_REQUEST);
+        Ok(self
+            .send(reqwest::Method::HEAD, url, &[], String::new())
+            .await?
+            != reqwest::StatusCode::NOT_FOUND)
+    }
+
     async fn delete_dir_marker(&self, bucket: &str, key: &str) -> Result<()> {
         let b = self.signer(bucket)?;
         let url = b.delete_object(Some(&self.creds), key).sign(OWN_REQUEST);
@@ -319,15 +342,15 @@ impl Service for S3 {
         RemoteLocation {
             backend: "s3",
             endpoint: self.cfg.endpoint.clone(),
-            region: self.cfg.region.clone(),
+            region: self.region.clone(),
             bucket: bucket.to_string(),
             prefix: prefix.to_string(),
             read_only,
             credentials: self.cfg.hand_out_credentials.then(|| {
-                (
-                    self.cfg.credentials.access_key.clone(),
-                    self.cfg.credentials.secret_key.clone(),
-                )
+                vec![
+                    ("access_key", self.credentials.access_key.clone()),
+                    ("secret_key", self.credentials.secret_key.clone()),
+                ]
             }),
         }
     }
@@ -336,18 +359,18 @@ impl Service for S3 {
         let mut env = vec![
             ("RCLONE_S3_PROVIDER".into(), "Other".into()),
             ("RCLONE_S3_ENDPOINT".into(), self.cfg.endpoint.clone()),
-            ("RCLONE_S3_REGION".into(), self.cfg.region.clone()),
+            ("RCLONE_S3_REGION".into(), self.region.clone()),
             (
                 "RCLONE_S3_ACCESS_KEY_ID".into(),
-                self.cfg.credentials.access_key.clone(),
+                self.credentials.access_key.clone(),
             ),
             (
                 "RCLONE_S3_SECRET_ACCESS_KEY".into(),
-                self.cfg.credentials.secret_key.clone(),
+                self.credentials.secret_key.clone(),
             ),
             (
                 "RCLONE_S3_FORCE_PATH_STYLE".into(),
-                self.cfg.path_style.to_string(),
+                self.path_style.to_string(),
             ),
         ];
         if !self.cfg.tls_verify {
@@ -419,17 +442,19 @@ const COPY_SOURCE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUM
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::object::{Credentials, Layout};
+    use crate::config::object::Layout;
 
     fn cfg(endpoint: &str, path_style: bool) -> ObjectConfig {
         ObjectConfig {
             endpoint: endpoint.into(),
-            region: "eu-west-1".into(),
-            credentials: Credentials {
-                access_key: "k".into(),
-                secret_key: "s".into(),
+            service: ServiceConfig::S3 {
+                region: "eu-west-1".into(),
+                credentials: Credentials {
+                    access_key: "k".into(),
+                    secret_key: "s".into(),
+                },
+                path_style,
             },
-            path_style,
             tls_verify: true,
             layout: Layout::BucketPerVFolder {
                 bucket_prefix: "p-".into(),

@@ -36,6 +36,9 @@ pub trait Service: Send + Sync {
     async fn bucket_exists(&self, name: &str) -> Result<bool>;
     /// Stores the zero-byte object `key` (which ends with "/"): an empty directory.
     async fn put_dir_marker(&self, bucket: &str, key: &str) -> Result<()>;
+    /// Whether the marker `key` (ending with "/") exists: listings do not always show it
+    /// (Azure leaves a prefix's own marker out).
+    async fn dir_marker_exists(&self, bucket: &str, key: &str) -> Result<bool>;
     /// Removes the marker `key` (ending with "/"); object_store's paths cannot name it.
     async fn delete_dir_marker(&self, bucket: &str, key: &str) -> Result<()>;
     /// Copies an object between buckets inside the service; `Ok(false)` when it cannot for
@@ -43,6 +46,15 @@ pub trait Service: Send + Sync {
     async fn copy_across(&self, from: (&str, &str), to: (&str, &str), size: u64) -> Result<bool>;
     /// A URL straight to the service for GET (or PUT) of `key`.
     fn presign(&self, bucket: &str, key: &str, write: bool, expiry: Duration) -> Result<String>;
+    /// A URL with a SAS for a whole container (Azure); None where the service has none.
+    fn container_sas(
+        &self,
+        _bucket: &str,
+        _write: bool,
+        _expiry: Duration,
+    ) -> Result<Option<String>> {
+        Ok(None)
+    }
     /// What `/folder/mount` reports for a location.
     fn remote_location(&self, bucket: &str, prefix: &str, read_only: bool) -> RemoteLocation;
     /// How a session mounts a bucket with rclone (`key` names the shared mount).

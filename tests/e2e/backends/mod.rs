@@ -1,10 +1,12 @@
 //! The shared volume suite (`suite.rs`) against every backend: `vfs` on a directory, `s3` on
-//! a real S3 service (moto), with the backend's storage read independently (the filesystem,
-//! boto3).
+//! a real S3 service (moto), `azure-blob` on Azurite, with the backend's storage read
+//! independently (the filesystem, boto3, Azure's Python SDK).
 
+pub mod killed;
 mod suite;
 
 use crate::common::Daemon;
+use crate::common::azurite::Azurite;
 use crate::common::moto::Moto;
 
 #[tokio::test]
@@ -69,4 +71,20 @@ async fn s3_with_a_prefix_per_vfolder_passes_the_volume_suite() {
     suite::volume_suite(&d, &peek).await;
     let left = moto.boto("print(s3.list_objects_v2(Bucket='shared-bucket').get('KeyCount', 0))");
     assert_eq!(left.trim(), "0", "deleted vfolders leave no object behind");
+}
+
+#[tokio::test]
+async fn azure_blob_passes_the_volume_suite() {
+    let az = Azurite::start();
+    let d = Daemon::builder()
+        .azure(&az.endpoint(), "suite-")
+        .start()
+        .await;
+    let peek = |vfid: &str, rel: &str| az.blob(&bucket_of("suite-", vfid), rel);
+    suite::volume_suite(&d, &peek).await;
+    assert!(
+        az.containers().is_empty(),
+        "deleting the vfolders deleted their containers: {:?}",
+        az.containers()
+    );
 }

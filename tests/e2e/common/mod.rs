@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod azurite;
 pub mod cluster;
 pub mod loopfs;
 pub mod moto;

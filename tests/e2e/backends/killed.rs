@@ -1,0 +1,134 @@
+//! A 200 MiB tus upload into an object service, its daemon killed -9 half way: it resumes
+//! from its durable offset into the same upload at the service (S3's multipart upload, Azure's
+//! staged blocks), never buffers more than one part locally, and ends byte-identical.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::common::{Daemon, random_file, send, sha256_file};
+
+const MIB: u64 = 1 << 20;
+
+/// `in_progress`: what the service shows of the unfinished upload (a JSON list, "[]" when
+/// none), read with its own SDK; `sha256`: the stored object's digest, likewise. The vfolder
+/// `vfid` exists; the upload goes to `data/big.bin` in 5 MiB parts.
+pub async fn killed_upload_resumes(
+    d: &mut Daemon,
+    vfid: &str,
+    in_progress: &dyn Fn() -> String,
+    sha256: &dyn Fn() -> String,
+) {
+    const SIZE: u64 = 200 * MIB;
+    const FIRST: u64 = 100 * MIB;
+    let src = d.dir.path().join("src.bin");
+    random_file(&src, SIZE, 42);
+    let want = sha256_file(&src);
+    let t = d
+        .token(
+            "/folder/file/upload",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "data/big.bin", "size": SIZE}),
+        )
+        .await;
+    let url = d.url("client", &format!("/upload?token={t}"));
+
+    // Watch the local part buffers the whole time: never more than one part (5 MiB) on disk.
+    let buffers = d.state_dir.join("objects/vol1");
+    let (stop, largest) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let watcher = {
+        let (stop, largest, dir) = (stop.clone(), largest.clone(), buffers.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let total: u64 = std::fs::read_dir(&dir)
+                    .map(|es| {
+                        es.flatten()
+                            .filter_map(|e| e.metadata().ok())
+                            .map(|m| m.len())
+                            .sum()
+                    })
+                    .unwrap_or(0);
+                largest.fetch_max(total, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+
+    // The first half, then the body stalls: the daemon checkpoints it, and is killed.
+    let data = std::fs::read(&src).unwrap();
+    let first = bytes::Bytes::copy_from_slice(&data[..FIRST as usize]);
+    let body = futures::stream::iter(
+        first
+            .chunks(MIB as usize)
+            .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c)))
+            .collect::<Vec<_>>(),
+    )
+    .chain(futures::stream::pending());
+    let client = reqwest::Client::new();
+    let patch = tokio::spawn(
+        client
+            .patch(&url)
+            .header("Tus-Resumable", "1.0.0")
+            .header("Content-Type", "application/offset+octet-stream")
+            .header("Upload-Offset", "0")
+            .body(reqwest::Body::wrap_stream(body))
+            .send(),
+    );
+    // The client port changes with a restart: the URL is built from the daemon each time.
+    let upload_url = |d: &Daemon| d.url("client", &format!("/upload?token={t}"));
+    let head = |d: &Daemon| {
+        let url = upload_url(d);
+        let http = d.http.clone();
+        async move {
+            let r = send(http.head(&url).header("Tus-Resumable", "1.0.0")).await;
+            r.header("upload-offset")
+                .and_then(|o| o.parse::<u64>().ok())
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while head(&d).await.unwrap_or(0) < FIRST - 8 * MIB {
+        assert!(
+            Instant::now() < deadline,
+            "the first half was never checkpointed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before: Vec<String> = serde_json::from_str(&in_progress()).unwrap();
+    assert!(!before.is_empty(), "an upload in progress at the service");
+    d.kill9();
+    patch.abort();
+    d.restart().await;
+
+    // Resumed from the durable offset, into the same multipart upload.
+    let offset = head(&d).await.expect("the upload survives the kill");
+    assert!((FIRST - 8 * MIB..=FIRST).contains(&offset), "{offset}");
+    let after: Vec<String> = serde_json::from_str(&in_progress()).unwrap();
+    assert_eq!(after, before, "the same upload continues at the service");
+    let r = send(
+        d.http
+            .patch(upload_url(&d))
+            .header("Tus-Resumable", "1.0.0")
+            .header("Content-Type", "application/offset+octet-stream")
+            .header("Upload-Offset", offset.to_string())
+            .body(data[offset as usize..].to_vec()),
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+    assert!(
+        largest.load(Ordering::Relaxed) <= 5 * MIB,
+        "at most one part buffered locally, saw {}",
+        largest.load(Ordering::Relaxed)
+    );
+
+    // The service's own SDK sees exactly the bytes, and nothing left in progress.
+    assert_eq!(sha256().trim(), want);
+    assert_eq!(in_progress().trim(), "[]");
+}
