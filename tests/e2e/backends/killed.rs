@@ -91,7 +91,7 @@ pub async fn killed_upload_resumes(
         }
     };
     let deadline = Instant::now() + Duration::from_secs(120);
-    while head(&d).await.unwrap_or(0) < FIRST - 8 * MIB {
+    while head(d).await.unwrap_or(0) < FIRST - 8 * MIB {
         assert!(
             Instant::now() < deadline,
             "the first half was never checkpointed"
@@ -106,13 +106,13 @@ pub async fn killed_upload_resumes(
     d.restart().await;
 
     // Resumed from the durable offset, into the same multipart upload.
-    let offset = head(&d).await.expect("the upload survives the kill");
+    let offset = head(d).await.expect("the upload survives the kill");
     assert!((FIRST - 8 * MIB..=FIRST).contains(&offset), "{offset}");
     let after: Vec<String> = serde_json::from_str(&in_progress()).unwrap();
     assert_eq!(after, before, "the same upload continues at the service");
     let r = send(
         d.http
-            .patch(upload_url(&d))
+            .patch(upload_url(d))
             .header("Tus-Resumable", "1.0.0")
             .header("Content-Type", "application/offset+octet-stream")
             .header("Upload-Offset", offset.to_string())
