@@ -16,8 +16,8 @@ use crate::health::Health;
 use crate::session::SessionManager;
 use crate::state::State;
 use crate::upload::Uploads;
-use crate::volume::fuse::FuseMounts;
-use crate::volume::health::{Target, VolumeHealth};
+use crate::volume::health::VolumeHealth;
+use crate::volume::mounts::SharedMounts;
 use crate::volume::{OpenContext, Volumes};
 
 /// Redis reachability, for /health (not gating: one node works without it).
@@ -94,27 +94,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let state = State::open(state_dir).await?;
     tracing::info!(path = %state_dir.join("state.db").display(), "state database ready");
-    let mut targets = Vec::new();
-    for v in &config.volumes {
-        let target = if v.object.is_some() {
-            Target::Remote(crate::volume::object::probe(v)?)
-        } else {
-            Target::Path(v.path.clone())
-        };
-        targets.push((v.name.clone(), target));
-    }
-    let volume_health = VolumeHealth::new(
-        targets,
-        config.daemon.volume_check_timeout,
-        &config.proxy.node_id,
-    );
-    volume_health.check_all().await;
-    // FUSE mounts of buckets for sessions belong to the sessions' kernel user.
-    let fuse = FuseMounts::new(
+    let fuse = SharedMounts::new(
         state.clone(),
         state_dir,
         Some((config.agent.kernel_uid, config.agent.kernel_gid)),
     );
+    fuse.forget_request_holders().await;
     let volumes = Volumes::open(
         &config.volumes,
         &OpenContext {
@@ -123,8 +108,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             state_dir,
             fuse: fuse.clone(),
         },
-    )?
-    .with_health(volume_health.clone());
+    )
+    .await?;
+    let volume_health = VolumeHealth::new(
+        volumes
+            .iter()
+            .map(|v| (v.name().to_string(), v.health_target()))
+            .collect(),
+        config.daemon.volume_check_timeout,
+        &config.proxy.node_id,
+    );
+    volume_health.check_all().await;
+    let volumes = volumes.with_health(volume_health.clone());
     for v in volumes.iter() {
         tracing::info!(
             volume = v.name(),

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod cluster;
 pub mod object;
 mod reader;
+pub mod remote;
 pub mod secrets;
 
 use std::net::SocketAddr;
@@ -196,8 +197,10 @@ pub struct VolumeConfig {
     pub path: PathBuf,
     pub fsprefix: String,
     pub options: toml::Table,
-    /// The service of an object-store backend (`s3`).
+    /// The service of an object-store backend (`s3`, `azure-blob`).
     pub object: Option<object::ObjectConfig>,
+    /// A remote filesystem mounted at `path`, at startup or on request.
+    pub mount: Option<remote::RemoteMount>,
 }
 
 /// Finds the config file: `--config`, `$STORAGE_AGENT_CONFIG`, then the lookup paths; none of
@@ -582,6 +585,7 @@ fn read_volume(name: String, sec: &Section) -> VolumeConfig {
         } else {
             None
         },
+        mount: remote::read(sec, &backend),
         backend,
         name,
     };

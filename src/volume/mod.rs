@@ -3,10 +3,11 @@
 //! and objects in a remote service (`object/`: s3). Nothing here knows about HTTP or gRPC.
 
 pub mod fsops;
-pub mod fuse;
 pub mod health;
+pub mod mounts;
 pub mod object;
 pub mod path;
+pub mod remote;
 mod scan;
 pub mod scopes;
 pub mod tree;
@@ -377,6 +378,8 @@ pub trait Volume: Send + Sync + fmt::Display {
     fn location(&self) -> String;
     fn fsprefix(&self) -> &str;
     fn capabilities(&self) -> Vec<&'static str>;
+    /// What the volume health check looks at: the directory, or a probe of the service.
+    fn health_target(&self) -> health::Target;
 
     async fn hwinfo(&self) -> HwInfo;
     async fn fs_usage(&self) -> Result<FsUsage>;
@@ -586,15 +589,27 @@ pub struct OpenContext<'a> {
     pub owner: Option<fsops::Owner>,
     pub state: &'a crate::state::State,
     pub state_dir: &'a Path,
-    /// Shared FUSE mounts (object-store volumes mount buckets for sessions with them).
-    pub fuse: Arc<fuse::FuseMounts>,
+    /// Shared, counted mounts: buckets for sessions, remote volumes.
+    pub fuse: Arc<mounts::SharedMounts>,
 }
 
 impl Volumes {
-    pub fn open(configs: &[VolumeConfig], cx: &OpenContext) -> Result<Self> {
+    pub async fn open(configs: &[VolumeConfig], cx: &OpenContext<'_>) -> Result<Self> {
         let mut by_name = BTreeMap::new();
         for c in configs {
             let v: Arc<dyn Volume> = match c.backend.as_str() {
+                // A remote filesystem mounted at the path, at startup or on request.
+                _ if c.mount.is_some() => Arc::new(
+                    remote::RemoteVolume::open(
+                        c,
+                        c.mount.as_ref().expect("checked"),
+                        cx.owner,
+                        cx.state,
+                        cx.state_dir,
+                        cx.fuse.clone(),
+                    )
+                    .await,
+                ),
                 // xfs and btrfs keep vfs's layout; their quota scopes differ (`scopes/`).
                 "vfs" | "xfs" | "btrfs" => Arc::new(vfs::VfsVolume::open(c, cx.owner, cx.state)?),
                 b if crate::config::OBJECT_BACKENDS.contains(&b) => {

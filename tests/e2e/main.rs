@@ -17,6 +17,7 @@ mod manager_api;
 mod manager_bad_input;
 mod memory;
 mod quota;
+mod remote_volumes;
 mod s3;
 mod sessions;
 mod sftp;

@@ -16,7 +16,7 @@ use reqwest::Url;
 use super::sas::{self, Access};
 use super::service::{BucketClient, Service, remote};
 use crate::config::object::{AzureAuth, Layout, ObjectConfig, ServiceConfig};
-use crate::volume::fuse::FuseSpec;
+use crate::volume::mounts::MountSpec;
 use crate::volume::{RemoteLocation, Result, VolumeError};
 
 /// How long our own requests' signatures stay valid (they are used at once).
@@ -333,7 +333,7 @@ impl Service for Azure {
         }
     }
 
-    fn fuse_spec(&self, key: String, bucket: &str, read_only: bool) -> FuseSpec {
+    fn fuse_spec(&self, key: String, bucket: &str, read_only: bool) -> MountSpec {
         // A SAS for this container with this mode where we can sign one; else the account SAS.
         let sas_url = match self.container_sas(bucket, !read_only, MOUNT_SAS) {
             Ok(Some(u)) => u,
@@ -349,13 +349,13 @@ impl Service for Azure {
         if !self.cfg.tls_verify {
             env.push(("RCLONE_NO_CHECK_CERTIFICATE".into(), "true".into()));
         }
-        FuseSpec {
+        MountSpec::rclone(
             key,
-            remote: format!(":azureblob:{bucket}"),
+            format!(":azureblob:{bucket}"),
             env,
             read_only,
-            linger: self.cfg.mount_linger,
-        }
+            self.cfg.mount_linger,
+        )
     }
 
     async fn probe(&self) -> std::result::Result<(), String> {

@@ -27,7 +27,7 @@ use crate::config::VolumeConfig;
 use crate::config::object::{Layout, ObjectConfig};
 use crate::ids::{QuotaScopeId, VFolderId};
 use crate::state::State;
-use crate::volume::fuse::FuseMounts;
+use crate::volume::mounts::SharedMounts;
 use crate::volume::{
     EntryKind, EntryStat, FsUsage, HwInfo, Listing, MountInfo, MountSource, Progress, QuotaLimit,
     QuotaOps, QuotaUsage, ReadHandle, Registration, RelPath, Result, SharedAccess, TreeUsage,
@@ -86,7 +86,7 @@ impl Shared {
 pub struct ObjectVolume {
     shared: Arc<Shared>,
     staging: staging::ObjectStaging,
-    fuse: Arc<FuseMounts>,
+    fuse: Arc<SharedMounts>,
     fsprefix: String,
 }
 
@@ -95,7 +95,7 @@ pub fn open(
     c: &VolumeConfig,
     state: &State,
     state_dir: &Path,
-    fuse: Arc<FuseMounts>,
+    fuse: Arc<SharedMounts>,
 ) -> Result<ObjectVolume> {
     let cfg = c
         .object
@@ -129,15 +129,7 @@ fn service_of(c: &VolumeConfig, cfg: &ObjectConfig) -> Result<Arc<dyn Service>> 
     }
 }
 
-/// What the volume health check asks of an object-store volume: one signed request.
-pub fn probe(c: &VolumeConfig) -> Result<Arc<dyn crate::volume::health::RemoteProbe>> {
-    let cfg = c
-        .object
-        .clone()
-        .ok_or_else(|| VolumeError::Internal(format!("volume {}: no object settings", c.name)))?;
-    Ok(Arc::new(ServiceProbe(service_of(c, &cfg)?)))
-}
-
+/// The volume health check of an object-store volume: one signed request to the service.
 struct ServiceProbe(Arc<dyn Service>);
 
 #[async_trait]
@@ -236,6 +228,10 @@ impl Volume for ObjectVolume {
 
     fn capabilities(&self) -> Vec<&'static str> {
         vec!["vfolder", "quota"]
+    }
+
+    fn health_target(&self) -> crate::volume::health::Target {
+        crate::volume::health::Target::Remote(Arc::new(ServiceProbe(self.shared.service.clone())))
     }
 
     async fn hwinfo(&self) -> HwInfo {

@@ -16,7 +16,7 @@ use rusty_s3::{S3Action, UrlStyle};
 
 use super::service::{BucketClient, Service, remote};
 use crate::config::object::{Credentials, ObjectConfig, ServiceConfig};
-use crate::volume::fuse::FuseSpec;
+use crate::volume::mounts::MountSpec;
 use crate::volume::{RemoteLocation, Result, VolumeError};
 
 /// How long the URLs we sign for our own requests stay valid (they are used at once).
@@ -355,7 +355,7 @@ impl Service for S3 {
         }
     }
 
-    fn fuse_spec(&self, key: String, bucket: &str, read_only: bool) -> FuseSpec {
+    fn fuse_spec(&self, key: String, bucket: &str, read_only: bool) -> MountSpec {
         let mut env = vec![
             ("RCLONE_S3_PROVIDER".into(), "Other".into()),
             ("RCLONE_S3_ENDPOINT".into(), self.cfg.endpoint.clone()),
@@ -376,13 +376,13 @@ impl Service for S3 {
         if !self.cfg.tls_verify {
             env.push(("RCLONE_NO_CHECK_CERTIFICATE".into(), "true".into()));
         }
-        FuseSpec {
+        MountSpec::rclone(
             key,
-            remote: format!(":s3:{bucket}"),
+            format!(":s3:{bucket}"),
             env,
             read_only,
-            linger: self.cfg.mount_linger,
-        }
+            self.cfg.mount_linger,
+        )
     }
 
     async fn probe(&self) -> std::result::Result<(), String> {

@@ -10,7 +10,7 @@ use object_store::ObjectStore;
 use object_store::list::PaginatedListStore;
 use object_store::multipart::MultipartStore;
 
-use crate::volume::fuse::FuseSpec;
+use crate::volume::mounts::MountSpec;
 use crate::volume::{RemoteLocation, Result, VolumeError};
 
 /// The data client of one bucket (container).
@@ -58,7 +58,7 @@ pub trait Service: Send + Sync {
     /// What `/folder/mount` reports for a location.
     fn remote_location(&self, bucket: &str, prefix: &str, read_only: bool) -> RemoteLocation;
     /// How a session mounts a bucket with rclone (`key` names the shared mount).
-    fn fuse_spec(&self, key: String, bucket: &str, read_only: bool) -> FuseSpec;
+    fn fuse_spec(&self, key: String, bucket: &str, read_only: bool) -> MountSpec;
     /// One cheap authenticated request: the service answers and accepts our credentials.
     async fn probe(&self) -> std::result::Result<(), String>;
 }

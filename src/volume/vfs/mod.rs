@@ -166,6 +166,9 @@ impl Volume for VfsVolume {
     fn fsprefix(&self) -> &str {
         &self.fsprefix
     }
+    fn health_target(&self) -> super::health::Target {
+        super::health::Target::Path(self.root.clone())
+    }
     fn capabilities(&self) -> Vec<&'static str> {
         match self.scopes.quota() {
             Some(_) => vec!["vfolder", "quota"],

@@ -460,6 +460,16 @@ impl Drop for Daemon {
             );
         }
         self.kill9();
+        // Mounts the daemon made (rclone buckets, remote volumes) outlive it by design; a test's
+        // go with the test (rclone ends once its mount is gone).
+        let mine = self.dir.path().to_string_lossy().to_string();
+        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+            for point in info.lines().filter_map(|l| l.split(' ').nth(4)) {
+                if point.starts_with(&mine) {
+                    let _ = Command::new("umount").arg("-l").arg(point).status();
+                }
+            }
+        }
         // Tests build trees deeper than std's recursive remove_dir_all (TempDir's clean-up) can
         // take without overflowing the test thread's stack: remove with the iterative walk.
         if let (Some(parent), Some(name)) = (self.dir.path().parent(), self.dir.path().file_name())

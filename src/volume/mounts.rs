@@ -1,15 +1,18 @@
-//! FUSE mounts of remote storage for session containers (`rclone mount`), shared and counted.
+//! Mounts made on demand and shared: buckets FUSE-mounted for session containers (`rclone
+//! mount`), and remote volumes (`mount = { at = "requested", ... }`: cifs, nfs, fuse.rclone).
 //!
-//! One mount per (volume, bucket, mode) serves every session that needs it; who needs it is
-//! kept in SQLite (`fuse_mounts`, `fuse_mount_holders`), so the counts survive a restart and
-//! are then trimmed to the sessions still alive. A mount nobody uses any more stays for its
-//! linger time (session churn must not thrash mounts), then goes. A mount whose FUSE process
-//! died (ENOTCONN) is found at the next use and made again.
+//! One mount per key (a volume's bucket and mode, or a remote volume) serves every user that
+//! needs it; who needs it is kept in SQLite (`fuse_mounts`, `fuse_mount_holders`), so the
+//! counts survive a restart and are then trimmed to the sessions still alive. A mount nobody
+//! uses any more stays for its linger time (churn must not thrash mounts), then goes. A mount
+//! whose FUSE process died (ENOTCONN) is found at the next use and made again.
 //!
 //! rclone rather than s3fs: one tool for S3 and Azure Blob (and the remote volumes built on
 //! them), its configuration comes through the environment (no secret on a command line or in a
 //! file), `--read-only` enforces read-only at the FUSE layer, and it runs in its own session,
-//! so the daemon restarting does not take the mounts (and the sessions on them) down.
+//! so the daemon restarting does not take the mounts (and the sessions on them) down. Kernel
+//! filesystems go through mount(8), with their secrets in a credentials file (cifs), never in
+//! its arguments.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -28,18 +31,65 @@ const MOUNT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What to mount.
 #[derive(Clone)]
-pub struct FuseSpec {
-    /// Names the shared mount: `<volume>/<bucket>/<ro|rw>`.
+pub struct MountSpec {
+    /// Names the shared mount: `<volume>/<bucket>/<ro|rw>`, or `<volume>/remote`.
     pub key: String,
-    /// The rclone remote, e.g. `:s3:bucket`.
-    pub remote: String,
-    /// rclone's settings (backend options, credentials): passed as its environment only.
-    pub env: Vec<(String, String)>,
-    pub read_only: bool,
+    pub how: Mounter,
+    /// Where: a remote volume's own path; None for a directory of ours under the state dir.
+    pub mountpoint: Option<PathBuf>,
     pub linger: Duration,
 }
 
-pub struct FuseMounts {
+#[derive(Clone)]
+pub enum Mounter {
+    Rclone {
+        /// The rclone remote, e.g. `:s3:bucket`.
+        remote: String,
+        /// rclone's settings (backend options, credentials): passed as its environment only.
+        env: Vec<(String, String)>,
+        read_only: bool,
+    },
+    /// mount(8) with `-t fstype -o options source`; `credentials` (path, content) is written
+    /// first, mode 0600, for options that name it.
+    Kernel {
+        fstype: String,
+        source: String,
+        options: Vec<String>,
+        credentials: Option<(PathBuf, String)>,
+    },
+}
+
+impl MountSpec {
+    /// A bucket for sessions, mounted by rclone under the state dir.
+    pub fn rclone(
+        key: String,
+        remote: String,
+        env: Vec<(String, String)>,
+        read_only: bool,
+        linger: Duration,
+    ) -> Self {
+        MountSpec {
+            key,
+            how: Mounter::Rclone {
+                remote,
+                env,
+                read_only,
+            },
+            mountpoint: None,
+            linger,
+        }
+    }
+
+    /// What logs may say about it: where from and where to, no option (they carry secrets).
+    pub fn shown(&self) -> String {
+        match &self.how {
+            Mounter::Rclone { remote, .. } => format!("rclone {remote}"),
+            Mounter::Kernel { fstype, source, .. } => format!("{fstype} {source}"),
+        }
+    }
+}
+
+pub struct SharedMounts {
     state: State,
     /// Mount points and rclone's logs and caches live under here (`<state-dir>/fuse`).
     dir: PathBuf,
@@ -123,9 +173,9 @@ fn detach(p: &Path) {
     let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
 }
 
-impl FuseMounts {
+impl SharedMounts {
     pub fn new(state: State, state_dir: &Path, owner: Option<(u32, u32)>) -> Arc<Self> {
-        Arc::new(FuseMounts {
+        Arc::new(SharedMounts {
             state,
             dir: state_dir.join("fuse"),
             owner,
@@ -133,19 +183,26 @@ impl FuseMounts {
         })
     }
 
-    fn mountpoint(&self, key: &str) -> PathBuf {
-        self.dir.join("mnt").join(key.replace('/', "."))
+    fn mountpoint(&self, spec: &MountSpec) -> PathBuf {
+        spec.mountpoint
+            .clone()
+            .unwrap_or_else(|| self.dir.join("mnt").join(spec.key.replace('/', ".")))
+    }
+
+    /// Whether the mount of `spec` is there and answering.
+    pub async fn is_live(&self, spec: &MountSpec) -> bool {
+        mount_state(&self.mountpoint(spec)).await == MountState::Live
     }
 
     /// The mount for `spec`, made if missing (or stale), with `holder` counted as its user.
-    pub async fn acquire(&self, spec: &FuseSpec, holder: &str) -> Result<PathBuf> {
+    pub async fn acquire(&self, spec: &MountSpec, holder: &str) -> Result<PathBuf> {
         let _g = self.lock.lock().await;
-        let mnt = self.mountpoint(&spec.key);
+        let mnt = self.mountpoint(spec);
         match mount_state(&mnt).await {
             MountState::Live => {}
             state => {
                 if state == MountState::Stale {
-                    tracing::warn!(key = %spec.key, "FUSE mount is stale (its process died); mounting again");
+                    tracing::warn!(key = %spec.key, "mount is stale (its process died or its server is gone); mounting again");
                     detach(&mnt);
                 }
                 self.mount(spec, &mnt).await?;
@@ -171,7 +228,40 @@ impl FuseMounts {
         Ok(mnt)
     }
 
-    async fn mount(&self, spec: &FuseSpec, mnt: &Path) -> Result<()> {
+    async fn mount(&self, spec: &MountSpec, mnt: &Path) -> Result<()> {
+        match &spec.how {
+            Mounter::Rclone {
+                remote,
+                env,
+                read_only,
+            } => self.mount_rclone(spec, remote, env, *read_only, mnt).await,
+            Mounter::Kernel {
+                fstype,
+                source,
+                options,
+                credentials,
+            } => {
+                mount_kernel(
+                    &spec.key,
+                    fstype,
+                    source,
+                    options,
+                    credentials.as_ref(),
+                    mnt,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn mount_rclone(
+        &self,
+        spec: &MountSpec,
+        remote: &str,
+        env: &[(String, String)],
+        read_only: bool,
+        mnt: &Path,
+    ) -> Result<()> {
         let err = |m: String| mount_err(&spec.key, m);
         for d in [
             mnt.to_path_buf(),
@@ -184,7 +274,7 @@ impl FuseMounts {
         let log = self.dir.join("log").join(format!("{name}.log"));
         let mut cmd = tokio::process::Command::new("rclone");
         cmd.arg("mount")
-            .arg(&spec.remote)
+            .arg(remote)
             .arg(mnt)
             .args([
                 "--allow-other",
@@ -203,7 +293,7 @@ impl FuseMounts {
                 "--log-file",
             ])
             .arg(&log);
-        if spec.read_only {
+        if read_only {
             cmd.arg("--read-only");
         }
         if let Some((uid, gid)) = self.owner {
@@ -214,7 +304,7 @@ impl FuseMounts {
         cmd.env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("HOME", &self.dir)
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -258,7 +348,7 @@ impl FuseMounts {
                 tracing::debug!(key, %status, "rclone mount process ended");
             }
         });
-        tracing::info!(key = %spec.key, mountpoint = %mnt.display(), read_only = spec.read_only, "FUSE mount made");
+        tracing::info!(key = %spec.key, what = %spec.shown(), mountpoint = %mnt.display(), read_only, "mounted");
         Ok(())
     }
 
@@ -307,14 +397,13 @@ impl FuseMounts {
         .await;
     }
 
-    /// How many users a mount has (tests and metrics).
-    pub async fn holders(&self, key: &str) -> usize {
-        sqlx::query("SELECT COUNT(*) FROM fuse_mount_holders WHERE key = ?")
-            .bind(key)
-            .fetch_one(self.state.pool())
-            .await
-            .map(|r| r.get::<i64, _>(0) as usize)
-            .unwrap_or(0)
+    /// Holders of the previous process's requests: a request that was running when the daemon
+    /// died never let go. Sessions are trimmed separately, once they are reconciled.
+    pub async fn forget_request_holders(&self) {
+        let _ = sqlx::query("DELETE FROM fuse_mount_holders WHERE holder LIKE 'request:%'")
+            .execute(self.state.pool())
+            .await;
+        self.mark_unused(self.state.pool()).await;
     }
 
     /// Unmounts what has had no user for its linger time.
@@ -332,16 +421,25 @@ impl FuseMounts {
         for r in due {
             let (key, mnt): (String, String) = (r.get(0), r.get(1));
             let mnt = PathBuf::from(mnt);
+            let cache = self.dir.join("cache").join(key.replace('/', "."));
+            if rclone_has_pending_writes(&cache) {
+                // Unmounted now, rclone would exit with these never uploaded: wait for them.
+                tracing::debug!(key, "unmount waits for rclone's pending uploads");
+                continue;
+            }
             // Detached: a process still inside (a shell of ours, a stuck reader) must not keep
             // it; rclone ends once the kernel lets go.
             detach(&mnt);
-            let _ = std::fs::remove_dir(&mnt);
-            let _ = std::fs::remove_dir_all(self.dir.join("cache").join(key.replace('/', ".")));
+            // Our own mount points go; a remote volume's path is the operator's.
+            if mnt.starts_with(&self.dir) {
+                let _ = std::fs::remove_dir(&mnt);
+            }
+            let _ = std::fs::remove_dir_all(&cache);
             let _ = sqlx::query("DELETE FROM fuse_mounts WHERE key = ?")
                 .bind(&key)
                 .execute(pool)
                 .await;
-            tracing::info!(key, "FUSE mount removed after its linger");
+            tracing::info!(key, "unmounted after its linger");
         }
     }
 
@@ -359,6 +457,105 @@ impl FuseMounts {
     }
 }
 
+/// Whether rclone still has files written through the mount and not yet uploaded. Its VFS
+/// cache keeps a metadata file per cached file (`vfsMeta/...`) with `"Dirty": true` until the
+/// upload succeeds.
+fn rclone_has_pending_writes(cache: &Path) -> bool {
+    let mut stack = vec![cache.join("vfsMeta")];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(p),
+                Ok(_) => {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    let compact: String = text.split_whitespace().collect();
+                    if compact.contains("\"Dirty\":true") {
+                        return true;
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    false
+}
+
+/// How long mount(8) may take (a dead server can keep it for minutes).
+const KERNEL_MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The arguments of mount(8) for a kernel filesystem: secrets are in the credentials file,
+/// which the options name, never in the arguments.
+pub fn kernel_mount_args(
+    fstype: &str,
+    source: &str,
+    options: &[String],
+    mnt: &Path,
+) -> Vec<String> {
+    let mut args = vec!["-t".to_string(), fstype.to_string()];
+    if !options.is_empty() {
+        args.push("-o".into());
+        args.push(options.join(","));
+    }
+    args.push(source.to_string());
+    args.push(mnt.to_string_lossy().into_owned());
+    args
+}
+
+async fn mount_kernel(
+    key: &str,
+    fstype: &str,
+    source: &str,
+    options: &[String],
+    credentials: Option<&(PathBuf, String)>,
+    mnt: &Path,
+) -> Result<()> {
+    let err = |m: String| mount_err(key, m);
+    std::fs::create_dir_all(mnt).map_err(|e| err(format!("{}: {e}", mnt.display())))?;
+    if let Some((path, content)) = credentials {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| err(format!("{}: {e}", path.display())))?;
+        f.write_all(content.as_bytes())
+            .map_err(|e| err(format!("{}: {e}", path.display())))?;
+    }
+    let mut cmd = tokio::process::Command::new("mount");
+    cmd.args(kernel_mount_args(fstype, source, options, mnt))
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = match tokio::time::timeout(KERNEL_MOUNT_TIMEOUT, cmd.output()).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => return Err(err(format!("cannot run mount: {e}"))),
+        Err(_) => {
+            detach(mnt);
+            return Err(err(format!(
+                "mount -t {fstype} {source} did not finish within {KERNEL_MOUNT_TIMEOUT:?}"
+            )));
+        }
+    };
+    if !out.status.success() {
+        return Err(err(format!(
+            "mount -t {fstype} {source} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    tracing::info!(key, fstype, source, mountpoint = %mnt.display(), "mounted");
+    Ok(())
+}
+
 /// The end of rclone's log, for error messages.
 fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -373,6 +570,26 @@ fn tail(log: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rclone_pending_writes_are_seen_in_its_cache_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!rclone_has_pending_writes(dir.path()));
+        let meta = dir.path().join("vfsMeta/:azureblob{x}/team/a");
+        std::fs::create_dir_all(&meta).unwrap();
+        std::fs::write(
+            meta.join("f.bin"),
+            "{\n\t\"Size\": 3,\n\t\"Dirty\": true\n}",
+        )
+        .unwrap();
+        assert!(rclone_has_pending_writes(dir.path()));
+        std::fs::write(
+            meta.join("f.bin"),
+            "{\n\t\"Size\": 3,\n\t\"Dirty\": false\n}",
+        )
+        .unwrap();
+        assert!(!rclone_has_pending_writes(dir.path()));
+    }
 
     #[test]
     fn mountinfo_paths_are_unescaped() {
