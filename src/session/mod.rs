@@ -14,6 +14,7 @@ mod manager;
 mod mounts;
 mod sftp;
 mod store;
+mod validate;
 
 use std::time::Duration;
 
