@@ -132,10 +132,16 @@ make_venv() {
   log "venv $venv: $pkg ($py)"
   rm -rf "$venv"
   "$py" -m venv "$venv"
-  "$venv/bin/pip" install -q "$pkg"
+  # shellcheck disable=SC2086 # several packages, space-separated
+  "$venv/bin/pip" install -q $pkg
 }
 
-bai_venv() { make_venv "$SA_CACHE/bai-venv" 'backend.ai-common==26.9.6' 'ai.backend.common, redis'; }
+# Backend.AI's classes decode our events; prometheus_client parses /metrics; grpcio-reflection
+# lists our gRPC services the v1alpha way.
+bai_venv() {
+  make_venv "$SA_CACHE/bai-venv" 'backend.ai-common==26.9.6 grpcio-reflection prometheus-client' \
+    'ai.backend.common, redis, grpc_reflection, prometheus_client'
+}
 
 peers() {
   make_venv "$SA_CACHE/peer-venv" 'backend-ai-storage-proxy==26.9.6' 'ai.backend.storage'

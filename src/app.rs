@@ -149,7 +149,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => Events::none(),
     };
-    let bgtasks = BgTasks::new(state.clone(), volumes.clone(), events.clone());
+    let metrics = crate::metrics::Metrics::new();
+    let bgtasks = BgTasks::new(
+        state.clone(),
+        volumes.clone(),
+        events.clone(),
+        metrics.clone(),
+    );
     let uploads = Uploads::new(
         state.clone(),
         volumes.clone(),
@@ -177,6 +183,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.daemon.conn.write_idle_timeout,
         ),
         sessions: None,
+        metrics,
+        events: events.clone(),
     };
     let admission = crate::api::conn::Admission::new(config.daemon.conn);
 
@@ -310,6 +318,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     println!("ready node={}", config.proxy.node_id);
     tracing::info!("storage-agent ready");
+    crate::notify::ready(&config.proxy.node_id);
+    crate::notify::spawn_watchdog(shutdown.clone());
+    {
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            s.cancelled().await;
+            crate::notify::stopping();
+        });
+    }
 
     let grace = config.daemon.shutdown_grace;
     let manager_tls = listener_tls.for_listener(&config.manager_api.listener)?;

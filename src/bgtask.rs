@@ -83,6 +83,7 @@ pub struct TaskInfo {
 }
 
 pub struct BgTasks {
+    metrics: Arc<crate::metrics::Metrics>,
     state: State,
     volumes: Volumes,
     events: Events,
@@ -98,8 +99,14 @@ fn iso(unix: i64) -> String {
 }
 
 impl BgTasks {
-    pub fn new(state: State, volumes: Volumes, events: Events) -> Arc<Self> {
+    pub fn new(
+        state: State,
+        volumes: Volumes,
+        events: Events,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Arc<Self> {
         Arc::new(BgTasks {
+            metrics,
             state,
             volumes,
             events,
@@ -150,6 +157,11 @@ impl BgTasks {
 
     async fn run(self: &Arc<Self>, id: Uuid, spec: TaskSpec, progress: Arc<Progress>) {
         tracing::info!(?spec, "background task started");
+        let name = crate::metrics::Labels1 {
+            name: spec.kind().to_string(),
+        };
+        self.metrics.bgtask_started.get_or_create(&name).inc();
+        let started = std::time::Instant::now();
         self.events
             .publish(Event::BgTaskUpdated {
                 task_id: id,
@@ -177,6 +189,24 @@ impl BgTasks {
             progress.current.load(Ordering::Relaxed),
             progress.total.load(Ordering::Relaxed),
         );
+        let status = match &result {
+            Ok(()) => "done",
+            Err(VolumeError::Cancelled) if self.shutting_down.load(Ordering::Relaxed) => {
+                "cancelled"
+            }
+            Err(_) => "failed",
+        };
+        self.metrics
+            .bgtask_done
+            .get_or_create(&crate::metrics::TaskLabels {
+                task_name: name.name.clone(),
+                status: status.into(),
+            })
+            .inc();
+        self.metrics
+            .bgtask_seconds
+            .get_or_create(&name)
+            .observe(started.elapsed().as_secs_f64());
         match result {
             Err(VolumeError::Cancelled) if self.shutting_down.load(Ordering::Relaxed) => {
                 // Left "running": resumed (delete) or rolled back (clone) at the next start.

@@ -139,6 +139,10 @@ pub trait EventSink: Send + Sync {
     async fn publish(&self, event: Event);
     /// Waits (at most `within`) until everything published so far is delivered.
     async fn flush(&self, within: Duration);
+    /// Events waiting for delivery.
+    fn queued(&self) -> usize {
+        0
+    }
 }
 
 struct NullSink;
@@ -169,6 +173,10 @@ impl Events {
 
     pub async fn flush(&self, within: Duration) {
         self.0.flush(within).await;
+    }
+
+    pub fn queued(&self) -> usize {
+        self.0.queued()
     }
 }
 

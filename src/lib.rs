@@ -12,6 +12,8 @@ pub mod docker;
 pub mod events;
 pub mod health;
 pub mod ids;
+pub mod metrics;
+pub mod notify;
 pub mod private_file;
 pub mod rpc;
 pub mod session;

@@ -326,15 +326,25 @@ pub async fn router(sessions: Arc<SessionManager>, secret: &str) -> axum::Router
     health_reporter
         .set_serving::<StorageAgentServer<AgentService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: grpcurl and Postman speak v1, grpcio-reflection and older
+    // tools v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = reflection()
         .build_v1()
         .expect("the embedded descriptor set is valid");
-    let a2 = auth.clone();
-    let reflection =
-        tonic::service::interceptor::InterceptedService::new(reflection, move |r| a2.check(r));
+    let v1alpha = reflection()
+        .build_v1alpha()
+        .expect("the embedded descriptor set is valid");
+    let (a2, a3) = (auth.clone(), auth.clone());
+    let v1 = tonic::service::interceptor::InterceptedService::new(v1, move |r| a2.check(r));
+    let v1alpha =
+        tonic::service::interceptor::InterceptedService::new(v1alpha, move |r| a3.check(r));
     tonic::service::Routes::new(agent)
         .add_service(health)
-        .add_service(reflection)
+        .add_service(v1)
+        .add_service(v1alpha)
         .into_axum_router()
 }

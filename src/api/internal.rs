@@ -15,6 +15,7 @@ pub fn router(state: AppState) -> Router {
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/capacity", get(capacity))
+        .route("/metrics", get(crate::metrics::handler))
         .layer(super::trace_layer())
         .with_state(state)
 }

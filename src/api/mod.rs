@@ -45,6 +45,8 @@ pub struct AppState {
     pub archives: Arc<client::archive::ArchiveSlots>,
     /// The storage agent, when `[agent] enabled`.
     pub sessions: Option<Arc<crate::session::SessionManager>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub events: crate::events::Events,
 }
 
 /// Request spans carry the method and path but never the query string: client-API tokens

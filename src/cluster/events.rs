@@ -101,4 +101,8 @@ impl EventSink for RedisEvents {
             tracing::warn!("events still queued at exit (Redis unreachable?)");
         }
     }
+
+    fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
 }

@@ -16,6 +16,7 @@ mod hardening;
 mod manager_api;
 mod manager_bad_input;
 mod memory;
+mod operations;
 mod quota;
 mod remote_volumes;
 mod s3;

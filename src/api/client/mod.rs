@@ -38,11 +38,16 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(status))
         .merge(upload)
         .merge(download)
+        .route_layer(middleware::from_fn(crate::metrics::tag_route))
         .fallback(|| async { ApiError::not_found_route() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         // Upload bodies are streamed to staging and bounded by the upload's length instead.
         .layer(DefaultBodyLimit::disable())
         .layer(super::trace_layer())
+        .layer(middleware::from_fn_with_state(
+            (state.metrics.clone(), "client"),
+            crate::metrics::observe,
+        ))
         .with_state(state)
 }
 

@@ -39,11 +39,16 @@ pub fn router(state: AppState) -> Router {
         .merge(file::routes())
         .merge(token::routes())
         .route("/bgtask/{id}", get(bgtask))
+        .route_layer(middleware::from_fn(crate::metrics::tag_route))
         .fallback(|| async { ApiError::not_found_route() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         // Auth wraps routing, so an unknown route without a token is 403 like everything else.
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(super::trace_layer())
+        .layer(middleware::from_fn_with_state(
+            (state.metrics.clone(), "manager"),
+            crate::metrics::observe,
+        ))
         .with_state(state)
 }
 

@@ -31,6 +31,8 @@ pub fn bin() -> &'static str {
 pub struct Builder {
     pub config: toml::Table,
     pub dir: tempfile::TempDir,
+    /// Extra environment of the daemon process.
+    pub env: Vec<(String, String)>,
 }
 
 fn set_path(t: &mut toml::Table, dotted: &str, v: toml::Value) {
@@ -91,11 +93,17 @@ enabled = false
         Builder {
             config: toml::from_str(&text).expect("template"),
             dir,
+            env: Vec::new(),
         }
     }
 
     pub fn set(mut self, key: &str, v: impl Into<toml::Value>) -> Self {
         set_path(&mut self.config, key, v.into());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -132,6 +140,7 @@ enabled = false
                 .build()
                 .unwrap(),
             starts: 0,
+            env: self.env,
         };
         d.spawn().await;
         d
@@ -139,6 +148,7 @@ enabled = false
 }
 
 pub struct Daemon {
+    env: Vec<(String, String)>,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub vol_dir: PathBuf,
@@ -226,6 +236,7 @@ impl Daemon {
         let child = Command::new(bin())
             .args(["serve", "--config"])
             .arg(&self.config_path)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .spawn()

@@ -176,7 +176,10 @@ pub(super) async fn write_at(
     let loaded = rec.clone();
     let body = body.take().unwrap_or_default();
     tokio::spawn(async move {
-        write_locked(&st, lock, &loaded, dst, offset, announced, expected, body).await
+        st.metrics.patches_in_flight.inc();
+        let r = write_locked(&st, lock, &loaded, dst, offset, announced, expected, body).await;
+        st.metrics.patches_in_flight.dec();
+        r
     })
     .await
     .map_err(|e| ApiError::internal(format!("upload task failed: {e}")))?
@@ -291,6 +294,7 @@ async fn write_locked(
         }
     };
     let new_offset = offset + staged.written;
+    st.metrics.upload_bytes.inc_by(staged.written);
     match staged.body_error.as_ref().map(|e| (stop_of(e), e)) {
         None => {
             if let Some(exp) = &expected {

@@ -1,0 +1,257 @@
+//! What operators run the daemon with: Prometheus `/metrics` (parsed by prometheus_client's own
+//! parser), gRPC reflection for v1alpha clients (grpcio-reflection), systemd's notify protocol
+//! (a notify socket of our own) and the unit file (`systemd-analyze verify`).
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::cluster::bai_python;
+use crate::common::{Daemon, bin, run, send};
+
+/// Every sample, `[[name, {labels}, value], ...]`, as prometheus_client's parser reads the text.
+async fn scrape(d: &Daemon) -> Value {
+    let r = send(d.http.get(d.url("internal", "/metrics"))).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.content_type().starts_with("text/plain"),
+        "{}",
+        r.content_type()
+    );
+    let text = r.text();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("metrics.txt");
+    std::fs::write(&f, text).unwrap();
+    let out = run(Command::new(bai_python()).arg("-c").arg(format!(
+        "import json\nfrom prometheus_client.parser import text_string_to_metric_families\n\
+         samples = [[s.name, s.labels, s.value] \
+         for f in text_string_to_metric_families(open({:?}).read()) for s in f.samples]\n\
+         print(json.dumps(samples))",
+        f.display().to_string()
+    )));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The sum of the samples named `sample` (in any family) whose labels include `want`; None
+/// when there is no such sample at all.
+fn total(m: &Value, sample: &str, want: &[(&str, &str)]) -> Option<f64> {
+    let found: Vec<f64> = m
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s[0] == sample)
+        .filter(|s| want.iter().all(|(k, v)| s[1][*k] == *v))
+        .map(|s| s[2].as_f64().unwrap())
+        .collect();
+    (!found.is_empty()).then(|| found.iter().sum())
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_and_move_with_the_work() {
+    let d = Daemon::start().await;
+    let before = scrape(&d).await;
+    for sample in [
+        "storage_agent_volume_bytes",
+        "storage_agent_check_up",
+        "storage_agent_events_queued",
+        "storage_agent_upload_patches_in_flight",
+    ] {
+        assert!(
+            total(&before, sample, &[]).is_some(),
+            "{sample} missing: {before}"
+        );
+    }
+    assert_eq!(
+        total(
+            &before,
+            "storage_agent_volume_status",
+            &[("volume", "vol1"), ("status", "healthy")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        total(&before, "storage_agent_upload_bytes_total", &[]),
+        Some(0.0)
+    );
+
+    // Work: a folder, an upload, a delete as a background task, an unknown route.
+    let (vfid, _) = d.create_vfolder().await;
+    let t = d
+        .token(
+            "/folder/file/upload",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "a.bin", "size": 5000}),
+        )
+        .await;
+    let r = send(
+        d.http
+            .patch(d.url("client", &format!("/upload?token={t}")))
+            .header("Tus-Resumable", "1.0.0")
+            .header("Content-Type", "application/offset+octet-stream")
+            .header("Upload-Offset", "0")
+            .body(vec![1u8; 5000]),
+    )
+    .await;
+    assert_eq!(r.status, 204);
+    // The upload is remembered as done (recorded just after its 204).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while total(
+        &scrape(&d).await,
+        "storage_agent_upload_sessions",
+        &[("state", "done")],
+    )
+    .is_none()
+    {
+        assert!(Instant::now() < deadline, "upload sessions by state");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let task = d.start_delete(&vfid).await;
+    assert_eq!(d.wait_task(&task).await["status"], "done");
+    assert_eq!(d.mgr("GET", "/no/such/route", json!({})).await.status, 404);
+
+    let after = scrape(&d).await;
+    let count = |endpoint: &str, status: &str| {
+        total(
+            &after,
+            "backendai_api_request_count_total",
+            &[("endpoint", endpoint), ("status_code", status)],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(count("/folder/file/upload", "200"), 1.0);
+    assert_eq!(count("/upload", "204"), 1.0);
+    assert_eq!(count("/folder/delete", "202"), 1.0);
+    assert!(count("unmatched", "404") >= 1.0);
+    assert!(
+        total(
+            &after,
+            "backendai_api_request_duration_sec_count",
+            &[("endpoint", "/upload")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert_eq!(
+        total(&after, "storage_agent_upload_bytes_total", &[]),
+        Some(5000.0)
+    );
+    assert_eq!(
+        total(
+            &after,
+            "backendai_bgtask_done_count_total",
+            &[("task_name", "delete_vfolder"), ("status", "done")]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        total(
+            &after,
+            "storage_agent_http_request_bytes_total",
+            &[("api", "client")]
+        )
+        .unwrap_or(0.0)
+            >= 5000.0
+    );
+}
+
+#[tokio::test]
+async fn reflection_answers_v1alpha_clients() {
+    let d = Daemon::builder().agent().start().await;
+    let addr = d.addrs["rpc"].clone();
+    let out = {
+        run(Command::new(bai_python()).arg("-c").arg(format!(
+            "import grpc\n\
+             from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase\n\
+             class Bearer(grpc.StreamStreamClientInterceptor):\n    \
+                 def intercept_stream_stream(self, cont, details, it):\n        \
+                     md = list(details.metadata or []) + [('authorization', 'Bearer {}')]\n        \
+                     return cont(details._replace(metadata=md), it)\n\
+             ch = grpc.intercept_channel(grpc.insecure_channel({addr:?}), Bearer())\n\
+             db = ProtoReflectionDescriptorDatabase(ch)\n\
+             print(sorted(db.get_services()))\n\
+             print(db.FindFileContainingSymbol('storage_agent.v1.StorageAgent').name)",
+            crate::common::agent::RPC_SECRET
+        )))
+    };
+    assert!(out.contains("storage_agent.v1.StorageAgent"), "{out}");
+    assert!(
+        out.contains("grpc.reflection.v1alpha.ServerReflection"),
+        "{out}"
+    );
+    assert!(out.contains(".proto"), "{out}");
+}
+
+/// Reads notify messages until one contains `want` (or times out).
+fn wait_for(sock: &UnixDatagram, want: &str, seen: &mut Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+            seen.push(msg.clone());
+            if msg.lines().any(|l| l == want) {
+                return;
+            }
+        }
+    }
+    panic!("no {want} among {seen:?}");
+}
+
+#[tokio::test]
+async fn systemd_hears_ready_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut d = Daemon::builder()
+        .env("NOTIFY_SOCKET", path.to_str().unwrap())
+        .env("WATCHDOG_USEC", "400000")
+        .start()
+        .await;
+    let mut seen = Vec::new();
+    wait_for(&sock, "READY=1", &mut seen);
+    wait_for(&sock, "WATCHDOG=1", &mut seen);
+    assert_eq!(d.terminate(), Some(0));
+    wait_for(&sock, "STOPPING=1", &mut seen);
+}
+
+#[test]
+fn the_unit_file_verifies() {
+    crate::common::tools::require("systemd-analyze", "apt-get install systemd");
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/configs/storage-agent.service"
+    ))
+    .unwrap();
+    assert!(
+        unit.contains("Type=notify") && unit.contains("ExecStartPre="),
+        "{unit}"
+    );
+    // The paths it names must exist for verify: the binary under test and a config.
+    let config = dir.path().join("storage-agent.toml");
+    std::fs::write(&config, "").unwrap();
+    let unit = unit.replace("/usr/local/bin/storage-agent", bin()).replace(
+        "/etc/backend.ai/storage-agent.toml",
+        config.to_str().unwrap(),
+    );
+    let f = dir.path().join("storage-agent.service");
+    std::fs::write(&f, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let complaints: Vec<&str> = said
+        .lines()
+        .filter(|l| l.contains("storage-agent.service"))
+        .collect();
+    assert!(out.status.success() && complaints.is_empty(), "{said}");
+}
