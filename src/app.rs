@@ -267,6 +267,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None
     };
 
+    let rpc_url = agent.as_ref().and_then(|(_, l, _, _)| {
+        l.local_addr().ok().map(|mut a| {
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            let tls = config.agent.rpc.listener.ssl_enabled;
+            format!("{}://{a}", if tls { "https" } else { "http" })
+        })
+    });
     bgtasks.recover().await?;
     spawn_upload_reaper(
         uploads,
@@ -315,6 +324,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             announce(&config, &manager_l, &internal_l),
             shutdown.clone(),
         );
+    }
+    // Where to reach us, for `storage-agent ctl` (ports may be 0 in the config).
+    let url = |l: Option<&tokio::net::TcpListener>, tls: bool| {
+        l.and_then(|l| l.local_addr().ok()).map(|mut a| {
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("{}://{a}", if tls { "https" } else { "http" })
+        })
+    };
+    let endpoints = serde_json::json!({
+        "manager": url(Some(&manager_l), tls_of(&config.manager_api.listener)),
+        "client": url(Some(&client_l), tls_of(&config.client_api)),
+        "internal": url(Some(&internal_l), false),
+        "rpc": rpc_url,
+    });
+    let endpoints_file = config.daemon.state_dir.join("endpoints.json");
+    if let Err(e) = crate::private_file::write(&endpoints_file, endpoints.to_string().as_bytes()) {
+        tracing::warn!(error = %e, "cannot write endpoints.json for storage-agent ctl");
     }
     println!("ready node={}", config.proxy.node_id);
     tracing::info!("storage-agent ready");

@@ -8,6 +8,7 @@ pub mod app;
 pub mod bgtask;
 pub mod cluster;
 pub mod config;
+pub mod ctl;
 pub mod docker;
 pub mod events;
 pub mod health;

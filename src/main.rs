@@ -1,4 +1,4 @@
-//! The `storage-agent` command: `serve`, and `config check`.
+//! The `storage-agent` command: `serve`, `config check`, and `ctl` (a client of the daemon).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +31,9 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Talk to a running daemon: volumes, quota scopes, vfolders, uploads and downloads,
+    /// sessions.
+    Ctl(storage_agent::ctl::CtlArgs),
 }
 
 #[derive(Subcommand)]
@@ -67,6 +70,15 @@ fn init_logging(format: LogFormat, level: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Ctl(args) => {
+            if rustls::crypto::aws_lc_rs::default_provider()
+                .install_default()
+                .is_err()
+            {
+                eprintln!("warning: a rustls crypto provider was already installed");
+            }
+            storage_agent::ctl::run(args)
+        }
         Command::Config {
             command: ConfigCommand::Check { config },
         } => match load(config) {

@@ -47,6 +47,11 @@ impl SecretStore {
         &self.path
     }
 
+    /// A stored value, if there is one (never generates: for tools reading the daemon's).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.values.get(name).map(String::as_str)
+    }
+
     /// The configured value if any; otherwise the stored one, generating and persisting it first.
     /// Returns whether the value came from the store (so the caller can log where it lives).
     pub fn resolve(

@@ -432,6 +432,13 @@ pub trait Volume: Send + Sync + fmt::Display {
         Ok(())
     }
 
+    /// The quota scopes on this volume (their UUIDs: the layout does not keep their kind).
+    async fn list_quota_scopes(&self) -> Result<Vec<uuid::Uuid>>;
+    /// The vfolders on this volume, as (quota scope, folder) UUIDs, of one scope or all.
+    async fn list_vfolders(
+        &self,
+        scope: Option<uuid::Uuid>,
+    ) -> Result<Vec<(uuid::Uuid, uuid::Uuid)>>;
     async fn create_vfolder(&self, vf: &VFolderId, mode: u32) -> Result<()>;
     async fn vfolder_exists(&self, vf: &VFolderId) -> Result<bool>;
     /// Idempotent: deleting a missing vfolder succeeds (so an interrupted delete can resume).

@@ -308,6 +308,15 @@ impl Volume for RemoteVolume {
     async fn delete_quota_scope(&self, qs: &QuotaScopeId) -> Result<()> {
         self.shared.lease().await?.vol.delete_quota_scope(qs).await
     }
+    async fn list_quota_scopes(&self) -> Result<Vec<uuid::Uuid>> {
+        self.shared.lease().await?.vol.list_quota_scopes().await
+    }
+    async fn list_vfolders(
+        &self,
+        scope: Option<uuid::Uuid>,
+    ) -> Result<Vec<(uuid::Uuid, uuid::Uuid)>> {
+        self.shared.lease().await?.vol.list_vfolders(scope).await
+    }
     async fn create_vfolder(&self, vf: &VFolderId, mode: u32) -> Result<()> {
         self.shared
             .lease()

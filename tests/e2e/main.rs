@@ -9,6 +9,7 @@ mod bgtasks;
 mod config_check;
 mod coord;
 mod crash;
+mod ctl;
 mod download;
 mod dropin;
 mod filebrowser;

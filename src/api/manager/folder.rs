@@ -30,6 +30,46 @@ pub fn routes() -> Router<AppState> {
         .route("/folder/register", post(register))
         .route("/folder/deregister", post(deregister))
         .route("/folder/sas", post(sas))
+        .route("/folders", get(list_folders))
+        .route("/quota-scopes", get(list_scopes))
+}
+
+#[derive(Deserialize)]
+struct ListReq {
+    volume: String,
+    /// A quota scope's UUID (either form); all scopes when absent.
+    #[serde(default)]
+    quota_scope: Option<uuid::Uuid>,
+}
+
+/// Ours (for tools): the vfolders on a volume, as (quota scope UUID, folder UUID) pairs; the
+/// on-disk layout keeps no user/project kind.
+async fn list_folders(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<ListReq>,
+) -> ApiResult<Json<Value>> {
+    let list = st
+        .volumes
+        .get(&r.volume)?
+        .list_vfolders(r.quota_scope)
+        .await?;
+    Ok(Json(json!({
+        "vfolders": list.iter().map(|(q, f)| json!({
+            "quota_scope": q.hyphenated().to_string(),
+            "folder": f.simple().to_string(),
+        })).collect::<Vec<_>>(),
+    })))
+}
+
+/// Ours (for tools): the quota scopes on a volume, by UUID.
+async fn list_scopes(
+    State(st): State<AppState>,
+    ApiJson(r): ApiJson<super::volume::VolumeReq>,
+) -> ApiResult<Json<Value>> {
+    let list = st.volumes.get(&r.volume)?.list_quota_scopes().await?;
+    Ok(Json(json!({
+        "quota_scopes": list.iter().map(|q| q.hyphenated().to_string()).collect::<Vec<_>>(),
+    })))
 }
 
 #[derive(Deserialize)]

@@ -292,6 +292,36 @@ impl Volume for ObjectVolume {
         Some(self)
     }
 
+    async fn list_quota_scopes(&self) -> Result<Vec<uuid::Uuid>> {
+        let mut ids: Vec<uuid::Uuid> = self
+            .shared
+            .registry
+            .scopes()
+            .await?
+            .into_iter()
+            .map(|q| q.id)
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn list_vfolders(
+        &self,
+        scope: Option<uuid::Uuid>,
+    ) -> Result<Vec<(uuid::Uuid, uuid::Uuid)>> {
+        let mut out: Vec<(uuid::Uuid, uuid::Uuid)> = self
+            .shared
+            .registry
+            .all()
+            .await?
+            .into_iter()
+            .filter_map(|v| Some((v.quota_scope?.id, v.folder)))
+            .filter(|(q, _)| scope.is_none_or(|s| s == *q))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     async fn create_vfolder(&self, vf: &VFolderId, _mode: u32) -> Result<()> {
         let qs = vf.quota_scope.ok_or(VolumeError::QuotaScopeRequired(*vf))?;
         if self.shared.registry.scope(&qs).await?.is_none() {

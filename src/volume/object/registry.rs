@@ -148,6 +148,31 @@ impl Registry {
             .collect())
     }
 
+    /// Every vfolder recorded on this volume.
+    pub async fn all(&self) -> Result<Vec<VFolderId>> {
+        let rows = sqlx::query("SELECT vfid FROM object_vfolders WHERE volume = ?")
+            .bind(&self.volume)
+            .fetch_all(self.state.pool())
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| VFolderId::parse(&r.get::<String, _>(0)).ok())
+            .collect())
+    }
+
+    pub async fn scopes(&self) -> Result<Vec<QuotaScopeId>> {
+        let rows = sqlx::query("SELECT qsid FROM object_quota_scopes WHERE volume = ?")
+            .bind(&self.volume)
+            .fetch_all(self.state.pool())
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| QuotaScopeId::parse(&r.get::<String, _>(0)).ok())
+            .collect())
+    }
+
     // ---- quota scopes ----------------------------------------------------------------------
 
     /// Creates a scope; an existing one is `QuotaScopeExists`.

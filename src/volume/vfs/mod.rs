@@ -304,6 +304,71 @@ impl Volume for VfsVolume {
         self.scopes.quota()
     }
 
+    async fn list_quota_scopes(&self) -> Result<Vec<uuid::Uuid>> {
+        let root = self.root();
+        blocking(move || {
+            let io = |e| VolumeError::Io {
+                path: ".".into(),
+                source: e,
+            };
+            let mut out = Vec::new();
+            for e in fsops::DirEntries::new(root.as_fd()).map_err(io)? {
+                let (name, _) = e.map_err(io)?;
+                if let Some(id) = hex_uuid(&name) {
+                    out.push(id);
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list_vfolders(
+        &self,
+        scope: Option<uuid::Uuid>,
+    ) -> Result<Vec<(uuid::Uuid, uuid::Uuid)>> {
+        let scopes = match scope {
+            Some(s) => vec![s],
+            None => self.list_quota_scopes().await?,
+        };
+        let root = self.root();
+        blocking(move || {
+            let mut out = Vec::new();
+            for qs in scopes {
+                let Ok(qfd) = fsops::open_subdir_nofollow(root.as_fd(), qs.simple().to_string())
+                else {
+                    continue;
+                };
+                // <qs>/<aa>/<bb>/<28 hex>: names that do not fit are not vfolders (.upload).
+                for (aa, _) in list_names(qfd.as_fd()) {
+                    let Ok(afd) = fsops::open_subdir_nofollow(qfd.as_fd(), &aa) else {
+                        continue;
+                    };
+                    for (bb, _) in list_names(afd.as_fd()) {
+                        let Ok(bfd) = fsops::open_subdir_nofollow(afd.as_fd(), &bb) else {
+                            continue;
+                        };
+                        for (rest, _) in list_names(bfd.as_fd()) {
+                            let hex = format!(
+                                "{}{}{}",
+                                aa.to_string_lossy(),
+                                bb.to_string_lossy(),
+                                rest.to_string_lossy()
+                            );
+                            if let Some(id) = hex_uuid(std::ffi::OsStr::new(&hex)) {
+                                out.push((qs, id));
+                            }
+                        }
+                    }
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+        .await
+    }
+
     async fn create_vfolder(&self, vf: &VFolderId, mode: u32) -> Result<()> {
         let qs = vf.quota_scope.ok_or(VolumeError::QuotaScopeRequired(*vf))?;
         let root = self.root();
@@ -753,6 +818,21 @@ impl Volume for VfsVolume {
     fn staging(&self) -> &dyn UploadStaging {
         &self.staging
     }
+}
+
+/// A 32-hex-digit name as a UUID.
+fn hex_uuid(name: &OsStr) -> Option<uuid::Uuid> {
+    let s = name.to_str()?;
+    (s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| uuid::Uuid::parse_str(s).ok())
+        .flatten()
+}
+
+/// A directory's entries, what can be read of them.
+fn list_names(dir: BorrowedFd) -> Vec<(std::ffi::OsString, fsops::DType)> {
+    fsops::DirEntries::new(dir)
+        .map(|it| it.flatten().collect())
+        .unwrap_or_default()
 }
 
 /// Backend.AI's `symlink_target`: the resolved target relative to the listed directory when it
