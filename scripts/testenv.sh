@@ -139,8 +139,8 @@ make_venv() {
 # Backend.AI's classes decode our events; prometheus_client parses /metrics; grpcio-reflection
 # lists our gRPC services the v1alpha way.
 bai_venv() {
-  make_venv "$SA_CACHE/bai-venv" 'backend.ai-common==26.9.6 grpcio-reflection prometheus-client' \
-    'ai.backend.common, redis, grpc_reflection, prometheus_client'
+  make_venv "$SA_CACHE/bai-venv" 'backend.ai-common==26.9.6 grpcio-reflection prometheus-client openapi-spec-validator' \
+    'ai.backend.common, redis, grpc_reflection, prometheus_client, openapi_spec_validator'
 }
 
 peers() {

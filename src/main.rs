@@ -31,6 +31,12 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Print the OpenAPI document of the manager or client API (as served on the internal
+    /// listener at /openapi/<api>.json).
+    Openapi {
+        #[arg(value_parser = ["manager", "client"], default_value = "manager")]
+        api: String,
+    },
     /// Talk to a running daemon: volumes, quota scopes, vfolders, uploads and downloads,
     /// sessions.
     Ctl(storage_agent::ctl::CtlArgs),
@@ -70,6 +76,10 @@ fn init_logging(format: LogFormat, level: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Openapi { api } => {
+            println!("{}", storage_agent::api::internal::openapi_json(&api));
+            ExitCode::SUCCESS
+        }
         Command::Ctl(args) => {
             if rustls::crypto::aws_lc_rs::default_provider()
                 .install_default()

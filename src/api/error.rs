@@ -433,3 +433,19 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// The shape of error answers (RFC 9457 problem details with Backend.AI's extensions), for the
+/// OpenAPI documents.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ProblemDoc {
+    #[serde(rename = "type")]
+    #[schema(example = "https://api.backend.ai/probs/storage/vfolder/not-found")]
+    kind: String,
+    #[schema(example = "VFolder Not Found")]
+    title: String,
+    msg: Option<String>,
+    error_code: Option<String>,
+    /// Details that depend on the error (for example `needed`, `used` and `limit`).
+    data: Option<serde_json::Value>,
+}

@@ -16,8 +16,58 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/capacity", get(capacity))
         .route("/metrics", get(crate::metrics::handler))
+        .route("/openapi.json", get(|| async { openapi("manager") }))
+        .route(
+            "/openapi/manager.json",
+            get(|| async { openapi("manager") }),
+        )
+        .route("/openapi/client.json", get(|| async { openapi("client") }))
         .layer(super::trace_layer())
         .with_state(state)
+}
+
+/// The OpenAPI document of an API (`manager` or `client`), as generated from its routes.
+pub fn openapi_json(api: &str) -> String {
+    let mut doc = match api {
+        "client" => super::client::routes().1,
+        _ => super::manager::routes().1,
+    };
+    unique_operation_ids(&mut doc);
+    doc.to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+/// Handlers of different route groups share names (`create`, `delete`): every operation is
+/// named after its method and path instead, which is unique by construction.
+fn unique_operation_ids(doc: &mut utoipa::openapi::OpenApi) {
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let name: String = path
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let ops = [
+            ("get", &mut item.get),
+            ("put", &mut item.put),
+            ("post", &mut item.post),
+            ("delete", &mut item.delete),
+            ("options", &mut item.options),
+            ("head", &mut item.head),
+            ("patch", &mut item.patch),
+        ];
+        for (method, op) in ops {
+            if let Some(op) = op {
+                op.operation_id = Some(format!("{method}{}", name.trim_end_matches('_')));
+            }
+        }
+    }
+}
+
+fn openapi(api: &str) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        openapi_json(api),
+    )
+        .into_response()
 }
 
 /// Always 200; `status` says "ok" or "degraded".

@@ -288,6 +288,9 @@ fn zip_response(body: Body, filename: &str, no_cache: bool) -> Response {
     (StatusCode::OK, h, body).into_response()
 }
 
+#[utoipa::path(get, path = "/download", tag = "downloads", summary = "Download a file (ranges, conditionals; HEAD too) or, with archive=true, a directory as zip",
+    params(("token" = String, Query, description = "The JWT the manager API minted"), ("archive" = Option<bool>, Query, description = "A directory as a zip archive"), ("no_cache" = Option<bool>, Query, description = "Cache-Control: no-store"), ("dst_dir" = Option<String>, Query, description = "Backend.AI's path override")),
+    responses((status = 200, description = "The file", content_type = "application/octet-stream"), (status = 206, description = "The ranges asked for"), (status = 304, description = "Not modified"), (status = 416, description = "Range not satisfiable"), (status = "4XX", description = "Refused", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn download(
     State(st): State<AppState>,
     method: Method,
@@ -382,6 +385,9 @@ fn jwt_error(e: TokenError) -> ApiError {
     ApiError::problem(status, "jwt-decode-error", "Invalid token").msg(e.to_string())
 }
 
+#[utoipa::path(get, path = "/download-archive", tag = "downloads", summary = "Download the files an archive token names, as zip",
+    params(("token" = String, Query, description = "The JWT the manager API minted")),
+    responses((status = 200, description = "The zip archive", content_type = "application/zip"), (status = 429, description = "Too many archives at once (Retry-After)"), (status = "4XX", description = "Refused", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn download_archive(
     State(st): State<AppState>,
     ApiQuery(q): ApiQuery<ArchiveQuery>,

@@ -2,13 +2,14 @@
 //! fetch`.
 
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -21,16 +22,16 @@ use crate::volume::{Progress, RelPath, VolumeError};
 
 use super::py_isoformat;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/folder/file/mkdir", post(mkdir))
-        .route("/folder/file/list", post(list))
-        .route("/folder/file/rename", post(rename))
-        .route("/folder/file/move", post(move_path))
-        .route("/folder/file/move-async", post(move_async))
-        .route("/folder/file/delete", post(delete))
-        .route("/folder/file/delete-async", post(delete_async))
-        .route("/folder/file/fetch", post(fetch))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(mkdir))
+        .routes(routes!(list))
+        .routes(routes!(rename))
+        .routes(routes!(move_path))
+        .routes(routes!(move_async))
+        .routes(routes!(delete))
+        .routes(routes!(delete_async))
+        .routes(routes!(fetch))
 }
 
 /// At most this many paths per mkdir call, as in Backend.AI.
@@ -40,7 +41,7 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct MkdirReq {
     volume: String,
     vfid: VFolderId,
@@ -98,6 +99,9 @@ fn item_error(e: &VolumeError) -> String {
     }
 }
 
+#[utoipa::path(post, path = "/folder/file/mkdir", tag = "files", request_body = MkdirReq,
+    summary = "Make directories",
+    responses((status = 200, description = "Per path: results.success and results.failed (422 when any failed)", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn mkdir(State(st): State<AppState>, ApiJson(r): ApiJson<MkdirReq>) -> ApiResult<Response> {
     let paths = mkdir_paths(&r.relpath)?;
     let v = st.volumes.get(&r.volume)?;
@@ -120,7 +124,7 @@ async fn mkdir(State(st): State<AppState>, ApiJson(r): ApiJson<MkdirReq>) -> Api
         .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct PathReq {
     volume: String,
     vfid: VFolderId,
@@ -129,6 +133,9 @@ struct PathReq {
 
 /// Non-recursive listing. Unlike Backend.AI, a listing cut by `scandir-limit` says so in
 /// `truncated`.
+#[utoipa::path(post, path = "/folder/file/list", tag = "files", request_body = PathReq,
+    summary = "List a directory",
+    responses((status = 200, description = "items (name, type, stat, symlink_target), truncated, limit", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn list(State(st): State<AppState>, ApiJson(r): ApiJson<PathReq>) -> ApiResult<Json<Value>> {
     let limit = st.config.proxy.scandir_limit;
     let listing = st
@@ -160,7 +167,7 @@ async fn list(State(st): State<AppState>, ApiJson(r): ApiJson<PathReq>) -> ApiRe
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct RenameReq {
     volume: String,
     vfid: VFolderId,
@@ -171,6 +178,9 @@ struct RenameReq {
     is_dir: Option<bool>,
 }
 
+#[utoipa::path(post, path = "/folder/file/rename", tag = "files", request_body = RenameReq,
+    summary = "Rename a file or directory (never onto an existing name)",
+    responses((status = 204, description = "Renamed"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn rename(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<RenameReq>,
@@ -190,7 +200,7 @@ async fn rename(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct MoveReq {
     volume: String,
     vfid: VFolderId,
@@ -198,6 +208,9 @@ struct MoveReq {
     dst_relpath: RelPath,
 }
 
+#[utoipa::path(post, path = "/folder/file/move", tag = "files", request_body = MoveReq,
+    summary = "Move a file or directory (into an existing directory, or to that name)",
+    responses((status = 204, description = "Moved"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn move_path(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<MoveReq>,
@@ -217,6 +230,9 @@ async fn move_path(
 
 /// Ours: the move as a background task with progress (on object stores a folder moves object
 /// by object, copy then delete), answered at once with its `bgtask_id`.
+#[utoipa::path(post, path = "/folder/file/move-async", tag = "files", request_body = MoveReq,
+    summary = "Move as a background task (ours)",
+    responses((status = 202, description = "bgtask_id", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn move_async(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<MoveReq>,
@@ -242,7 +258,7 @@ async fn move_async(
     Ok((StatusCode::ACCEPTED, Json(json!({"bgtask_id": id}))))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct DeleteReq {
     volume: String,
     vfid: VFolderId,
@@ -261,6 +277,9 @@ fn check_delete_paths(paths: &[RelPath]) -> ApiResult<()> {
     Ok(())
 }
 
+#[utoipa::path(post, path = "/folder/file/delete", tag = "files", request_body = DeleteReq,
+    summary = "Delete files or directories",
+    responses((status = 200, description = "status ok", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn delete(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<DeleteReq>,
@@ -278,6 +297,9 @@ async fn delete(
     Ok(Json(json!({"status": "ok"})))
 }
 
+#[utoipa::path(post, path = "/folder/file/delete-async", tag = "files", request_body = DeleteReq,
+    summary = "Delete as a background task",
+    responses((status = 202, description = "bgtask_id", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn delete_async(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<DeleteReq>,
@@ -301,6 +323,9 @@ async fn delete_async(
 
 /// Streams a file to the manager (task logs). Missing → 404, escaping → 400; Backend.AI answered
 /// 200 with an empty body for both.
+#[utoipa::path(post, path = "/folder/file/fetch", tag = "files", request_body = PathReq,
+    summary = "Fetch a file",
+    responses((status = 200, description = "The file", content_type = "application/octet-stream"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn fetch(State(st): State<AppState>, ApiJson(r): ApiJson<PathReq>) -> ApiResult<Response> {
     let v = st.volumes.get(&r.volume)?;
     let h = match v.open_read(&r.vfid, &r.relpath).await {

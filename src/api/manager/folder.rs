@@ -1,12 +1,13 @@
 //! vfolder lifecycle and usage: `/folder/create|delete|clone|mount|metadata|usage|used-bytes|
 //! fs-usage`.
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::api::AppState;
 use crate::api::error::{ApiError, ApiResult};
@@ -17,24 +18,24 @@ use crate::volume::{MountInfo, RelPath, VolumeError};
 
 use super::volume::VolumeReq;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/folder/create", post(create))
-        .route("/folder/delete", post(delete))
-        .route("/folder/clone", post(clone))
-        .route("/folder/mount", get(mount))
-        .route("/folder/metadata", get(metadata).post(metadata))
-        .route("/folder/usage", get(usage))
-        .route("/folder/used-bytes", get(used_bytes))
-        .route("/folder/fs-usage", get(fs_usage))
-        .route("/folder/register", post(register))
-        .route("/folder/deregister", post(deregister))
-        .route("/folder/sas", post(sas))
-        .route("/folders", get(list_folders))
-        .route("/quota-scopes", get(list_scopes))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create))
+        .routes(routes!(delete))
+        .routes(routes!(clone))
+        .routes(routes!(mount))
+        .routes(routes!(metadata))
+        .routes(routes!(usage))
+        .routes(routes!(used_bytes))
+        .routes(routes!(fs_usage))
+        .routes(routes!(register))
+        .routes(routes!(deregister))
+        .routes(routes!(sas))
+        .routes(routes!(list_folders))
+        .routes(routes!(list_scopes))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct ListReq {
     volume: String,
     /// A quota scope's UUID (either form); all scopes when absent.
@@ -44,6 +45,9 @@ struct ListReq {
 
 /// Ours (for tools): the vfolders on a volume, as (quota scope UUID, folder UUID) pairs; the
 /// on-disk layout keeps no user/project kind.
+#[utoipa::path(get, path = "/folders", tag = "folders", request_body = ListReq,
+    summary = "List vfolders (ours)",
+    responses((status = 200, description = "vfolders: quota_scope, folder", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn list_folders(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<ListReq>,
@@ -62,6 +66,9 @@ async fn list_folders(
 }
 
 /// Ours (for tools): the quota scopes on a volume, by UUID.
+#[utoipa::path(get, path = "/quota-scopes", tag = "folders", request_body = super::volume::VolumeReq,
+    summary = "List quota scopes (ours)",
+    responses((status = 200, description = "quota_scopes", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn list_scopes(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<super::volume::VolumeReq>,
@@ -72,14 +79,14 @@ async fn list_scopes(
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 enum SasPermission {
     Read,
     ReadWrite,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct SasReq {
     volume: String,
     vfid: VFolderId,
@@ -91,6 +98,9 @@ struct SasReq {
 
 /// Ours: a URL with a SAS for the vfolder's container, straight at Azure (read, or read and
 /// write; never more than the vfolder itself allows).
+#[utoipa::path(post, path = "/folder/sas", tag = "folders", request_body = SasReq,
+    summary = "A SAS URL for a vfolder container (ours, azure-blob)",
+    responses((status = 200, description = "url, expires_at", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn sas(State(st): State<AppState>, ApiJson(r): ApiJson<SasReq>) -> ApiResult<Json<Value>> {
     let expiry = std::time::Duration::from_secs(r.expiry_secs.unwrap_or(3600));
     let shared = st
@@ -108,7 +118,7 @@ async fn sas(State(st): State<AppState>, ApiJson(r): ApiJson<SasReq>) -> ApiResu
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct FolderReq {
     pub volume: String,
     pub vfid: VFolderId,
@@ -118,13 +128,13 @@ fn default_mode() -> u32 {
     0o755
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 struct CreateOptions {
     #[serde(default)]
     initial_max_size_for_quota_scope: Option<u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct CreateReq {
     volume: String,
     vfid: VFolderId,
@@ -160,7 +170,7 @@ async fn ensure_scope(
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct RegisterReq {
     volume: String,
     vfid: VFolderId,
@@ -173,6 +183,9 @@ struct RegisterReq {
 
 /// Ours: an existing bucket (or a prefix of it) becomes a vfolder; its owner keeps its
 /// lifecycle (deregistering or deleting the vfolder never touches its objects).
+#[utoipa::path(post, path = "/folder/register", tag = "folders", request_body = RegisterReq,
+    summary = "Register an existing bucket as a vfolder (ours)",
+    responses((status = 204, description = "Registered"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn register(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<RegisterReq>,
@@ -191,6 +204,9 @@ async fn register(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/folder/deregister", tag = "folders", request_body = FolderReq,
+    summary = "Deregister a vfolder (ours)",
+    responses((status = 204, description = "Forgotten; its objects stay"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn deregister(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<FolderReq>,
@@ -202,6 +218,9 @@ async fn deregister(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/folder/create", tag = "folders", request_body = CreateReq,
+    summary = "Create a vfolder (and its quota scope when allowed)",
+    responses((status = 204, description = "Created"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn create(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<CreateReq>,
@@ -226,6 +245,9 @@ async fn create(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/folder/delete", tag = "folders", request_body = FolderReq,
+    summary = "Delete a vfolder as a background task",
+    responses((status = 202, description = "bgtask_id", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn delete(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<FolderReq>,
@@ -241,7 +263,7 @@ async fn delete(
     Ok((StatusCode::ACCEPTED, Json(json!({ "bgtask_id": id }))))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct CloneReq {
     src_volume: String,
     src_vfid: VFolderId,
@@ -250,6 +272,9 @@ struct CloneReq {
     dst_vfid: VFolderId,
 }
 
+#[utoipa::path(post, path = "/folder/clone", tag = "folders", request_body = CloneReq,
+    summary = "Clone a vfolder as a background task",
+    responses((status = 200, description = "bgtask_id", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn clone(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<CloneReq>,
@@ -288,7 +313,7 @@ fn default_subpath() -> String {
     ".".into()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct MountReq {
     volume: String,
     vfid: VFolderId,
@@ -298,6 +323,9 @@ struct MountReq {
 
 /// The host path of the vfolder root. As in Backend.AI the subpath is validated but not
 /// appended (the manager appends it), and the two errors keep their plain-JSON shape.
+#[utoipa::path(get, path = "/folder/mount", tag = "folders", request_body = MountReq,
+    summary = "Where a vfolder is for a compute agent",
+    responses((status = 200, description = "path (a host path), or path null and remote (object stores)", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn mount(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<MountReq>,
@@ -350,7 +378,7 @@ async fn mount(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct MetadataReq {
     volume: String,
     vfid: VFolderId,
@@ -360,6 +388,9 @@ struct MetadataReq {
 }
 
 /// A stub in Backend.AI since 22.03; kept for the wire, with the vfolder checked.
+#[utoipa::path(method(get, post), path = "/folder/metadata", tag = "folders", request_body = MetadataReq,
+    summary = "Vfolder metadata (a stub)",
+    responses((status = 204, description = "Accepted (a stub, as in Backend.AI)"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn metadata(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<MetadataReq>,
@@ -372,7 +403,7 @@ async fn metadata(
 }
 
 /// Exact counts, however long the walk takes (Backend.AI answers -1 after 30 s).
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct UsageReq {
     volume: String,
     vfid: VFolderId,
@@ -381,6 +412,9 @@ struct UsageReq {
     rescan: bool,
 }
 
+#[utoipa::path(get, path = "/folder/usage", tag = "folders", request_body = UsageReq,
+    summary = "Files and bytes of a vfolder",
+    responses((status = 200, description = "file_count, used_bytes", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn usage(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<UsageReq>,
@@ -397,6 +431,9 @@ async fn usage(
     })))
 }
 
+#[utoipa::path(get, path = "/folder/used-bytes", tag = "folders", request_body = FolderReq,
+    summary = "Allocated bytes of a vfolder",
+    responses((status = 200, description = "used_bytes (allocated)", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn used_bytes(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<FolderReq>,
@@ -405,6 +442,9 @@ async fn used_bytes(
     Ok(Json(json!({ "used_bytes": n })))
 }
 
+#[utoipa::path(get, path = "/folder/fs-usage", tag = "folders", request_body = VolumeReq,
+    summary = "Usage of the volume",
+    responses((status = 200, description = "capacity_bytes, used_bytes, available_bytes", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn fs_usage(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<VolumeReq>,

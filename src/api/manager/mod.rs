@@ -12,9 +12,11 @@ use axum::Router;
 use axum::extract::{Path, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use token::{check_archive_filename, check_upload_destination};
 
@@ -26,19 +28,55 @@ pub const AUTH_HEADER: &str = "X-BackendAI-Storage-Auth-Token";
 /// Routes anyone may call (GET only), as in Backend.AI.
 const OPEN_PATHS: &[&str] = &["/", "/status", "/health", "/livez", "/readyz"];
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(status::status))
-        .route("/status", get(status::status))
-        .route("/health", get(super::internal::health))
-        .route("/livez", get(super::internal::livez))
-        .route("/readyz", get(super::internal::readyz))
+/// The manager API's routes and, generated from the same registrations, its OpenAPI document.
+pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ManagerDoc::openapi())
+        .routes(routes!(status::root))
+        .routes(routes!(status::status))
+        .routes(routes!(health))
+        .routes(routes!(livez))
+        .routes(routes!(readyz))
         .merge(volume::routes())
         .merge(quota::routes())
         .merge(folder::routes())
         .merge(file::routes())
         .merge(token::routes())
-        .route("/bgtask/{id}", get(bgtask))
+        .routes(routes!(bgtask))
+        .split_for_parts()
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "storage-agent manager API",
+        description = "The vfolder control plane the Backend.AI manager calls (wire-compatible with the Backend.AI storage proxy 26.9), plus routes of ours. Every call but the open GET routes carries X-BackendAI-Storage-Auth-Token.",
+    ),
+    components(schemas(crate::api::error::ProblemDoc)),
+    modifiers(&AuthHeader)
+)]
+struct ManagerDoc;
+
+/// The manager secret, as OpenAPI describes it.
+struct AuthHeader;
+
+impl utoipa::Modify for AuthHeader {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, SecurityScheme};
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "storage-auth-token",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new(AUTH_HEADER))),
+        );
+        api.security = Some(vec![SecurityRequirement::new(
+            "storage-auth-token",
+            Vec::<String>::new(),
+        )]);
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let (routes, _) = routes();
+    routes
         .route_layer(middleware::from_fn(crate::metrics::tag_route))
         .fallback(|| async { ApiError::not_found_route() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
@@ -50,6 +88,24 @@ pub fn router(state: AppState) -> Router {
             crate::metrics::observe,
         ))
         .with_state(state)
+}
+
+#[utoipa::path(get, path = "/health", tag = "status", summary = "Health: always 200; status says ok or degraded",
+    responses((status = 200, description = "The health report", content_type = "application/json")))]
+async fn health(st: axum::extract::State<AppState>) -> Response {
+    super::internal::health(st).await
+}
+
+#[utoipa::path(get, path = "/livez", tag = "status", summary = "Liveness",
+    responses((status = 200, description = "The process answers", content_type = "application/json")))]
+async fn livez(st: axum::extract::State<AppState>) -> Response {
+    super::internal::livez(st).await
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "status", summary = "Readiness: 503 while a gating check fails",
+    responses((status = 200, description = "Ready", content_type = "application/json"), (status = 503, description = "Not ready", content_type = "application/json")))]
+async fn readyz(st: axum::extract::State<AppState>) -> Response {
+    super::internal::readyz(st).await
 }
 
 fn digest(s: &[u8]) -> [u8; 32] {
@@ -74,6 +130,10 @@ async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response 
 }
 
 /// Our addition: the state of a background task (`bgtask_id` from delete, clone, delete-async).
+#[utoipa::path(get, path = "/bgtask/{id}", tag = "folders", summary = "A background task's status and progress (ours)",
+    params(("id" = String, Path, description = "The bgtask_id")),
+    responses((status = 200, description = "task_id, kind, status, progress, message, error", content_type = "application/json"),
+        (status = 404, description = "No such task", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn bgtask(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
     let id = uuid::Uuid::parse_str(&id)
         .map_err(|_| ApiError::invalid_param("id", "expected a background task id (UUID)"))?;

@@ -2,12 +2,13 @@
 //! `DELETE /quota-scope` (a scope that holds no vfolder). On xfs and btrfs the limits are the
 //! kernel's and so is the usage (O(1)); `options.limit_inodes` is our addition (xfs).
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{delete, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::api::AppState;
 use crate::api::error::ApiResult;
@@ -15,16 +16,13 @@ use crate::api::extract::ApiJson;
 use crate::ids::QuotaScopeId;
 use crate::volume::{QuotaLimit, VolumeError};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/quota-scope",
-            post(create).get(describe).patch(update).delete(remove),
-        )
-        .route("/quota-scope/quota", delete(unset))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, describe, update, remove))
+        .routes(routes!(unset))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct QuotaOptions {
     limit_bytes: u64,
     #[serde(default)]
@@ -41,7 +39,7 @@ impl QuotaOptions {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct CreateReq {
     volume: String,
     qsid: QuotaScopeId,
@@ -53,19 +51,22 @@ struct CreateReq {
     extra_args: Option<Value>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct ScopeReq {
     volume: String,
     qsid: QuotaScopeId,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct UpdateReq {
     volume: String,
     qsid: QuotaScopeId,
     options: QuotaOptions,
 }
 
+#[utoipa::path(post, path = "/quota-scope", tag = "quota", request_body = CreateReq,
+    summary = "Create a quota scope",
+    responses((status = 204, description = "Created"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn create(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<CreateReq>,
@@ -77,6 +78,9 @@ async fn create(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/quota-scope", tag = "quota", request_body = ScopeReq,
+    summary = "Usage and limit of a quota scope",
+    responses((status = 200, description = "used_bytes, limit_bytes (null where unknown)", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn describe(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<ScopeReq>,
@@ -99,6 +103,9 @@ async fn describe(
     Ok(Json(body))
 }
 
+#[utoipa::path(patch, path = "/quota-scope", tag = "quota", request_body = UpdateReq,
+    summary = "Set a quota scope limit",
+    responses((status = 204, description = "Updated (created when missing)"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn update(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<UpdateReq>,
@@ -110,6 +117,9 @@ async fn update(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(delete, path = "/quota-scope", tag = "quota", request_body = ScopeReq,
+    summary = "Delete an empty quota scope (ours)",
+    responses((status = 204, description = "Deleted"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn remove(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<ScopeReq>,
@@ -121,6 +131,9 @@ async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(delete, path = "/quota-scope/quota", tag = "quota", request_body = ScopeReq,
+    summary = "Remove a quota scope limit",
+    responses((status = 204, description = "Limit removed"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn unset(State(st): State<AppState>, ApiJson(r): ApiJson<ScopeReq>) -> ApiResult<StatusCode> {
     st.volumes.get(&r.volume)?.unset_quota(&r.qsid).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -2,11 +2,12 @@
 //! `/folder/file/archive-download-token`. An upload token describes its upload session, which is
 //! recorded when the token is first used.
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::post;
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::api::AppState;
 use crate::api::error::{ApiError, ApiResult};
@@ -15,14 +16,14 @@ use crate::api::token::{ArchiveClaims, DownloadClaims, DownloadOp, UploadClaims,
 use crate::ids::VFolderId;
 use crate::volume::RelPath;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/folder/file/upload", post(upload))
-        .route("/folder/file/download", post(download))
-        .route("/folder/file/archive-download-token", post(archive))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(upload))
+        .routes(routes!(download))
+        .routes(routes!(archive))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct UploadReq {
     volume: String,
     vfid: VFolderId,
@@ -38,6 +39,9 @@ fn presign_expiry(st: &AppState) -> std::time::Duration {
     st.config.proxy.session_expire
 }
 
+#[utoipa::path(post, path = "/folder/file/upload", tag = "tokens", request_body = UploadReq,
+    summary = "Mint an upload token (tus)",
+    responses((status = 200, description = "token (and presigned_url on request)", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn upload(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<UploadReq>,
@@ -96,7 +100,7 @@ pub async fn check_upload_destination(
     Ok(v.check_file_destination(vfid, dst).await?)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct DownloadReq {
     volume: String,
     vfid: VFolderId,
@@ -114,6 +118,9 @@ struct DownloadReq {
 
 /// As in Backend.AI, `archive` and `unmanaged_path` are accepted but not put into the token
 /// (the client passes `archive` in the query), and existence is checked at download time.
+#[utoipa::path(post, path = "/folder/file/download", tag = "tokens", request_body = DownloadReq,
+    summary = "Mint a download token",
+    responses((status = 200, description = "token (and presigned_url on request)", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn download(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<DownloadReq>,
@@ -153,7 +160,7 @@ async fn download(
     Ok(Json(body))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct ArchiveReq {
     volume: String,
     virtual_folder_id: VFolderId,
@@ -179,6 +186,9 @@ pub fn check_archive_filename(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+#[utoipa::path(post, path = "/folder/file/archive-download-token", tag = "tokens", request_body = ArchiveReq,
+    summary = "Mint a zip archive token",
+    responses((status = 200, description = "token", content_type = "application/json"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn archive(
     State(st): State<AppState>,
     ApiJson(r): ApiJson<ArchiveReq>,

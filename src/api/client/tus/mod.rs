@@ -201,6 +201,8 @@ fn upload_headers(rec: &UploadRecord, offset: u64) -> HeaderMap {
 
 // ---- handlers -------------------------------------------------------------------------------
 
+#[utoipa::path(options, path = "/upload", tag = "tus", summary = "tus capabilities (and CORS preflight)",
+    responses((status = 200, description = "Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm")))]
 pub async fn options(State(st): State<AppState>) -> Response {
     let mut h = HeaderMap::new();
     let mut put = |k: &'static str, v: &str| {
@@ -222,6 +224,9 @@ pub async fn options(State(st): State<AppState>) -> Response {
     (StatusCode::OK, h).into_response()
 }
 
+#[utoipa::path(head, path = "/upload", tag = "tus", summary = "Where an upload stands",
+    params(("token" = String, Query, description = "The JWT the manager API minted")),
+    responses((status = 200, description = "Upload-Offset, Upload-Length, Upload-Expires"), (status = "4XX", description = "Refused", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn head(
     State(st): State<AppState>,
     ApiQuery(q): ApiQuery<UploadQuery>,
@@ -232,6 +237,9 @@ pub async fn head(
     Ok((StatusCode::OK, upload_headers(&rec, offset_of(&rec))).into_response())
 }
 
+#[utoipa::path(delete, path = "/upload", tag = "tus", summary = "Terminate an upload",
+    params(("token" = String, Query, description = "The JWT the manager API minted")),
+    responses((status = 204, description = "Terminated"), (status = "4XX", description = "Refused", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn delete(
     State(st): State<AppState>,
     ApiQuery(q): ApiQuery<UploadQuery>,
@@ -254,6 +262,10 @@ pub async fn delete(
         .into_response())
 }
 
+#[utoipa::path(patch, path = "/upload", tag = "tus", summary = "Append bytes at Upload-Offset (Upload-Checksum optional)",
+    params(("token" = String, Query, description = "The JWT the manager API minted"), ("dst_dir" = Option<String>, Query, description = "Backend.AI's destination directory override")),
+    request_body(content = Vec<u8>, content_type = "application/offset+octet-stream"),
+    responses((status = 204, description = "Upload-Offset: the new durable offset"), (status = 460, description = "Checksum mismatch: nothing kept"), (status = 507, description = "Quota or disk full: the offset is intact", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "4XX", description = "Refused", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn patch(
     State(st): State<AppState>,
     ApiQuery(q): ApiQuery<UploadQuery>,
@@ -319,6 +331,9 @@ fn expected_checksum(headers: &HeaderMap) -> ApiResult<Option<Expected>> {
 
 /// `POST /upload?token=…`: tus creation for clients that create their own uploads. The record
 /// exists since the token was minted; POST confirms its length and answers with its URL.
+#[utoipa::path(post, path = "/upload", tag = "tus", summary = "Create an upload (tus creation, with-upload)",
+    params(("token" = String, Query, description = "The JWT the manager API minted")),
+    responses((status = 201, description = "Location of the upload; Upload-Offset when data came with it"), (status = "4XX", description = "Refused", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn post(
     state: State<AppState>,
     query: ApiQuery<UploadQuery>,
