@@ -136,6 +136,39 @@ macro_rules! serde_as_string {
 serde_as_string!(QuotaScopeId);
 serde_as_string!(VFolderId);
 
+/// OpenAPI: ids are strings in their Backend.AI forms.
+fn string_schema(
+    description: &str,
+    example: &str,
+) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(description))
+        .examples([example])
+        .into()
+}
+
+impl utoipa::PartialSchema for QuotaScopeId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        string_schema(
+            "A quota scope: user:<uuid> or project:<uuid>",
+            "user:5ae8c1b2-7f0d-4d5e-9c3a-2b1e0f6a7d88",
+        )
+    }
+}
+impl utoipa::ToSchema for QuotaScopeId {}
+
+impl utoipa::PartialSchema for VFolderId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        string_schema(
+            "A vfolder: <quota scope>/<uuid as 32 hex digits>",
+            "user:5ae8c1b2-7f0d-4d5e-9c3a-2b1e0f6a7d88/0f1e2d3c4b5a69788796a5b4c3d2e1f0",
+        )
+    }
+}
+impl utoipa::ToSchema for VFolderId {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,36 +228,3 @@ mod tests {
         }
     }
 }
-
-/// OpenAPI: ids are strings in their Backend.AI forms.
-fn string_schema(
-    description: &str,
-    example: &str,
-) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-    use utoipa::openapi::schema::{ObjectBuilder, Type};
-    ObjectBuilder::new()
-        .schema_type(Type::String)
-        .description(Some(description))
-        .examples([example])
-        .into()
-}
-
-impl utoipa::PartialSchema for QuotaScopeId {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        string_schema(
-            "A quota scope: user:<uuid> or project:<uuid>",
-            "user:5ae8c1b2-7f0d-4d5e-9c3a-2b1e0f6a7d88",
-        )
-    }
-}
-impl utoipa::ToSchema for QuotaScopeId {}
-
-impl utoipa::PartialSchema for VFolderId {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        string_schema(
-            "A vfolder: <quota scope>/<uuid as 32 hex digits>",
-            "user:5ae8c1b2-7f0d-4d5e-9c3a-2b1e0f6a7d88/0f1e2d3c4b5a69788796a5b4c3d2e1f0",
-        )
-    }
-}
-impl utoipa::ToSchema for VFolderId {}

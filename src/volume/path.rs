@@ -135,6 +135,21 @@ impl<'de> serde::Deserialize<'de> for RelPath {
     }
 }
 
+/// OpenAPI: a path relative to the vfolder root.
+impl utoipa::PartialSchema for RelPath {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some(
+                "A path relative to the vfolder root (\".\" is the root); never absolute, never ..",
+            ))
+            .examples(["data/train.csv"])
+            .into()
+    }
+}
+impl utoipa::ToSchema for RelPath {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,18 +192,3 @@ mod tests {
         );
     }
 }
-
-/// OpenAPI: a path relative to the vfolder root.
-impl utoipa::PartialSchema for RelPath {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        use utoipa::openapi::schema::{ObjectBuilder, Type};
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .description(Some(
-                "A path relative to the vfolder root (\".\" is the root); never absolute, never ..",
-            ))
-            .examples(["data/train.csv"])
-            .into()
-    }
-}
-impl utoipa::ToSchema for RelPath {}

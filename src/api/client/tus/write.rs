@@ -350,15 +350,12 @@ async fn write_locked(
         // directory), made by the write itself when it could. Until then the record keeps its
         // last committed offset, which a crash before the move falls back to.
         if staged.finished {
-            // The file is in place, durably: that is the promise of the 204. Remembering the
-            // upload as done promises nothing more (it is not synced either), so it does not
-            // hold the answer up.
-            let (uploads, done) = (st.uploads.clone(), (*rec).clone());
-            tokio::spawn(async move {
-                if let Err(e) = uploads.record_done(&done).await {
-                    tracing::warn!(session = %done.session, error = %e, "cannot record a completed upload");
-                }
-            });
+            // The file is in place, durably: that is the promise of the 204. The done record
+            // (not synced: a relaxed write) still goes first, so a HEAD right after the 204
+            // already answers the full offset.
+            if let Err(e) = st.uploads.record_done(&rec).await {
+                tracing::warn!(session = %rec.session, error = %e, "cannot record a completed upload");
+            }
         } else {
             st.uploads.complete(&rec, &dst).await?;
         }
