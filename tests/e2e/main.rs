@@ -7,6 +7,7 @@ mod azure;
 mod backends;
 mod bgtasks;
 mod config_check;
+mod container;
 mod coord;
 mod crash;
 mod ctl;
