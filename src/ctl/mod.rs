@@ -80,6 +80,16 @@ enum CtlCommand {
         #[arg(default_value = ".")]
         local: PathBuf,
     },
+    /// A client-API URL with a fresh token, for other clients (curl, tus clients, browsers).
+    Url {
+        kind: UrlKind,
+        volume: String,
+        vfid: String,
+        path: String,
+        /// The upload's length (uploads only).
+        #[arg(long)]
+        size: Option<u64>,
+    },
     /// SFTP and file browser sessions.
     Session {
         #[command(subcommand)]
@@ -135,6 +145,12 @@ enum FolderCommand {
         volume: String,
         vfid: String,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum UrlKind {
+    Upload,
+    Download,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -326,6 +342,38 @@ async fn dispatch(conn: &Conn, out: &Out, command: CtlCommand) -> Result<()> {
                     );
                 }
             });
+        }
+        CtlCommand::Url {
+            kind,
+            volume,
+            vfid,
+            path,
+            size,
+        } => {
+            let (route, body, client_path) = match kind {
+                UrlKind::Upload => {
+                    let size = size.ok_or_else(|| {
+                        CtlError::usage("an upload URL needs --size (the upload's length)")
+                    })?;
+                    (
+                        "/folder/file/upload",
+                        json!({"volume": volume, "vfid": vfid, "relpath": path, "size": size}),
+                        "/upload",
+                    )
+                }
+                UrlKind::Download => (
+                    "/folder/file/download",
+                    json!({"volume": volume, "vfid": vfid, "relpath": path}),
+                    "/download",
+                ),
+            };
+            let t = conn.mgr(Method::POST, route, body).await?;
+            let url = format!(
+                "{}{client_path}?token={}",
+                conn.client,
+                t["token"].as_str().unwrap_or_default()
+            );
+            out.value(&json!({"url": url}), |_| println!("{url}"));
         }
         CtlCommand::Session { command } => session(conn, out, command).await?,
         CtlCommand::Capacity => {
