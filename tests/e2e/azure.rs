@@ -179,3 +179,80 @@ async fn a_wrong_key_or_a_dead_endpoint_fail_clearly_and_never_hang() {
         .await;
     refused_clearly(&d, "connect").await;
 }
+
+/// A session mounts a container with rclone through a container SAS (never the account key),
+/// and sees what the API wrote.
+#[tokio::test]
+async fn a_session_mounts_its_container_through_a_sas() {
+    let az = Azurite::start();
+    let d = Daemon::builder()
+        .agent()
+        .azure(&az.endpoint(), "sess-")
+        .start()
+        .await;
+    let _g = crate::common::agent::ContainerGuard(d.node_id());
+    let user = uuid::Uuid::new_v4();
+    let vfid = format!("user:{user}/{}", uuid::Uuid::new_v4().simple());
+    create(&d, &vfid).await;
+    az.py(&format!(
+        "svc.get_container_client({:?}).upload_blob('hello.txt', b'from azure')",
+        bucket_of("sess-", &vfid)
+    ));
+    let (key, public) = crate::common::agent::keypair(d.dir.path(), "az");
+    let mut rpc = d.rpc().await;
+    let s = rpc
+        .create_session(storage_agent::pb::CreateSessionRequest {
+            kind: storage_agent::pb::SessionKind::Sftp as i32,
+            user_id: user.to_string(),
+            access_key: "AKIATEST".into(),
+            resource_group: "storage".into(),
+            mounts: vec![crate::common::agent::mount("vol1", &vfid, "data", false)],
+            credentials: Some(storage_agent::pb::Credentials {
+                public_keys: vec![public],
+                generate_password: false,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("create session")
+        .into_inner()
+        .session
+        .unwrap();
+    let local = d.dir.path().join("got.txt");
+    let out = crate::common::agent::sftp_key(
+        &key,
+        "work",
+        s.endpoints[0].port as u16,
+        &format!("get data/hello.txt {}\n", local.display()),
+    );
+    assert!(out.status.success(), "{}", crate::common::agent::text(&out));
+    assert_eq!(std::fs::read(&local).unwrap(), b"from azure");
+    // The mount's credentials are a SAS for this container, not the account key.
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&ps.stdout).contains(crate::common::azurite::KEY));
+    let env = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| {
+            let cmd = std::fs::read_to_string(p.path().join("cmdline")).ok()?;
+            cmd.contains(":azureblob:").then(|| {
+                std::fs::read(p.path().join("environ"))
+                    .map(|e| String::from_utf8_lossy(&e).into_owned())
+                    .unwrap_or_default()
+            })
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        env.contains("RCLONE_AZUREBLOB_SAS_URL="),
+        "rclone runs on a SAS"
+    );
+    assert!(env.contains("sr=c"), "a container SAS");
+    assert!(
+        !env.contains(crate::common::azurite::KEY),
+        "never the account key"
+    );
+}
