@@ -61,7 +61,12 @@ def wait_port(port, timeout=60):
 
 
 def run(cmd, **kw):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+    p = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if p.returncode != 0:
+        # What the tool said, not just its exit status.
+        raise RuntimeError(f"{cmd[0]} {cmd[1] if len(cmd) > 1 else ''} exited {p.returncode}:\n"
+                           f"{p.stderr[-4000:]}")
+    return p.stdout
 
 
 def tree_pids(pid):

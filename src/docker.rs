@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use bollard::models::{
     ContainerCreateBody, HostConfig, MountBindOptions, MountBindOptionsPropagationEnum, MountType,
-    PortBinding,
+    NetworkCreateRequest, PortBinding,
 };
 use bollard::query_parameters::{
     BuildImageOptions, CreateContainerOptions, EventsOptions, InspectContainerOptions,
-    ListContainersOptions, LogsOptions, RemoveContainerOptions, StatsOptions,
+    ListContainersOptions, ListNetworksOptions, LogsOptions, RemoveContainerOptions, StatsOptions,
 };
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -175,13 +175,21 @@ pub struct ContainerEvent {
 
 pub struct Docker {
     socket: String,
+    /// The network session containers join; `bridge` is Docker's default one.
+    network: String,
     client: OnceCell<bollard::Docker>,
 }
 
+/// Docker's own bridge option: with it off, containers on the network cannot reach each other
+/// (only the published ports, from outside), so a compromised sshd or dufs cannot probe the
+/// node's other sessions.
+const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
+
 impl Docker {
-    pub fn new(socket: &str) -> Self {
+    pub fn new(socket: &str, network: &str) -> Self {
         Docker {
             socket: socket.to_string(),
+            network: network.to_string(),
             client: OnceCell::new(),
         }
     }
@@ -315,16 +323,87 @@ impl Docker {
         Ok(())
     }
 
-    /// Creates and starts a container; on a failed start the container is removed again.
-    pub async fn run(&self, spec: &ContainerSpec) -> Result<String, DockerError> {
+    /// The sessions' network, made when missing as a bridge with inter-container traffic off
+    /// (one an operator made is used as it is). Asked every time (about a millisecond), like
+    /// images, so a removed network comes back. Returns the network's id.
+    ///
+    /// Docker before API 1.44 lets two concurrent creates make two networks of one name (and
+    /// then refuses the name as ambiguous), and every daemon on the host may be creating it.
+    /// So the name is only looked up by listing, and everyone settles on the oldest network of
+    /// that name, which every creator sees once its own create is done; the younger ones are
+    /// removed when empty.
+    async fn ensure_network(&self) -> Result<String, DockerError> {
+        if let Some(id) = self.oldest_network().await? {
+            return Ok(id);
+        }
+        let request = NetworkCreateRequest {
+            name: self.network.clone(),
+            driver: Some("bridge".into()),
+            options: Some(HashMap::from([(ICC_OPTION.into(), "false".into())])),
+            labels: Some(HashMap::from([(LABEL_KIND.into(), "sessions".into())])),
+            ..Default::default()
+        };
         let client = self.client().await?;
+        let mine = match client.create_network(request).await {
+            Ok(created) => Some(created.id),
+            Err(e) => match self.map(e) {
+                DockerError::Api(m) if m.contains("already exists") => None,
+                e => return Err(e),
+            },
+        };
+        let chosen = self.oldest_network().await?.ok_or_else(|| {
+            DockerError::Api(format!(
+                "network {} vanished after its creation",
+                self.network
+            ))
+        })?;
+        if let Some(mine) = mine.filter(|m| *m != chosen) {
+            // Lost the race: ours is empty (nothing joins it), so it goes.
+            if let Err(e) = client.remove_network(&mine).await {
+                tracing::warn!(network = %mine, "cannot remove a duplicate network: {e}");
+            }
+        }
+        Ok(chosen)
+    }
+
+    /// The id of the oldest network named exactly like the sessions' network.
+    async fn oldest_network(&self) -> Result<Option<String>, DockerError> {
+        let client = self.client().await?;
+        // The name filter matches substrings: compare exactly.
+        let filters = HashMap::from([("name".to_string(), vec![self.network.clone()])]);
+        let list = client
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(filters),
+            }))
+            .await
+            .map_err(|e| self.map(e))?;
+        Ok(list
+            .into_iter()
+            .filter(|n| n.name.as_deref() == Some(self.network.as_str()))
+            .min_by(|a, b| (&a.created, &a.id).cmp(&(&b.created, &b.id)))
+            .and_then(|n| n.id))
+    }
+
+    /// Creates and starts a container on the sessions' network; on a failed start the
+    /// container is removed again.
+    pub async fn run(&self, spec: &ContainerSpec) -> Result<String, DockerError> {
+        let network = if self.network == "bridge" {
+            self.network.clone()
+        } else {
+            self.ensure_network().await?
+        };
+        let client = self.client().await?;
+        let mut body = spec.to_bollard();
+        if let Some(hc) = body.host_config.as_mut() {
+            hc.network_mode = Some(network);
+        }
         let created = client
             .create_container(
                 Some(CreateContainerOptions {
                     name: Some(spec.name.clone()),
                     ..Default::default()
                 }),
-                spec.to_bollard(),
+                body,
             )
             .await
             .map_err(|e| self.map(e))?;

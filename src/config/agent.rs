@@ -38,6 +38,9 @@ pub struct AgentConfig {
     pub reap_interval: Duration,
     pub start_timeout: Duration,
     pub docker_socket: String,
+    /// The Docker network sessions join (made with inter-container traffic off when missing);
+    /// `bridge` is Docker's default network.
+    pub network: String,
     pub base_image: String,
     pub heartbeat_interval: Duration,
     pub rpc: RpcConfig,
@@ -170,6 +173,7 @@ pub(super) fn read(root: &Section) -> AgentConfig {
         reap_interval: a.duration("reap-interval", Duration::from_secs(30)),
         start_timeout: a.duration("start-timeout", Duration::from_secs(120)),
         docker_socket: a.string("docker-socket", "/var/run/docker.sock"),
+        network: a.string("network", "storage-agent"),
         base_image: a.string("base-image", "debian:bookworm-slim"),
         heartbeat_interval: a.duration("heartbeat-interval", Duration::from_secs(20)),
         rpc,
@@ -217,6 +221,19 @@ pub(super) fn read(root: &Section) -> AgentConfig {
             a.key_path("reap-interval"),
             "0",
             "reap-interval and heartbeat-interval above zero",
+        );
+    }
+    // Docker's rule for network names.
+    let valid_network = cfg.network.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && cfg
+            .network
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !valid_network {
+        a.problems().push(
+            a.key_path("network"),
+            format!("{:?}", cfg.network),
+            "a Docker network name ([a-zA-Z0-9][a-zA-Z0-9_.-]*), or bridge for Docker's default",
         );
     }
     if cfg.public_host.is_empty() || cfg.public_host.contains(char::is_whitespace) {

@@ -85,7 +85,7 @@ impl SessionManager {
         std::fs::create_dir_all(agent_dir.join("sessions"))?;
         mounts::clean_leftovers(&agent_dir.join("mounts"));
         let host_key = HostKey::load_or_create(&agent_dir.join("ssh"))?;
-        let docker = Arc::new(Docker::new(&cfg.docker_socket));
+        let docker = Arc::new(Docker::new(&cfg.docker_socket, &cfg.network));
         let certs = session_certs(&cfg, &config.daemon.state_dir, &config.proxy.node_id)
             .map_err(std::io::Error::other)?;
         let initial = capacity::compute(

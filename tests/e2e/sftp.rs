@@ -286,3 +286,85 @@ async fn sftp_session_end_to_end() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
 }
+
+/// Sessions share a network where containers cannot reach each other (review F15): a user who
+/// took over one session's sshd cannot probe another user's session, while the host (and so the
+/// published ports) still reaches both.
+#[tokio::test]
+async fn sessions_cannot_reach_each_other() {
+    let d = Daemon::builder().agent().start().await;
+    let _g = ContainerGuard(d.node_id());
+    let mut rpc = d.rpc().await;
+    let mut ips = Vec::new();
+    let mut ids = Vec::new();
+    for name in ["a", "b"] {
+        let user = uuid::Uuid::new_v4();
+        let (vf, _) = d.user_vfolder(&user).await;
+        let (_, public) = keypair(d.dir.path(), name);
+        let s = rpc
+            .create_session(create_req(
+                &user,
+                vec![mount("vol1", &vf, "data", false)],
+                vec![public],
+                false,
+            ))
+            .await
+            .expect("create session")
+            .into_inner()
+            .session
+            .unwrap();
+        let c = inspect(&s.container_id);
+        let nets = c["NetworkSettings"]["Networks"].as_object().unwrap();
+        assert_eq!(
+            nets.keys().collect::<Vec<_>>(),
+            ["storage-agent"],
+            "only on the sessions' network"
+        );
+        ips.push(
+            nets["storage-agent"]["IPAddress"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+        ids.push(s.container_id);
+    }
+    let out = Command::new("docker")
+        .args(["network", "inspect", "storage-agent"])
+        .output()
+        .unwrap();
+    let net: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        net[0]["Options"]["com.docker.network.bridge.enable_icc"], "false",
+        "inter-container traffic off"
+    );
+    // The host reaches b's sshd directly...
+    let from_host = std::net::TcpStream::connect_timeout(
+        &format!("{}:22", ips[1]).parse().unwrap(),
+        std::time::Duration::from_secs(3),
+    );
+    assert!(
+        from_host.is_ok(),
+        "the host reaches a session: {from_host:?}"
+    );
+    // ...and a's container cannot.
+    let probe = format!("echo > /dev/tcp/{}/22", ips[1]);
+    let out = Command::new("docker")
+        .args(["exec", &ids[0], "timeout", "3", "bash", "-c", &probe])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a session reached another: {}",
+        text(&out)
+    );
+    let to_self = format!("echo > /dev/tcp/{}/22", ips[0]);
+    let out = Command::new("docker")
+        .args(["exec", &ids[0], "timeout", "3", "bash", "-c", &to_self])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the probe itself works (own address): {}",
+        text(&out)
+    );
+}
