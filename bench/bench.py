@@ -63,10 +63,16 @@ def wait_port(port, timeout=60):
 def run(cmd, **kw):
     p = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if p.returncode != 0:
-        # What the tool said, not just its exit status.
-        raise RuntimeError(f"{cmd[0]} {cmd[1] if len(cmd) > 1 else ''} exited {p.returncode}:\n"
-                           f"{p.stderr[-4000:]}")
+        # What the tool said (a panic's message comes first), not just its exit status.
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {p.returncode}:\n{p.stderr[:3000]}")
     return p.stdout
+
+
+def empty(d):
+    """Removes what a measurement wrote (a full run writes about 50 GiB otherwise, and a full
+    disk fails the later scenarios)."""
+    for p in Path(d).iterdir():
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def tree_pids(pid):
@@ -219,7 +225,7 @@ class Proxy:
 class StorageAgent(Proxy):
     name = "storage-agent"
 
-    def __init__(self, work, binary, agent_ports=None, backend="vfs", vol=None, volume_extra=""):
+    def __init__(self, work, binary, agent_ports=None, backend="vfs", vol=None, volume_extra="", daemon_extra=""):
         self.dir = work / "sa"
         self.vol = vol or self.dir / "vol1"
         self.vol.mkdir(parents=True, exist_ok=True)
@@ -236,7 +242,7 @@ class StorageAgent(Proxy):
         cfg.write_text(
             f'[storage-proxy]\nnode-id = "bench-{os.getpid()}"\nsecret = "{JWT_SECRET}"\n'
             'session-expire = "1d"\nmax-upload-size = "100g"\n'
-            f'[storage-agent]\nstate-dir = "{self.dir / "state"}"\nlog-level = "warn"\n'
+            f'[storage-agent]\nstate-dir = "{self.dir / "state"}"\nlog-level = "warn"\n{daemon_extra}'
             '[api.client]\nservice-addr = "127.0.0.1:0"\n'
             f'[api.manager]\nservice-addr = "127.0.0.1:0"\ninternal-addr = "127.0.0.1:0"\nsecret = "{MANAGER_SECRET}"\n'
             f'[volume.vol1]\nbackend = "{backend}"\npath = "{self.vol}"\n{volume_extra}' + agent
@@ -498,7 +504,7 @@ class Bench:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def bench(self, *args):
-        return run([self.bench_bin, *map(str, args)])
+        return run([self.bench_bin, *map(str, args)], env={**os.environ, "RUST_BACKTRACE": "0"})
 
     @staticmethod
     def field(out, key):
@@ -524,11 +530,16 @@ class Bench:
         warm(src)  # into the page cache: the sender is not the bottleneck
         size = self.big
         label = f"upload {size >> 20} MiB"
-        res = {k: [] for k in ["dd", "sa1", "sa16", "py1", "py16", "tus1", "tus16"]}
+        res = {k: [] for k in ["dd", "sa1", "sa16", "py1", "py16", "tus1", "tus16", "off1"]}
+        # The same daemon with the checkpoints of a long PATCH pushed out of reach: what they cost.
+        off = self.start(StorageAgent(self.work / "no-checkpoints", self.sa_bin, daemon_extra=(
+            'upload-checkpoint-interval = "365d"\nupload-checkpoint-bytes = "1000t"\n')))
         for _ in range(self.rounds):
-            for who, proxy in (("sa", sa), ("py", py)):
+            for who, proxy in (("sa", sa), ("off", off), ("py", py)):
                 vfid = proxy.new_vfolder()
                 for chunk, key in ((0, "1"), (16 << 20, "16")):
+                    if who == "off" and chunk:
+                        continue
                     os.sync()  # every upload starts with the disk's writeback drained
                     url = proxy.upload_url(vfid, f"up{key}.bin", size)
                     out = self.bench("upload", "--url", url, "--file", src, "--chunk", chunk)
@@ -539,13 +550,17 @@ class Bench:
                     t = time.time()
                     run(["dd", f"if={src}", f"of={d}/dd.bin", "bs=16M", "conv=fsync", "status=none"])
                     res["dd"].append(size / (time.time() - t) / MB)
+                empty(proxy.vfolder_path(vfid))
             for chunk, key in ((0, "1"), (16 << 20, "16")):
                 os.sync()
                 out = self.bench("upload", "--url", tus.endpoint, "--file", src, "--chunk", chunk, "--create")
                 res["tus" + key].append(self.field(out, "MBps"))
+                empty(tus.dir)
         r = self.results
         for key, scen in (("1", f"{label}, one PATCH"), ("16", f"{label}, 16 MiB PATCHes")):
             r.add(scen, "storage-agent", "MB/s", res["sa" + key])
+            if key == "1":
+                r.add(scen, "storage-agent, checkpoints off", "MB/s", res["off1"])
             r.add(scen, "python-proxy", "MB/s", res["py" + key])
             r.add(scen, "tus-server", "MB/s", res["tus" + key])
             r.add(scen, "dd conv=fsync", "MB/s", res["dd"])
@@ -783,8 +798,10 @@ class Bench:
                     "--client", proxy.client, "--secret", MANAGER_SECRET, "--volume", "vol1", "--vfid", vfid,
                 )
                 res[proxy.name].append(self.field(out, "MBps"))
+                empty(proxy.vfolder_path(vfid))
             out = self.bench("concurrent-uploads", "--file", src, "--n", 8, "--tus-endpoint", tus.endpoint)
             res["tus-server"].append(self.field(out, "MBps"))
+            empty(tus.dir)
         for name, v in res.items():
             self.results.add(f"8 concurrent {size >> 20} MiB uploads", name, "MB/s (all)", v)
 

@@ -43,6 +43,16 @@ smoke() {
   rm -rf "$dir"
 }
 
+install() {
+  # `cargo install --path .` (README): the installed binary runs and accepts the embedded
+  # default. The debug profile and this target dir, so it reuses what the build phase compiled.
+  local root; root=$(mktemp -d)
+  CARGO_TARGET_DIR=$PWD/target cargo install --quiet --locked --debug --path . --root "$root"
+  "$root/bin/storage-agent" --version
+  (cd "$root" && bin/storage-agent config check)
+  rm -rf "$root"
+}
+
 phase packages  scripts/testenv.sh packages
 phase docker    scripts/testenv.sh docker
 phase image     scripts/testenv.sh base-image
@@ -56,4 +66,5 @@ phase build     cargo build --all-targets --locked
 phase test      cargo test --locked -- --test-threads="${TEST_THREADS:-4}"
 phase bench     ./bench/run.sh --smoke
 phase smoke     smoke
+phase install   install
 summary
