@@ -65,7 +65,7 @@ pub async fn start_fb(d: &Daemon, user: &uuid::Uuid, vf: &str) -> pb::CreateSess
 }
 
 /// curl with the session's CA pinned; returns (status, body).
-fn curl(ca: &Path, args: &[&str]) -> (u16, Vec<u8>) {
+pub fn curl(ca: &Path, args: &[&str]) -> (u16, Vec<u8>) {
     require("curl", "apt-get install curl");
     let dir = tempfile::tempdir().unwrap();
     let body = dir.path().join("b");

@@ -378,3 +378,85 @@ async fn sftp_past_the_quota_fails_in_the_client_and_the_node_keeps_working() {
     assert_eq!(r.status, 200);
     assert!(r.json()["used_bytes"].as_u64().unwrap() < 5 * MIB);
 }
+
+/// A file browser session uploading past its scope's btrfs limit gets an error in the browser's
+/// HTTP answer; nothing beyond the limit lands, and a small file goes through afterwards.
+#[tokio::test]
+async fn file_browser_past_the_quota_fails_and_the_node_keeps_working() {
+    use crate::filebrowser::{FilebrowserBuilder, curl, start_fb};
+    require("btrfs", "apt-get install btrfs-progs");
+    let fs = LoopFs::btrfs(512 * MIB);
+    let d = Daemon::builder()
+        .filebrowser()
+        .set("volume.vol1.backend", "btrfs")
+        .set("volume.vol1.path", fs.dir("vol1").display().to_string())
+        .start()
+        .await;
+    let _g = ContainerGuard(d.node_id());
+    let user = uuid::Uuid::new_v4();
+    let qs = format!("user:{user}");
+    let r = d
+        .mgr(
+            "POST",
+            "/quota-scope",
+            json!({"volume": "vol1", "qsid": qs, "options": {"limit_bytes": 5 * MIB}}),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let (vf, vf_path) = d.user_vfolder(&user).await;
+    let created = start_fb(&d, &user, &vf).await;
+    let s = created.session.unwrap();
+    let ca = d.dir.path().join("ca.pem");
+    std::fs::write(&ca, &created.ca_cert_pem).unwrap();
+    let base = format!("https://127.0.0.1:{}", s.endpoints[0].port);
+    let auth = format!("work:{}", created.password);
+    let big = d.dir.path().join("big.bin");
+    crate::common::random_file(&big, 12 * MIB, 8);
+
+    let (code, body) = curl(
+        &ca,
+        &[
+            "-u",
+            &auth,
+            "-T",
+            big.to_str().unwrap(),
+            &format!("{base}/work/big.bin"),
+        ],
+    );
+    assert!(
+        !(200..300).contains(&code),
+        "12 MiB into a 5 MiB scope answered {code}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    let written = std::fs::metadata(vf_path.join("big.bin"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(written <= 5 * MIB, "{written}");
+
+    let _ = curl(
+        &ca,
+        &["-u", &auth, "-X", "DELETE", &format!("{base}/work/big.bin")],
+    );
+    let small = d.dir.path().join("small.bin");
+    std::fs::write(&small, b"still fits").unwrap();
+    let (code, _) = curl(
+        &ca,
+        &[
+            "-u",
+            &auth,
+            "-T",
+            small.to_str().unwrap(),
+            &format!("{base}/work/small.bin"),
+        ],
+    );
+    assert_eq!(code, 201);
+    assert_eq!(
+        std::fs::read(vf_path.join("small.bin")).unwrap(),
+        b"still fits"
+    );
+    let r = d
+        .mgr("GET", "/quota-scope", json!({"volume": "vol1", "qsid": qs}))
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.json()["used_bytes"].as_u64().unwrap() < 5 * MIB);
+}
