@@ -602,3 +602,38 @@ async fn dead_endpoints_and_wrong_keys_fail_clearly_and_never_hang() {
     refused_clearly(&d, "signature").await;
     drop(silent);
 }
+
+/// A service behind TLS: its certificate is verified (a self-signed one takes the volume
+/// offline, saying why), and with `tls-verify = false` everything works over HTTPS.
+#[tokio::test]
+async fn tls_endpoints_are_verified_unless_told_otherwise() {
+    let moto = Moto::start_tls();
+    let d = Daemon::builder().s3(&moto.endpoint(), "tls-").start().await;
+    refused_clearly(&d, "certificate").await;
+    drop(d);
+
+    let d = Daemon::builder()
+        .s3(&moto.endpoint(), "tls-")
+        .set("volume.vol1.tls-verify", false)
+        .start()
+        .await;
+    let vfid = random_vfid();
+    create(&d, &vfid).await;
+    put_small(&d, &vfid, "over/tls.txt", b"sent over https").await;
+    let t = d
+        .token(
+            "/folder/file/download",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "over/tls.txt"}),
+        )
+        .await;
+    let r = send(d.http.get(d.url("client", &format!("/download?token={t}")))).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], b"sent over https");
+    let buckets = moto.buckets();
+    assert_eq!(buckets.len(), 1, "{buckets:?}");
+    let got = moto.boto(&format!(
+        "print(s3.get_object(Bucket={:?}, Key='over/tls.txt')['Body'].read().decode())",
+        buckets[0]
+    ));
+    assert_eq!(got.trim(), "sent over https");
+}

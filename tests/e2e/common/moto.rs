@@ -10,6 +10,8 @@ use super::{Builder, run};
 
 pub struct Moto {
     pub port: u16,
+    /// Serving HTTPS with moto's own self-signed certificate.
+    tls: bool,
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -22,6 +24,11 @@ impl Moto {
         Self::start_with(&[])
     }
 
+    /// A moto serving HTTPS with a self-signed certificate no trust store knows.
+    pub fn start_tls() -> Self {
+        Self::launch(&[], true)
+    }
+
     /// A moto that checks signatures against IAM: with no user created, every key is wrong
     /// (how a service with bad credentials answers).
     pub fn start_with_auth() -> Self {
@@ -29,12 +36,17 @@ impl Moto {
     }
 
     fn start_with(env: &[(&str, &str)]) -> Self {
+        Self::launch(env, false)
+    }
+
+    fn launch(env: &[(&str, &str)], tls: bool) -> Self {
         require("moto_server", "pip install 'moto[server]'");
         require_python_module("boto3", "boto3");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .args(if tls { &["--ssl"][..] } else { &[] })
             .envs(env.iter().copied())
             .env_remove("AWS_CA_BUNDLE")
             .stdout(Stdio::null())
@@ -43,6 +55,7 @@ impl Moto {
             .expect("moto_server");
         let m = Moto {
             port,
+            tls,
             child,
             _dir: dir,
         };
@@ -55,7 +68,8 @@ impl Moto {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Runs Python with `s3` bound to a boto3 client of this server; returns its stdout.
@@ -63,8 +77,9 @@ impl Moto {
         let script = format!(
             "import boto3, hashlib, sys, json\n\
              s3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='{KEY}', \
-             aws_secret_access_key='{SECRET}', region_name='us-east-1')\n{code}\n",
-            self.endpoint()
+             aws_secret_access_key='{SECRET}', region_name='us-east-1', verify={})\n{code}\n",
+            self.endpoint(),
+            if self.tls { "False" } else { "None" }
         );
         run(Command::new("python3")
             .arg("-c")
