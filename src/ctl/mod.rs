@@ -565,7 +565,10 @@ fn session_json(s: &crate::pb::Session) -> Value {
     json!({
         "id": s.id,
         "kind": if s.kind == crate::pb::SessionKind::Sftp as i32 { "sftp" } else { "filebrowser" },
-        "state": crate::pb::SessionState::try_from(s.state).map(|x| x.as_str_name().to_string()).unwrap_or_default(),
+        // "running", not the proto's SESSION_STATE_RUNNING.
+        "state": crate::pb::SessionState::try_from(s.state)
+            .map(|x| x.as_str_name().trim_start_matches("SESSION_STATE_").to_lowercase())
+            .unwrap_or_default(),
         "user_id": s.user_id,
         "username": s.username,
         "endpoints": s.endpoints.iter().map(|e| json!({"protocol": e.protocol, "url": e.url, "port": e.port})).collect::<Vec<_>>(),

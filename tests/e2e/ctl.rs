@@ -264,13 +264,13 @@ async fn sessions_from_the_command_line() {
             .unwrap()
             .starts_with("sftp://")
     );
-    assert_eq!(created["state"], "SESSION_STATE_RUNNING");
+    assert_eq!(created["state"], "running");
     let listed = run_json(&d, &["session", "list"]);
     assert!(listed["sessions"].to_string().contains(&id));
     let human = ctl(&d, &["session", "list"]).output().unwrap();
     assert!(String::from_utf8_lossy(&human.stdout).starts_with("SESSION"));
     let gone = run_json(&d, &["session", "destroy", &id]);
-    assert_eq!(gone["state"], "SESSION_STATE_TERMINATED");
+    assert_eq!(gone["state"], "terminated");
     let cap = run_json(&d, &["capacity"]);
     assert!(cap["max_containers"].as_u64().unwrap() > 0);
 }
