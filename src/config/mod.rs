@@ -201,6 +201,9 @@ pub struct VolumeConfig {
     pub object: Option<object::ObjectConfig>,
     /// A remote filesystem mounted at `path`, at startup or on request.
     pub mount: Option<remote::RemoteMount>,
+    /// `xfs` only: the directory of the `projects` and `projid` files to keep (normally `/etc`);
+    /// none kept when unset.
+    pub project_files: Option<PathBuf>,
 }
 
 /// Finds the config file: `--config`, `$STORAGE_AGENT_CONFIG`, then the lookup paths; none of
@@ -586,9 +589,25 @@ fn read_volume(name: String, sec: &Section) -> VolumeConfig {
             None
         },
         mount: remote::read(sec, &backend),
+        project_files: sec.opt_string("project-files").map(PathBuf::from),
         backend,
         name,
     };
+    if let Some(dir) = &v.project_files {
+        if v.backend != "xfs" {
+            sec.problems().push(
+                sec.key_path("project-files"),
+                format!("set on a {} volume", v.backend),
+                "only on xfs volumes (the XFS project files)",
+            );
+        } else if !dir.is_dir() {
+            sec.problems().push(
+                sec.key_path("project-files"),
+                format!("{} (not an existing directory)", dir.display()),
+                "the directory of projects and projid, e.g. /etc",
+            );
+        }
+    }
     if sec.get("backend").is_none() {
         sec.problems()
             .push(sec.key_path("backend"), "missing", BACKENDS.join(", "));
@@ -698,5 +717,20 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.client_api.addr.port(), 7001);
+    }
+
+    #[test]
+    fn project_files_belong_to_xfs_volumes() {
+        let dir = std::env::temp_dir();
+        let err = parse_str(&format!(
+            "[volume.v]\nbackend = \"vfs\"\npath = {dir:?}\nproject-files = {dir:?}\n"
+        ))
+        .unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("expected Invalid, got {err}");
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "volume.v.project-files");
+        assert!(problems[0].allowed.contains("only on xfs"), "{problems:?}");
     }
 }

@@ -10,6 +10,7 @@
 //! (shards, vfolders, `.upload/`) is the same for all three, so `vfs/` serves all of them.
 
 mod btrfs;
+mod projfiles;
 pub mod sys;
 mod xfs;
 

@@ -3,8 +3,8 @@
 //! allocated in the state database, the smallest free one first, skipping every id already on a
 //! directory of the volume or named in `/etc/projid` (scopes the Python proxy made, or anyone's
 //! `xfs_quota` projects); an id is freed only with its scope, after its limits are cleared.
-//! `/etc/projects` is not written: the kernel keeps the id on the directory, the database keeps
-//! which scope has which.
+//! `/etc/projects` and `/etc/projid` are not needed: the kernel keeps the id on the directory,
+//! the database keeps which scope has which. They are kept too when `project-files` asks.
 
 use std::collections::BTreeSet;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use sqlx::Row;
 
+use super::projfiles::ProjectFiles;
 use super::{QuotaLimit, QuotaOps, Scopes, io_err, make_dir, sys};
 use crate::config::VolumeConfig;
 use crate::ids::QuotaScopeId;
@@ -24,6 +25,8 @@ use crate::volume::{QuotaUsage, Result, VolumeError};
 
 pub struct XfsProjects {
     volume: String,
+    path: PathBuf,
+    files: Option<ProjectFiles>,
     root: Arc<OwnedFd>,
     device: PathBuf,
     state: State,
@@ -87,8 +90,9 @@ fn smallest_free(taken: &BTreeSet<u32>) -> u32 {
 }
 
 /// Project ids someone already uses: on the volume's top-level directories, and in
-/// `/etc/projid` (`name:id` lines). Unreadable entries are skipped: this only avoids clashes.
-fn ids_in_use(root: BorrowedFd) -> BTreeSet<u32> {
+/// `/etc/projid` (`name:id` lines) and the one we keep. Unreadable entries are skipped: this only
+/// avoids clashes.
+fn ids_in_use(root: BorrowedFd, projid: Option<PathBuf>) -> BTreeSet<u32> {
     let mut ids = BTreeSet::new();
     if let Ok(entries) = fsops::DirEntries::new(root) {
         for (name, _) in entries.flatten() {
@@ -100,11 +104,13 @@ fn ids_in_use(root: BorrowedFd) -> BTreeSet<u32> {
             }
         }
     }
-    if let Ok(text) = std::fs::read_to_string("/etc/projid") {
-        ids.extend(
-            text.lines()
-                .filter_map(|l| l.split(':').nth(1)?.trim().parse::<u32>().ok()),
-        );
+    for file in std::iter::once(PathBuf::from("/etc/projid")).chain(projid) {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            ids.extend(
+                text.lines()
+                    .filter_map(|l| l.split(':').nth(1)?.trim().parse::<u32>().ok()),
+            );
+        }
     }
     ids
 }
@@ -118,6 +124,8 @@ impl XfsProjects {
         })?;
         Ok(XfsProjects {
             volume: c.name.clone(),
+            path: c.path.clone(),
+            files: c.project_files.clone().map(ProjectFiles::new),
             root,
             device,
             state,
@@ -143,7 +151,8 @@ impl XfsProjects {
                 return Ok(id);
             }
             let root = self.root.clone();
-            let mut taken = blocking(move || Ok(ids_in_use(root.as_fd()))).await?;
+            let projid = self.files.as_ref().map(ProjectFiles::projid);
+            let mut taken = blocking(move || Ok(ids_in_use(root.as_fd(), projid))).await?;
             let recorded: Vec<i64> = sqlx::query(
                 "SELECT project_id FROM quota_projects WHERE volume = ? ORDER BY project_id",
             )
@@ -232,6 +241,7 @@ impl Scopes for XfsProjects {
         blocking(move || make_dir(root.as_fd(), &q)).await?;
         let id = self.allocate(qs).await?;
         let (root, dev, q, limit) = (self.root.clone(), self.device.clone(), *qs, *limit);
+        let (files, path) = (self.files.clone(), self.path.join(qs.dir_name()));
         let tagged = blocking(move || {
             let d = fsops::open_subdir_nofollow(root.as_fd(), q.dir_name())
                 .map_err(|e| io_err(&q, e))?;
@@ -242,7 +252,15 @@ impl Scopes for XfsProjects {
                 limit.bytes.unwrap_or(0),
                 limit.inodes.unwrap_or(0),
             )
-            .map_err(|e| io_err(&q, e))
+            .map_err(|e| io_err(&q, e))?;
+            if let Some(f) = files {
+                f.add(id, &q.dir_name(), &path)
+                    .map_err(|e| VolumeError::Io {
+                        path: "project files".into(),
+                        source: e,
+                    })?;
+            }
+            Ok(())
         })
         .await;
         if let Err(e) = tagged {
@@ -261,12 +279,22 @@ impl Scopes for XfsProjects {
 
     async fn remove(&self, qs: &QuotaScopeId) -> Result<()> {
         let id = self.project(qs).await?;
-        let (root, dev, q) = (self.root.clone(), self.device.clone(), *qs);
+        let (root, dev, q, files) = (
+            self.root.clone(),
+            self.device.clone(),
+            *qs,
+            self.files.clone(),
+        );
         blocking(move || {
             fsops::unlink_at(root.as_fd(), q.dir_name(), true).map_err(|e| io_err(&q, e))?;
             // The id is reused later: it must start again without limits.
             if let Some(id) = id {
                 sys::xfs_set_project_limits(&dev, id, 0, 0).map_err(|e| io_err(&q, e))?;
+                if let Some(f) = files
+                    && let Err(e) = f.remove(id)
+                {
+                    tracing::warn!(project = id, error = %e, "cannot remove the project's lines from the project files");
+                }
             }
             Ok(())
         })

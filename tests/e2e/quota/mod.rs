@@ -192,6 +192,68 @@ async fn xfs_inside_the_vm() {
         .take_while(|i| std::fs::write(dir.join(format!("f{i}")), b"x").is_ok())
         .count();
     assert!(made < 8, "the inode limit is enforced");
+    drop(d);
+
+    // Asked to, the daemon keeps the project files as the Python proxy does, and xfs_quota
+    // then names the scope's project in its report.
+    let etc = tempfile::tempdir().unwrap();
+    let d = Daemon::builder()
+        .set("volume.vol1.backend", "xfs")
+        .set("volume.vol1.path", vol.display().to_string())
+        .set(
+            "volume.vol1.project-files",
+            etc.path().display().to_string(),
+        )
+        .start()
+        .await;
+    let qs = format!("user:{}", uuid::Uuid::new_v4());
+    let hex = qs.split_once(':').unwrap().1.replace('-', "");
+    let r = d
+        .mgr(
+            "POST",
+            "/quota-scope",
+            json!({"volume": "vol1", "qsid": qs, "options": {"limit_bytes": 10 * MIB}}),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let projects = std::fs::read_to_string(etc.path().join("projects")).unwrap();
+    let projid = std::fs::read_to_string(etc.path().join("projid")).unwrap();
+    let id = projid
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{hex}:")))
+        .unwrap_or_else(|| panic!("no {hex} in projid: {projid}"));
+    assert!(
+        projects.contains(&format!("{id}:{}", vol.join(&hex).display())),
+        "{projects}"
+    );
+    let report = run(Command::new("xfs_quota")
+        .arg("-D")
+        .arg(etc.path().join("projects"))
+        .arg("-P")
+        .arg(etc.path().join("projid"))
+        .args(["-x", "-c", "report -p -b -N"])
+        .arg(fs.path()));
+    let row = report
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(hex.as_str()))
+        .unwrap_or_else(|| panic!("xfs_quota does not name {hex}: {report}"));
+    assert_eq!(
+        row.split_whitespace().nth(3),
+        Some("10240"),
+        "the hard limit in KiB: {row}"
+    );
+    let r = d
+        .mgr(
+            "DELETE",
+            "/quota-scope",
+            json!({"volume": "vol1", "qsid": qs}),
+        )
+        .await;
+    assert!(r.status < 300, "{} {}", r.status, r.text());
+    for f in ["projects", "projid"] {
+        let text = std::fs::read_to_string(etc.path().join(f)).unwrap();
+        assert!(text.trim().is_empty(), "{f} still names the scope: {text}");
+    }
 }
 
 fn config_check(backend: &str, path: &Path) -> (i32, String) {
