@@ -227,25 +227,27 @@ async fn a_session_mounts_its_container_through_a_sas() {
     );
     assert!(out.status.success(), "{}", crate::common::agent::text(&out));
     assert_eq!(std::fs::read(&local).unwrap(), b"from azure");
-    // The mount's credentials are a SAS for this container, not the account key.
-    let ps = std::process::Command::new("ps")
-        .args(["-eo", "args"])
-        .output()
-        .unwrap();
-    assert!(!String::from_utf8_lossy(&ps.stdout).contains(crate::common::azurite::KEY));
-    let env = std::fs::read_dir("/proc")
+    // The mount's credentials are a SAS for this container, not the account key: neither in
+    // the arguments nor in the environment of the rclone serving it. (Only this container's
+    // rclone: parallel tests run others, some legitimately on the key.)
+    let remote = format!(":azureblob:{}", bucket_of("sess-", &vfid));
+    let (args, env): (Vec<String>, Vec<String>) = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter_map(|p| {
-            let cmd = std::fs::read_to_string(p.path().join("cmdline")).ok()?;
-            cmd.contains(":azureblob:").then(|| {
-                std::fs::read(p.path().join("environ"))
+            let cmd = std::fs::read(p.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains(&remote).then(|| {
+                let env = std::fs::read(p.path().join("environ"))
                     .map(|e| String::from_utf8_lossy(&e).into_owned())
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                (cmd, env)
             })
         })
-        .collect::<Vec<_>>()
-        .join("\n");
+        .unzip();
+    assert_eq!(args.len(), 1, "one rclone serves {remote}: {args:?}");
+    assert!(!args[0].contains(crate::common::azurite::KEY));
+    let env = env.join("\n");
     assert!(
         env.contains("RCLONE_AZUREBLOB_SAS_URL="),
         "rclone runs on a SAS"
