@@ -51,6 +51,18 @@ pub enum ServiceConfig {
     },
 }
 
+impl ObjectConfig {
+    /// Where the volume's data is, for `/volumes` and logs (never with credentials).
+    pub fn location(&self) -> String {
+        match &self.layout {
+            Layout::PrefixPerVFolder { bucket } => format!("{}/{bucket}", self.endpoint),
+            Layout::BucketPerVFolder { bucket_prefix } => {
+                format!("{}/{bucket_prefix}*", self.endpoint)
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layout {
     /// Each vfolder is a bucket `<bucket-prefix><vfolder uuid hex>` (the S3 proposal's choice).

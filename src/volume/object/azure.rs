@@ -3,8 +3,6 @@
 //! create/delete/properties and `dir/` marker blobs are plain REST calls authorized with an
 //! account SAS we sign (`sas.rs`), as are the SAS URLs handed to users and session mounts.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,8 +12,8 @@ use object_store::{BackoffConfig, ClientOptions, RetryConfig};
 use reqwest::Url;
 
 use super::sas::{self, Access};
-use super::service::{BucketClient, Service, remote};
-use crate::config::object::{AzureAuth, Layout, ObjectConfig, ServiceConfig};
+use super::service::{BucketClient, BucketClients, Service, remote};
+use crate::config::object::{AzureAuth, ObjectConfig, ServiceConfig};
 use crate::volume::mounts::MountSpec;
 use crate::volume::{RemoteLocation, Result, VolumeError};
 
@@ -30,7 +28,7 @@ pub struct Azure {
     account: String,
     auth: AzureAuth,
     http: reqwest::Client,
-    clients: Mutex<HashMap<String, BucketClient>>,
+    clients: BucketClients,
 }
 
 fn root_cause(e: &dyn std::error::Error) -> String {
@@ -72,7 +70,7 @@ impl Azure {
             account: account.clone(),
             auth: auth.clone(),
             http,
-            clients: Mutex::default(),
+            clients: BucketClients::default(),
         })
     }
 
@@ -202,31 +200,11 @@ impl Service for Azure {
     }
 
     fn location(&self) -> String {
-        match &self.cfg.layout {
-            Layout::PrefixPerVFolder { bucket } => format!("{}/{bucket}", self.cfg.endpoint),
-            Layout::BucketPerVFolder { bucket_prefix } => {
-                format!("{}/{bucket_prefix}*", self.cfg.endpoint)
-            }
-        }
+        self.cfg.location()
     }
 
     fn bucket(&self, name: &str) -> Result<BucketClient> {
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get(name) {
-            return Ok(c.clone());
-        }
-        let az = Arc::new(self.build(name)?);
-        let c = BucketClient {
-            name: name.to_string(),
-            store: az.clone(),
-            multipart: az.clone(),
-            pages: az,
-        };
-        if clients.len() > 1024 {
-            clients.clear();
-        }
-        clients.insert(name.to_string(), c.clone());
-        Ok(c)
+        self.clients.get(name, || self.build(name))
     }
 
     async fn create_bucket(&self, name: &str) -> Result<bool> {
@@ -236,10 +214,7 @@ impl Service for Azure {
     }
 
     async fn delete_bucket(&self, name: &str) -> Result<()> {
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.clients.forget(name);
         let url = self.url(name, None, "restype=container")?;
         self.send(reqwest::Method::DELETE, url, &[], &[404])
             .await

@@ -133,43 +133,42 @@ impl Registry {
 
     /// Vfolders not recounted since `before` (unix seconds).
     pub async fn stale(&self, before: i64) -> Result<Vec<VFolderId>> {
-        let rows = sqlx::query(
+        self.ids(
             "SELECT vfid FROM object_vfolders WHERE volume = ?
              AND (scanned_at IS NULL OR scanned_at < ?)",
+            Some(before),
+            |s| VFolderId::parse(s).ok(),
         )
-        .bind(&self.volume)
-        .bind(before)
-        .fetch_all(self.state.pool())
         .await
-        .map_err(db)?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| VFolderId::parse(&r.get::<String, _>(0)).ok())
-            .collect())
     }
 
     /// Every vfolder recorded on this volume.
     pub async fn all(&self) -> Result<Vec<VFolderId>> {
-        let rows = sqlx::query("SELECT vfid FROM object_vfolders WHERE volume = ?")
-            .bind(&self.volume)
-            .fetch_all(self.state.pool())
-            .await
-            .map_err(db)?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| VFolderId::parse(&r.get::<String, _>(0)).ok())
-            .collect())
+        let sql = "SELECT vfid FROM object_vfolders WHERE volume = ?";
+        self.ids(sql, None, |s| VFolderId::parse(s).ok()).await
     }
 
     pub async fn scopes(&self) -> Result<Vec<QuotaScopeId>> {
-        let rows = sqlx::query("SELECT qsid FROM object_quota_scopes WHERE volume = ?")
-            .bind(&self.volume)
-            .fetch_all(self.state.pool())
-            .await
-            .map_err(db)?;
+        let sql = "SELECT qsid FROM object_quota_scopes WHERE volume = ?";
+        self.ids(sql, None, |s| QuotaScopeId::parse(s).ok()).await
+    }
+
+    /// The ids a one-column query of this volume's rows (and an optional second parameter)
+    /// returns; rows that don't parse are skipped.
+    async fn ids<T>(
+        &self,
+        sql: &'static str,
+        param: Option<i64>,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<Vec<T>> {
+        let mut q = sqlx::query(sql).bind(&self.volume);
+        if let Some(p) = param {
+            q = q.bind(p);
+        }
+        let rows = q.fetch_all(self.state.pool()).await.map_err(db)?;
         Ok(rows
             .iter()
-            .filter_map(|r| QuotaScopeId::parse(&r.get::<String, _>(0)).ok())
+            .filter_map(|r| parse(&r.get::<String, _>(0)))
             .collect())
     }
 

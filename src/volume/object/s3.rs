@@ -4,8 +4,6 @@
 //! client, no async runtime, a handful of small dependencies), where the AWS SDK would add
 //! hundreds of crates to a 2-core build for four calls.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,7 +12,7 @@ use object_store::{BackoffConfig, ClientOptions, RetryConfig};
 use reqwest::Url;
 use rusty_s3::{S3Action, UrlStyle};
 
-use super::service::{BucketClient, Service, remote};
+use super::service::{BucketClient, BucketClients, Service, remote};
 use crate::config::object::{Credentials, ObjectConfig, ServiceConfig};
 use crate::volume::mounts::MountSpec;
 use crate::volume::{RemoteLocation, Result, VolumeError};
@@ -30,7 +28,7 @@ pub struct S3 {
     http: reqwest::Client,
     creds: rusty_s3::Credentials,
     endpoint: Url,
-    clients: Mutex<HashMap<String, BucketClient>>,
+    clients: BucketClients,
 }
 
 impl S3 {
@@ -64,7 +62,7 @@ impl S3 {
             cfg: cfg.clone(),
             http,
             endpoint,
-            clients: Mutex::default(),
+            clients: BucketClients::default(),
         })
     }
 
@@ -202,34 +200,11 @@ impl Service for S3 {
     }
 
     fn location(&self) -> String {
-        match &self.cfg.layout {
-            crate::config::object::Layout::PrefixPerVFolder { bucket } => {
-                format!("{}/{bucket}", self.cfg.endpoint)
-            }
-            crate::config::object::Layout::BucketPerVFolder { bucket_prefix } => {
-                format!("{}/{bucket_prefix}*", self.cfg.endpoint)
-            }
-        }
+        self.cfg.location()
     }
 
     fn bucket(&self, name: &str) -> Result<BucketClient> {
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get(name) {
-            return Ok(c.clone());
-        }
-        let s3 = Arc::new(self.build(name)?);
-        let c = BucketClient {
-            name: name.to_string(),
-            store: s3.clone(),
-            multipart: s3.clone(),
-            pages: s3,
-        };
-        // Bounded: buckets of deleted vfolders are not kept for ever.
-        if clients.len() > 1024 {
-            clients.clear();
-        }
-        clients.insert(name.to_string(), c.clone());
-        Ok(c)
+        self.clients.get(name, || self.build(name))
     }
 
     async fn create_bucket(&self, name: &str) -> Result<bool> {
@@ -243,10 +218,7 @@ impl Service for S3 {
     }
 
     async fn delete_bucket(&self, name: &str) -> Result<()> {
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.clients.forget(name);
         let b = self.signer(name)?;
         let url = b.delete_bucket(&self.creds).sign(OWN_REQUEST);
         match self

@@ -22,6 +22,44 @@ pub struct BucketClient {
     pub pages: Arc<dyn PaginatedListStore>,
 }
 
+/// Each bucket's data client, built on first use and kept: object_store clients are per bucket,
+/// and building one costs. Bounded, so buckets of deleted vfolders are not kept for ever.
+#[derive(Default)]
+pub struct BucketClients(std::sync::Mutex<std::collections::HashMap<String, BucketClient>>);
+
+impl BucketClients {
+    /// The client of `name`, built by `build` if missing (one object serves all three roles).
+    pub fn get<T>(&self, name: &str, build: impl FnOnce() -> Result<T>) -> Result<BucketClient>
+    where
+        T: ObjectStore + MultipartStore + PaginatedListStore + 'static,
+    {
+        let mut clients = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(name) {
+            return Ok(c.clone());
+        }
+        let client = Arc::new(build()?);
+        let c = BucketClient {
+            name: name.to_string(),
+            store: client.clone(),
+            multipart: client.clone(),
+            pages: client,
+        };
+        if clients.len() > 1024 {
+            clients.clear();
+        }
+        clients.insert(name.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Forgets a deleted bucket's client.
+    pub fn forget(&self, name: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+}
+
 #[async_trait]
 pub trait Service: Send + Sync {
     /// The backend name (`s3`).

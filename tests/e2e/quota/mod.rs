@@ -355,29 +355,44 @@ async fn vfs_checks_free_space_before_bytes_arrive() {
     assert_eq!(std::fs::read(path.join("eight.bin")).unwrap(), data);
 }
 
-/// An SFTP session writing past its scope's btrfs limit gets an error in the client; what fits
-/// is kept, and the node goes on serving.
-#[tokio::test]
-async fn sftp_past_the_quota_fails_in_the_client_and_the_node_keeps_working() {
+/// A daemon (`b` says which sessions it hosts) on a btrfs loop file, and a user whose quota
+/// scope is limited to 5 MiB.
+async fn small_scope_with_sessions(b: crate::common::Builder) -> (LoopFs, Daemon, uuid::Uuid) {
     require("btrfs", "apt-get install btrfs-progs");
     let fs = LoopFs::btrfs(512 * MIB);
-    let d = Daemon::builder()
-        .agent()
+    let d = b
         .set("volume.vol1.backend", "btrfs")
         .set("volume.vol1.path", fs.dir("vol1").display().to_string())
         .start()
         .await;
-    let _g = ContainerGuard(d.node_id());
     let user = uuid::Uuid::new_v4();
-    let qs = format!("user:{user}");
     let r = d
         .mgr(
             "POST",
             "/quota-scope",
-            json!({"volume": "vol1", "qsid": qs, "options": {"limit_bytes": 5 * MIB}}),
+            json!({"volume": "vol1", "qsid": format!("user:{user}"), "options": {"limit_bytes": 5 * MIB}}),
         )
         .await;
     assert_eq!(r.status, 204, "{}", r.text());
+    (fs, d, user)
+}
+
+/// The manager API still answers, and the scope holds less than its limit.
+async fn assert_scope_within_its_limit(d: &Daemon, user: &uuid::Uuid) {
+    let qs = format!("user:{user}");
+    let r = d
+        .mgr("GET", "/quota-scope", json!({"volume": "vol1", "qsid": qs}))
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.json()["used_bytes"].as_u64().unwrap() < 5 * MIB);
+}
+
+/// An SFTP session writing past its scope's btrfs limit gets an error in the client; what fits
+/// is kept, and the node goes on serving.
+#[tokio::test]
+async fn sftp_past_the_quota_fails_in_the_client_and_the_node_keeps_working() {
+    let (_fs, d, user) = small_scope_with_sessions(Daemon::builder().agent()).await;
+    let _g = ContainerGuard(d.node_id());
     let (vf, vf_path) = d.user_vfolder(&user).await;
     let (key, public) = keypair(d.dir.path(), "quota");
     let mut rpc = d.rpc().await;
@@ -434,11 +449,7 @@ async fn sftp_past_the_quota_fails_in_the_client_and_the_node_keeps_working() {
         std::fs::read(vf_path.join("small.bin")).unwrap(),
         b"still fits"
     );
-    let r = d
-        .mgr("GET", "/quota-scope", json!({"volume": "vol1", "qsid": qs}))
-        .await;
-    assert_eq!(r.status, 200);
-    assert!(r.json()["used_bytes"].as_u64().unwrap() < 5 * MIB);
+    assert_scope_within_its_limit(&d, &user).await;
 }
 
 /// A file browser session uploading past its scope's btrfs limit gets an error in the browser's
@@ -446,25 +457,8 @@ async fn sftp_past_the_quota_fails_in_the_client_and_the_node_keeps_working() {
 #[tokio::test]
 async fn file_browser_past_the_quota_fails_and_the_node_keeps_working() {
     use crate::filebrowser::{FilebrowserBuilder, curl, start_fb};
-    require("btrfs", "apt-get install btrfs-progs");
-    let fs = LoopFs::btrfs(512 * MIB);
-    let d = Daemon::builder()
-        .filebrowser()
-        .set("volume.vol1.backend", "btrfs")
-        .set("volume.vol1.path", fs.dir("vol1").display().to_string())
-        .start()
-        .await;
+    let (_fs, d, user) = small_scope_with_sessions(Daemon::builder().filebrowser()).await;
     let _g = ContainerGuard(d.node_id());
-    let user = uuid::Uuid::new_v4();
-    let qs = format!("user:{user}");
-    let r = d
-        .mgr(
-            "POST",
-            "/quota-scope",
-            json!({"volume": "vol1", "qsid": qs, "options": {"limit_bytes": 5 * MIB}}),
-        )
-        .await;
-    assert_eq!(r.status, 204, "{}", r.text());
     let (vf, vf_path) = d.user_vfolder(&user).await;
     let created = start_fb(&d, &user, &vf).await;
     let s = created.session.unwrap();
@@ -516,9 +510,5 @@ async fn file_browser_past_the_quota_fails_and_the_node_keeps_working() {
         std::fs::read(vf_path.join("small.bin")).unwrap(),
         b"still fits"
     );
-    let r = d
-        .mgr("GET", "/quota-scope", json!({"volume": "vol1", "qsid": qs}))
-        .await;
-    assert_eq!(r.status, 200);
-    assert!(r.json()["used_bytes"].as_u64().unwrap() < 5 * MIB);
+    assert_scope_within_its_limit(&d, &user).await;
 }
