@@ -10,7 +10,7 @@ use storage_agent::pb;
 
 use crate::common::agent::{ContainerGuard, keypair, mount, sftp_key, text};
 use crate::common::azurite::{ACCOUNT, Azurite, KEY};
-use crate::common::{Builder, Daemon, random_vfid, send};
+use crate::common::{Builder, Daemon, random_vfid};
 
 const SECRET_MARK: &str = "sig=";
 
@@ -76,21 +76,7 @@ async fn create_with_file(d: &Daemon, vfid: &str, name: &str, data: &[u8]) {
         )
         .await;
     assert_eq!(r.status, 204, "{}", r.text());
-    let t = d
-        .token(
-            "/folder/file/upload",
-            json!({"volume": "vol1", "vfid": vfid, "relpath": name, "size": data.len()}),
-        )
-        .await;
-    let r = send(
-        d.http
-            .patch(d.url("client", &format!("/upload?token={t}")))
-            .header("Tus-Resumable", "1.0.0")
-            .header("Content-Type", "application/offset+octet-stream")
-            .header("Upload-Offset", "0")
-            .body(data.to_vec()),
-    )
-    .await;
+    let r = d.tus_put(vfid, name, data, data.len()).await;
     assert_eq!(r.status, 204, "{}", r.text());
 }
 

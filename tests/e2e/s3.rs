@@ -36,21 +36,7 @@ async fn create(d: &Daemon, vfid: &str) {
 }
 
 async fn put_small(d: &Daemon, vfid: &str, relpath: &str, data: &[u8]) {
-    let t = d
-        .token(
-            "/folder/file/upload",
-            json!({"volume": "vol1", "vfid": vfid, "relpath": relpath, "size": data.len()}),
-        )
-        .await;
-    let r = send(
-        d.http
-            .patch(d.url("client", &format!("/upload?token={t}")))
-            .header("Tus-Resumable", "1.0.0")
-            .header("Content-Type", "application/offset+octet-stream")
-            .header("Upload-Offset", "0")
-            .body(data.to_vec()),
-    )
-    .await;
+    let r = d.tus_put(vfid, relpath, data, data.len()).await;
     assert_eq!(r.status, 204, "{}", r.text());
 }
 

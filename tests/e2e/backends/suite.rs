@@ -26,31 +26,8 @@ async fn op(d: &Daemon, path: &str, vfid: &str, mut body: Value) -> Resp {
     d.mgr("POST", path, body).await
 }
 
-/// A tus upload of `data` in PATCHes of `chunk` bytes; returns the last answer.
 async fn upload(d: &Daemon, vfid: &str, relpath: &str, data: &[u8], chunk: usize) -> Resp {
-    let t = d
-        .token(
-            "/folder/file/upload",
-            json!({"volume": "vol1", "vfid": vfid, "relpath": relpath, "size": data.len()}),
-        )
-        .await;
-    let mut off = 0;
-    loop {
-        let end = (off + chunk).min(data.len());
-        let r = send(
-            d.http
-                .patch(d.url("client", &format!("/upload?token={t}")))
-                .header("Tus-Resumable", "1.0.0")
-                .header("Content-Type", "application/offset+octet-stream")
-                .header("Upload-Offset", off.to_string())
-                .body(data[off..end].to_vec()),
-        )
-        .await;
-        if r.status != 204 || end == data.len() {
-            return r;
-        }
-        off = end;
-    }
+    d.tus_put(vfid, relpath, data, chunk).await
 }
 
 fn names(listing: &Value) -> Vec<(String, String)> {

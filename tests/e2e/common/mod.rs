@@ -404,6 +404,34 @@ impl Daemon {
         r.json()["token"].as_str().unwrap().to_string()
     }
 
+    /// A tus upload of `data` into vol1 in PATCHes of `chunk` bytes (a token minted first);
+    /// returns the last answer.
+    pub async fn tus_put(&self, vfid: &str, relpath: &str, data: &[u8], chunk: usize) -> Resp {
+        let t = self
+            .token(
+                "/folder/file/upload",
+                json!({"volume": "vol1", "vfid": vfid, "relpath": relpath, "size": data.len()}),
+            )
+            .await;
+        let mut off = 0;
+        loop {
+            let end = (off + chunk.max(1)).min(data.len());
+            let r = send(
+                self.http
+                    .patch(self.url("client", &format!("/upload?token={t}")))
+                    .header("Tus-Resumable", "1.0.0")
+                    .header("Content-Type", "application/offset+octet-stream")
+                    .header("Upload-Offset", off.to_string())
+                    .body(data[off..end].to_vec()),
+            )
+            .await;
+            if r.status != 204 || end == data.len() {
+                return r;
+            }
+            off = end;
+        }
+    }
+
     /// Polls `GET /bgtask/{id}` until the task is no longer running.
     /// `POST /folder/delete` on vol1; returns the background task's id (202 asserted).
     pub async fn start_delete(&self, vfid: &str) -> String {
