@@ -11,18 +11,7 @@ use crate::backends::killed::killed_upload_resumes;
 use crate::common::azurite::Azurite;
 use crate::common::redis::free_port;
 use crate::common::{Daemon, random_vfid};
-use crate::s3::refused_clearly;
-
-async fn create(d: &Daemon, vfid: &str) {
-    let r = d
-        .mgr(
-            "POST",
-            "/folder/create",
-            json!({"volume": "vol1", "vfid": vfid}),
-        )
-        .await;
-    assert_eq!(r.status, 204, "{}", r.text());
-}
+use crate::s3::{create, refused_clearly};
 
 #[tokio::test]
 async fn a_200mib_upload_killed_mid_way_resumes_with_its_staged_blocks() {
@@ -201,18 +190,11 @@ async fn a_session_mounts_its_container_through_a_sas() {
     let (key, public) = crate::common::agent::keypair(d.dir.path(), "az");
     let mut rpc = d.rpc().await;
     let s = rpc
-        .create_session(storage_agent::pb::CreateSessionRequest {
-            kind: storage_agent::pb::SessionKind::Sftp as i32,
-            user_id: user.to_string(),
-            access_key: "AKIATEST".into(),
-            resource_group: "storage".into(),
-            mounts: vec![crate::common::agent::mount("vol1", &vfid, "data", false)],
-            credentials: Some(storage_agent::pb::Credentials {
-                public_keys: vec![public],
-                generate_password: false,
-            }),
-            ..Default::default()
-        })
+        .create_session(crate::common::agent::sftp_req(
+            &user,
+            vec![crate::common::agent::mount("vol1", &vfid, "data", false)],
+            vec![public],
+        ))
         .await
         .expect("create session")
         .into_inner()

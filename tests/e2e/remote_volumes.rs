@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use storage_agent::pb;
 
-use crate::common::agent::{ContainerGuard, keypair, mount, sftp_key, text};
+use crate::common::agent::{ContainerGuard, keypair, mount, sftp_key, sftp_req, text};
 use crate::common::azurite::{ACCOUNT, Azurite, KEY};
 use crate::common::{Builder, Daemon, random_vfid};
 
@@ -156,17 +156,12 @@ async fn a_startup_volume_is_mounted_at_start_and_reported_healthy() {
 async fn sftp_session(d: &Daemon, user: &uuid::Uuid, vfid: &str, public: &str) -> pb::Session {
     let mut rpc = d.rpc().await;
     rpc.create_session(pb::CreateSessionRequest {
-        kind: pb::SessionKind::Sftp as i32,
-        user_id: user.to_string(),
-        access_key: "AKIATEST".into(),
-        resource_group: "storage".into(),
-        mounts: vec![mount("vol1", vfid, "data", false)],
-        credentials: Some(pb::Credentials {
-            public_keys: vec![public.to_string()],
-            generate_password: false,
-        }),
         max_sessions_per_user: Some(4),
-        ..Default::default()
+        ..sftp_req(
+            user,
+            vec![mount("vol1", vfid, "data", false)],
+            vec![public.to_string()],
+        )
     })
     .await
     .expect("create session")

@@ -11,7 +11,7 @@ use storage_agent::pb;
 
 use crate::backends::killed::killed_upload_resumes;
 use crate::backends::{bucket_of, s3_object};
-use crate::common::agent::{ContainerGuard, keypair, mount, sftp_key, text};
+use crate::common::agent::{ContainerGuard, keypair, mount, sftp_key, sftp_req, text};
 use crate::common::moto::Moto;
 use crate::common::redis::free_port;
 use crate::common::{Daemon, random_vfid, send};
@@ -24,7 +24,7 @@ async fn op(d: &Daemon, path: &str, vfid: &str, mut body: Value) -> crate::commo
     d.mgr("POST", path, body).await
 }
 
-async fn create(d: &Daemon, vfid: &str) {
+pub async fn create(d: &Daemon, vfid: &str) {
     let r = d
         .mgr(
             "POST",
@@ -340,17 +340,12 @@ async fn sftp_session(
 ) -> Result<pb::Session, tonic::Status> {
     let mut rpc = d.rpc().await;
     rpc.create_session(pb::CreateSessionRequest {
-        kind: pb::SessionKind::Sftp as i32,
-        user_id: user.to_string(),
-        access_key: "AKIATEST".into(),
-        resource_group: "storage".into(),
-        mounts: vec![mount("vol1", vfid, "data", read_only)],
-        credentials: Some(pb::Credentials {
-            public_keys: vec![public.to_string()],
-            generate_password: false,
-        }),
         max_sessions_per_user: Some(4),
-        ..Default::default()
+        ..sftp_req(
+            user,
+            vec![mount("vol1", vfid, "data", read_only)],
+            vec![public.to_string()],
+        )
     })
     .await
     .map(|r| r.into_inner().session.unwrap())

@@ -7,7 +7,8 @@ use storage_agent::pb;
 
 use crate::common::Daemon;
 use crate::common::agent::{
-    ContainerGuard, KERNEL_GID, KERNEL_UID, inspect, keypair, mount, sftp_key, sftp_password, text,
+    ContainerGuard, KERNEL_GID, KERNEL_UID, inspect, keypair, mount, sftp_key, sftp_password,
+    sftp_req, text,
 };
 
 fn create_req(
@@ -16,18 +17,11 @@ fn create_req(
     keys: Vec<String>,
     password: bool,
 ) -> pb::CreateSessionRequest {
-    pb::CreateSessionRequest {
-        kind: pb::SessionKind::Sftp as i32,
-        user_id: user.to_string(),
-        access_key: "AKIATEST".into(),
-        resource_group: "storage".into(),
-        mounts,
-        credentials: Some(pb::Credentials {
-            public_keys: keys,
-            generate_password: password,
-        }),
-        ..Default::default()
+    let mut r = sftp_req(user, mounts, keys);
+    if let Some(c) = r.credentials.as_mut() {
+        c.generate_password = password;
     }
+    r
 }
 
 #[tokio::test]

@@ -208,6 +208,27 @@ pub fn mount(volume: &str, vfid: &str, name: &str, read_only: bool) -> pb::Mount
     }
 }
 
+/// An SFTP CreateSession for `user` with `mounts`, logging in with `public_keys` only, in the
+/// resource group the test daemons serve.
+pub fn sftp_req(
+    user: &uuid::Uuid,
+    mounts: Vec<pb::Mount>,
+    public_keys: Vec<String>,
+) -> pb::CreateSessionRequest {
+    pb::CreateSessionRequest {
+        kind: pb::SessionKind::Sftp as i32,
+        user_id: user.to_string(),
+        access_key: "AKIATEST".into(),
+        resource_group: "storage".into(),
+        mounts,
+        credentials: Some(pb::Credentials {
+            public_keys,
+            generate_password: false,
+        }),
+        ..Default::default()
+    }
+}
+
 /// An ed25519 key pair made with ssh-keygen; returns (private key path, public key line).
 pub fn keypair(dir: &Path, name: &str) -> (PathBuf, String) {
     require("ssh-keygen", "apt-get install openssh-client");

@@ -8,9 +8,8 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::json;
-use storage_agent::pb;
 
-use crate::common::agent::{ContainerGuard, keypair, mount, sftp_key, text};
+use crate::common::agent::{ContainerGuard, keypair, mount, sftp_key, sftp_req, text};
 use crate::common::loopfs::LoopFs;
 use crate::common::tools::require;
 use crate::common::{Daemon, bin, run, send};
@@ -397,18 +396,11 @@ async fn sftp_past_the_quota_fails_in_the_client_and_the_node_keeps_working() {
     let (key, public) = keypair(d.dir.path(), "quota");
     let mut rpc = d.rpc().await;
     let s = rpc
-        .create_session(pb::CreateSessionRequest {
-            kind: pb::SessionKind::Sftp as i32,
-            user_id: user.to_string(),
-            access_key: "AKIATEST".into(),
-            resource_group: "storage".into(),
-            mounts: vec![mount("vol1", &vf, "data", false)],
-            credentials: Some(pb::Credentials {
-                public_keys: vec![public],
-                generate_password: false,
-            }),
-            ..Default::default()
-        })
+        .create_session(sftp_req(
+            &user,
+            vec![mount("vol1", &vf, "data", false)],
+            vec![public],
+        ))
         .await
         .expect("create session")
         .into_inner()
