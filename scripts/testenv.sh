@@ -11,6 +11,9 @@
 #   scripts/testenv.sh peers       benchmark peers: the Backend.AI storage proxy 26.9.6 (venv)
 #                                  and @tus/server (bench/peers)
 #   scripts/testenv.sh azurite     Azure's blob storage emulator (npm, in $SA_CACHE/azurite)
+#   scripts/testenv.sh manager     a real Backend.AI 26.9.6 cluster's parts for
+#                                  tests/manager/stack.sh: PostgreSQL, etcd, Redis (apt) and a
+#                                  venv with backend.ai-manager, -client and the storage proxy
 #   scripts/testenv.sh vm          a VM for the XFS quota tests (this kernel has no XFS quota):
 #                                  QEMU from bookworm-backports, Debian's kernel, virtme-ng
 #   scripts/testenv.sh all         all of the above
@@ -159,6 +162,24 @@ azurite() {
   fi
 }
 
+# tests/e2e/backendai_manager.rs runs the real manager (tests/manager/stack.sh, which starts
+# its own PostgreSQL, etcd and Redis on private ports: none of the system services are used).
+manager() {
+  local want=(postgresql jq gettext-base etcd-server etcd-client redis-server) missing=()
+  for p in "${want[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "apt: ${missing[*]} (the manager's database, config store and cache)"
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    "${APT[@]}" install --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # the distribution's PostgreSQL cluster may autostart on 5432; stack.sh runs its own on 15432
+  make_venv "$SA_CACHE/mgr-venv" \
+    'backend.ai-manager==26.9.6 backend.ai-client==26.9.6 backend-ai-storage-proxy==26.9.6 requests' \
+    'ai.backend.manager, ai.backend.client, ai.backend.storage, requests'
+}
+
 # XFS project quota needs a kernel built with it; the tests boot Debian's own under QEMU with
 # virtme-ng (software emulation: KVM guests do not run on these machines). TESTENV-VM.md.
 vm() {
@@ -194,6 +215,7 @@ case "${1:-all}" in
   peers) peers ;;
   vm) vm ;;
   azurite) azurite ;;
-  all) packages; docker_up; base_image; dufs >/dev/null; bai_venv; peers; azurite; vm ;;
-  *) echo "usage: $0 {packages|docker|base-image|dufs|bai-venv|peers|azurite|vm|all}" >&2; exit 2 ;;
+  manager) manager ;;
+  all) packages; docker_up; base_image; dufs >/dev/null; bai_venv; peers; azurite; manager; vm ;;
+  *) echo "usage: $0 {packages|docker|base-image|dufs|bai-venv|peers|azurite|manager|vm|all}" >&2; exit 2 ;;
 esac

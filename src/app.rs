@@ -71,6 +71,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "config key accepted for Backend.AI compatibility and ignored"
         );
     }
+    for w in &config.warnings {
+        tracing::warn!("config: {w}");
+    }
+    let _pid_file = config
+        .proxy
+        .pid_file
+        .as_deref()
+        .map(PidFile::write)
+        .transpose()?;
     let state_dir = &config.daemon.state_dir;
     crate::state::secure_state_dir(state_dir)
         .with_context(|| format!("preparing state directory {}", state_dir.display()))?;
@@ -179,14 +188,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         archives: client::archive::ArchiveSlots::new(
             config.daemon.max_archives,
-            config.daemon.max_archives_per_token,
+            config.daemon.max_archives_per_owner,
             config.daemon.conn.write_idle_timeout,
         ),
         sessions: None,
         metrics,
         events: events.clone(),
     };
-    let admission = crate::api::conn::Admission::new(config.daemon.conn);
+    // One cap per listener (security review 2, G5): clients of the public client port can
+    // fill only its own slots, never the manager API's, gRPC's or the internal listener's.
+    let conn_limits = config.daemon.conn;
+    let admission = move || crate::api::conn::Admission::new(conn_limits);
 
     let listener_tls = ListenerTls::new(&config)?;
     let tls_of = |l: &crate::config::ListenerConfig| l.ssl_enabled;
@@ -305,7 +317,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 rpc_l,
                 router,
                 listener_tls.for_listener(&config.agent.rpc.listener)?,
-                admission.clone(),
+                admission(),
                 shutdown.clone(),
                 config.daemon.shutdown_grace,
             ))
@@ -371,7 +383,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             manager_l,
             manager::router(app.clone()),
             manager_tls,
-            admission.clone(),
+            admission(),
             shutdown.clone(),
             grace
         ),
@@ -380,7 +392,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             client_l,
             client::router(app.clone()),
             client_tls,
-            admission.clone(),
+            admission(),
             shutdown.clone(),
             grace
         ),
@@ -389,7 +401,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             internal_l,
             internal::router(app.clone()),
             None,
-            admission.clone(),
+            admission(),
             shutdown.clone(),
             grace
         ),
@@ -552,4 +564,21 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
         );
         shutdown.cancel();
     });
+}
+
+/// Backend.AI's `pid-file`: written at start, removed when the daemon stops.
+struct PidFile(std::path::PathBuf);
+
+impl PidFile {
+    fn write(path: &std::path::Path) -> anyhow::Result<Self> {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing pid-file {}", path.display()))?;
+        Ok(PidFile(path.to_path_buf()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

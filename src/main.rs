@@ -93,6 +93,12 @@ fn main() -> ExitCode {
             command: ConfigCommand::Check { config },
         } => match load(config) {
             Ok(c) => {
+                for w in &c.warnings {
+                    eprintln!("warning: {w}");
+                }
+                for key in &c.ignored {
+                    eprintln!("note: {key} is accepted for Backend.AI compatibility and ignored");
+                }
                 println!("config {} is valid", c.source);
                 ExitCode::SUCCESS
             }

@@ -34,11 +34,27 @@ pub struct ConnLimits {
     pub max_connections_per_ip: usize,
 }
 
-/// Admission of new connections, shared by all listeners of the process.
+/// Admission of new connections to one listener (each listener has its own, so one cannot
+/// starve another).
 pub struct Admission {
     limits: ConnLimits,
     global: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// The key a client address is counted under: IPv4 addresses one by one, IPv6 by /64 (one
+/// host usually holds a whole /64, so counting single addresses would cap nothing).
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+        },
+        v4 => v4,
+    }
 }
 
 /// Held by a connection for its lifetime.
@@ -79,6 +95,7 @@ impl Admission {
 
     /// None when the node or this client address is at its cap.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
+        let ip = client_key(ip);
         let permit = self.global.clone().try_acquire_owned().ok()?;
         let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_default();
@@ -304,6 +321,20 @@ mod tests {
             max_connections: 3,
             max_connections_per_ip: 2,
         }
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_per_64() {
+        let a = Admission::new(limits());
+        let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _c1 = a.admit(one).unwrap();
+        let _c2 = a.admit(same_64).unwrap();
+        assert!(a.admit(same_64).is_none(), "one /64 is one client");
+        assert!(a.admit(other_64).is_some());
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(client_key(mapped), IpAddr::from([127, 0, 0, 1]));
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //! `title`, `error_code`, `msg` (and `data` for validation errors), except the two plain JSON
 //! shapes its manager parses (`{"msg","errno","paths"}` for OS errors and the quota-scope conflict).
 //! Lower-layer errors are 500 unless a mapping here says otherwise.
+//!
+//! `error_code` matters to the manager: it sorts a storage proxy's error by the code's domain.
+//! `vfolder`, or no code at all, becomes the matching 4xx for its user; `quota-scope` becomes a
+//! quota error; any other domain becomes a 500 with an ERROR in its log. So each error carries
+//! the code the Python proxy sends for it, or none where it sends none (validation failures,
+//! unsupported operations); our extra detail goes into `msg` and `data`.
 
 use std::collections::BTreeMap;
 
@@ -141,18 +147,27 @@ impl ApiError {
             .map(|(k, v)| format!("{k}: {v}"))
             .collect::<Vec<_>>()
             .join("; ");
+        // No error_code: the Python proxy's trafaret failures carry none.
         Self::problem(
             StatusCode::BAD_REQUEST,
             "storage/invalid-api-params",
             "Invalid API parameters",
         )
-        .code("storage-proxy_request_invalid-parameters")
         .msg(msg)
         .data(json!(data))
     }
 
     pub fn invalid_param(field: &str, msg: impl Into<String>) -> Self {
         Self::invalid_params(BTreeMap::from([(field.to_string(), msg.into())]))
+    }
+
+    /// A path in `field` that [`RelPath`](crate::volume::RelPath) refused: climbing out of the
+    /// vfolder is an invalid subpath (as in Backend.AI), anything else a bad parameter.
+    pub fn bad_path(field: &str, value: &str, e: crate::volume::path::PathError) -> Self {
+        match e {
+            crate::volume::path::PathError::Escapes => Self::subpath_invalid(value),
+            e => Self::invalid_param(field, format!("{e}: {value:?}")),
+        }
     }
 
     pub fn payload_too_large() -> Self {
@@ -165,12 +180,12 @@ impl ApiError {
     }
 
     pub fn unsupported(msg: impl Into<String>) -> Self {
+        // No error_code: the Python proxy answers NotImplementedError without one.
         Self::problem(
             StatusCode::BAD_REQUEST,
             "storage/unsupported-operation",
             "Unsupported operation by the storage backend",
         )
-        .code("storage-proxy_request_not-implemented")
         .msg(msg)
     }
 
@@ -188,12 +203,13 @@ impl ApiError {
     }
 
     pub fn internal(msg: impl Into<String>) -> Self {
+        // The Python proxy's StorageProxyError.
         Self::problem(
             StatusCode::INTERNAL_SERVER_ERROR,
             "storage/generic",
-            "Internal server error",
+            "Storage Proxy Error",
         )
-        .code("storage-proxy_unknown_internal-error")
+        .code("storage-proxy_generic_internal-error")
         .msg(msg)
     }
 
@@ -278,10 +294,10 @@ impl From<VolumeError> for ApiError {
             ),
             V::QuotaScopeNotEmpty(qs) => Self::problem(
                 StatusCode::CONFLICT,
-                "storage/quota/scope/not-empty",
-                "Quota Scope Not Empty",
+                "storage/quota-directory-not-empty",
+                "Quota Directory Not Empty",
             )
-            .code("quota-scope_delete_conflict")
+            .code("quota-scope_purge_conflict")
             .msg(format!(
                 "quota scope {qs} still holds vfolders; delete them first"
             )),
@@ -289,6 +305,13 @@ impl From<VolumeError> for ApiError {
                 StatusCode::BAD_REQUEST,
                 json!({"msg": "Invalid quota config option", "detail": m}),
             ),
+            V::AtomicTooLarge { limit, .. } => Self::problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "storage/tus-checksummed-body-too-large",
+                "Checksummed body too large",
+            )
+            .msg(e.to_string())
+            .data(json!({ "max_checksummed_body": limit })),
             V::SpaceExceeded {
                 needed,
                 available,
@@ -318,8 +341,10 @@ impl From<VolumeError> for ApiError {
                     "reason": if by_quota { "quota" } else { "disk" },
                 }))
             }
+            // The one validation error the Python proxy sends with a code.
             V::QuotaScopeRequired(vf) => {
                 Self::invalid_param("vfid", format!("quota_scope_id is required for vfid {vf}"))
+                    .code("storage-proxy_request_invalid-parameters")
             }
             V::InvalidPath { path, source } => {
                 Self::invalid_param("relpath", format!("{source}: {path:?}"))

@@ -33,6 +33,14 @@ fn field_error(path: String, err: impl std::fmt::Display) -> ApiError {
     if field.is_empty() {
         field = "body".to_string();
     }
+    // A path climbing out of the vfolder is Backend.AI's InvalidSubpathError (a vfolder error
+    // the manager answers 400 for), not a schema failure.
+    if let Some(path) = msg
+        .strip_prefix(crate::volume::path::ESCAPES)
+        .and_then(|rest| rest.strip_prefix(": "))
+    {
+        return ApiError::subpath_invalid(path);
+    }
     ApiError::invalid_params(BTreeMap::from([(field, msg)]))
 }
 

@@ -7,6 +7,7 @@ pub mod error;
 pub mod extract;
 pub mod internal;
 pub mod manager;
+pub mod params;
 pub mod serve;
 pub mod token;
 

@@ -94,7 +94,8 @@ pub struct SftpConfig {
     pub image: Option<String>,
 }
 
-pub(super) fn read(root: &Section) -> AgentConfig {
+/// `enabled_by_default`: false for a Backend.AI storage-proxy.toml taken as it is.
+pub(super) fn read(root: &Section, enabled_by_default: bool) -> AgentConfig {
     let a = root.section("agent");
     let default_limits = Limits {
         cpus: a.float_in("default-cpus", 0.01, 1024.0, 1.0),
@@ -151,7 +152,7 @@ pub(super) fn read(root: &Section) -> AgentConfig {
     check_tls_files(&tls_sec, &tls);
     tls_sec.finish(&[]);
     let cfg = AgentConfig {
-        enabled: a.bool("enabled", true),
+        enabled: a.bool("enabled", enabled_by_default),
         public_addr,
         public_host: a.string("public-host", &public_addr.to_string()),
         port_range,

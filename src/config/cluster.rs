@@ -71,34 +71,31 @@ pub struct EtcdConfig {
     pub password: Option<String>,
 }
 
-fn valid_host_port(s: &str) -> bool {
-    s.rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+/// One `host:port` in any of Backend.AI's forms, written back as `host:port` (IPv6 in
+/// brackets, so it can go into a URL).
+fn one_host_port(v: &Value) -> Option<String> {
+    let (host, port) = super::reader::host_port(v)?;
+    (!host.is_empty()).then(|| super::reader::join_host_port(&host, port))
 }
 
-/// `"h1:p1,h2:p2"` (Backend.AI's etcd form) or a list of `"h:p"`, or `{host, port}` tables.
+/// `"h1:p1,h2:p2"`, a list of addresses, or one address, each in any of Backend.AI's forms
+/// (`"h:p"`, `{host, port}`, `["h", p]`).
 pub fn host_ports(v: &Value) -> Option<Vec<String>> {
-    let one = |v: &Value| -> Option<String> {
-        match v {
-            Value::String(s) => Some(s.trim().to_string()),
-            Value::Table(t) => {
-                let host = t.get("host")?.as_str()?;
-                let port = t.get("port")?.as_integer()?;
-                Some(format!("{host}:{port}"))
-            }
-            _ => None,
-        }
-    };
     let list: Vec<String> = match v {
         Value::String(s) => s
             .split(',')
-            .map(|x| x.trim().to_string())
+            .map(|x| x.trim())
             .filter(|x| !x.is_empty())
-            .collect(),
-        Value::Array(a) => a.iter().map(one).collect::<Option<_>>()?,
-        other => vec![one(other)?],
+            .map(|x| one_host_port(&Value::String(x.to_string())))
+            .collect::<Option<_>>()?,
+        Value::Array(a) => match a.iter().map(one_host_port).collect::<Option<Vec<_>>>() {
+            Some(list) => list,
+            // `["host", port]` is one address.
+            None => vec![one_host_port(v)?],
+        },
+        other => vec![one_host_port(other)?],
     };
-    (!list.is_empty() && list.iter().all(|a| valid_host_port(a))).then_some(list)
+    (!list.is_empty()).then_some(list)
 }
 
 fn read_host_ports(sec: &Section, key: &str) -> Option<Vec<String>> {
@@ -189,15 +186,43 @@ pub fn read_redis(root: &Section) -> Option<RedisConfig> {
     Some(cfg)
 }
 
+/// Backend.AI's environment overrides of `[etcd]`; any of them makes `[etcd]` present.
+const ETCD_ENV: [&str; 4] = [
+    "BACKEND_NAMESPACE",
+    "BACKEND_ETCD_ADDR",
+    "BACKEND_ETCD_USER",
+    "BACKEND_ETCD_PASSWORD",
+];
+
 pub fn read_etcd(root: &Section) -> Option<EtcdConfig> {
-    root.get("etcd")?;
+    let env = |k: &str| std::env::var(k).ok();
+    if root.get("etcd").is_none() && ETCD_ENV.iter().all(|k| env(k).is_none()) {
+        return None;
+    }
     let sec = root.section("etcd");
-    let addrs = read_host_ports(&sec, "addr").unwrap_or_else(|| vec!["127.0.0.1:2379".into()]);
+    let env_addr = env("BACKEND_ETCD_ADDR").map(|a| {
+        let list = host_ports(&Value::String(a.clone()));
+        if list.is_none() {
+            sec.problems().push(
+                "BACKEND_ETCD_ADDR (environment)",
+                format!("{a:?}"),
+                "\"host:port\"",
+            );
+        }
+        list.unwrap_or_default()
+    });
+    let addrs = read_host_ports(&sec, "addr");
     let cfg = EtcdConfig {
-        namespace: sec.string("namespace", "local"),
-        addrs,
-        user: sec.opt_string("user").filter(|s| !s.is_empty()),
-        password: sec.opt_string("password").filter(|s| !s.is_empty()),
+        namespace: env("BACKEND_NAMESPACE").unwrap_or_else(|| sec.string("namespace", "local")),
+        addrs: env_addr
+            .or(addrs)
+            .unwrap_or_else(|| vec!["127.0.0.1:2379".into()]),
+        user: env("BACKEND_ETCD_USER")
+            .or_else(|| sec.opt_string("user"))
+            .filter(|s| !s.is_empty()),
+        password: env("BACKEND_ETCD_PASSWORD")
+            .or_else(|| sec.opt_string("password"))
+            .filter(|s| !s.is_empty()),
     };
     if cfg.namespace.is_empty() || cfg.namespace.contains('/') {
         sec.problems().push(
@@ -226,5 +251,13 @@ mod tests {
             Some(vec!["a:1".to_string(), "b:2".to_string()])
         );
         assert_eq!(host_ports(&v(r#"x = "nohost""#)), None);
+        assert_eq!(
+            host_ports(&v(r#"x = {host = "::1", port = "2379"}"#)),
+            Some(vec!["[::1]:2379".to_string()])
+        );
+        assert_eq!(
+            host_ports(&v(r#"x = ["h", 2379]"#)),
+            Some(vec!["h:2379".to_string()])
+        );
     }
 }

@@ -19,12 +19,36 @@ pub use cluster::{EtcdConfig, RedisConfig, RedisServer, RedisTarget};
 pub use reader::{Problem, parse_duration, parse_size};
 use reader::{Problems, Section, absolutize};
 
-/// Where `serve` and `config check` look for the file, in order.
+/// Where `serve` and `config check` look for the file, in order: `--config`, then
+/// `$STORAGE_AGENT_CONFIG`, our own names, then Backend.AI's (`$BACKEND_CONFIG_FILE` and the
+/// places the Python proxy looks for `storage-proxy.toml`), so a node's existing file is found.
 pub const ENV_CONFIG: &str = "STORAGE_AGENT_CONFIG";
-pub const LOOKUP_PATHS: &[&str] = &["./storage-agent.toml", "/etc/backend.ai/storage-agent.toml"];
+pub const BACKEND_ENV_CONFIG: &str = "BACKEND_CONFIG_FILE";
+pub const LOOKUP_PATHS: &[&str] = &[
+    "./storage-agent.toml",
+    "/etc/backend.ai/storage-agent.toml",
+    "./storage-proxy.toml",
+    "~/.config/backend.ai/storage-proxy.toml",
+    "/etc/backend.ai/storage-proxy.toml",
+];
 
 /// Volume backends this build can serve.
 pub const BACKENDS: &[&str] = &["vfs", "xfs", "btrfs", "s3", "azure-blob"];
+
+/// Backends of Backend.AI's Python proxy that this build does not implement: refused by name.
+const PYTHON_ONLY_BACKENDS: &[&str] = &[
+    "purestorage",
+    "netapp",
+    "weka",
+    "gpfs",
+    "spectrumscale",
+    "dellemc-onefs",
+    "vast",
+    "exascaler",
+    "hammerspace",
+    "hammerspace-base",
+    "noop",
+];
 
 /// Backends whose vfolders are objects in a remote service, not directories on this host.
 pub const OBJECT_BACKENDS: &[&str] = &["s3", "azure-blob"];
@@ -33,7 +57,6 @@ pub const OBJECT_BACKENDS: &[&str] = &["s3", "azure-blob"];
 /// reused, but that mean nothing here (no worker processes, no aiomonitor).
 const IGNORED_PROXY_KEYS: &[&str] = &[
     "num-proc",
-    "pid-file",
     "event-loop",
     "ipc-base-path",
     "aiomonitor-termui-port",
@@ -118,6 +141,8 @@ pub struct Config {
     pub etcd: Option<EtcdConfig>,
     /// Keys and tables accepted for compatibility and ignored; logged at start.
     pub ignored: Vec<String>,
+    /// Accepted, but worth the operator's attention: printed by `config check`, logged at start.
+    pub warnings: Vec<String>,
 }
 
 /// `[storage-proxy]`
@@ -134,6 +159,8 @@ pub struct ProxyConfig {
     /// Owner of files and directories the daemon creates (Backend.AI's `user`/`group`, names or
     /// numbers). Sessions run as the same uid, so they can change what the APIs create.
     pub owner: Option<crate::volume::fsops::Owner>,
+    /// Backend.AI's `pid-file`: where the daemon writes its pid (none for `/dev/null`).
+    pub pid_file: Option<PathBuf>,
 }
 
 /// `[storage-agent]`: what is ours.
@@ -165,7 +192,7 @@ pub struct DaemonConfig {
     pub blocking_threads: usize,
     /// Zip archives being produced at once on this node, and per download token.
     pub max_archives: usize,
-    pub max_archives_per_token: usize,
+    pub max_archives_per_owner: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -212,8 +239,16 @@ pub fn locate(explicit: Option<&Path>) -> Result<ConfigSource, ConfigError> {
     let named = explicit
         .map(Path::to_path_buf)
         .or_else(|| std::env::var_os(ENV_CONFIG).map(PathBuf::from));
+    let named = named.or_else(|| {
+        // Our own names come before Backend.AI's variable, so an operator can move over.
+        let ours = LOOKUP_PATHS[..2].iter().any(|p| Path::new(p).is_file());
+        (!ours)
+            .then(|| std::env::var_os(BACKEND_ENV_CONFIG).map(PathBuf::from))
+            .flatten()
+    });
     if let Some(p) = named {
         return if p.is_file() {
+            check_trusted(&p)?;
             Ok(ConfigSource::File(p))
         } else {
             Err(ConfigError::Read {
@@ -222,12 +257,57 @@ pub fn locate(explicit: Option<&Path>) -> Result<ConfigSource, ConfigError> {
             })
         };
     }
-    Ok(LOOKUP_PATHS
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let found = LOOKUP_PATHS
         .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .map(ConfigSource::File)
-        .unwrap_or(ConfigSource::Embedded))
+        .filter_map(|p| match p.strip_prefix("~/") {
+            Some(rest) => home.as_ref().map(|h| h.join(rest)),
+            None => Some(PathBuf::from(p)),
+        })
+        .find(|p| p.is_file());
+    match found {
+        Some(p) => {
+            check_trusted(&p)?;
+            Ok(ConfigSource::File(p))
+        }
+        None => Ok(ConfigSource::Embedded),
+    }
+}
+
+/// Run as root, the daemon and `ctl` take a config only from root, and only one nobody else
+/// may change: the file chooses the state directory and where secrets are sent, so a file
+/// planted in a shared working directory must not be obeyed.
+fn check_trusted(p: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let md = std::fs::metadata(p).map_err(|e| ConfigError::Read {
+        path: p.to_path_buf(),
+        source: e,
+    })?;
+    let why = if md.uid() != 0 {
+        Some(format!("it belongs to uid {}, not root", md.uid()))
+    } else if md.mode() & 0o022 != 0 {
+        Some(format!(
+            "its mode {:o} lets others change it",
+            md.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match why {
+        None => Ok(()),
+        Some(why) => Err(ConfigError::Read {
+            path: p.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "refusing it as root: {why} (chown root and chmod go-w it, or name a trusted file with --config)"
+                ),
+            ),
+        }),
+    }
 }
 
 const EMBEDDED: &str = r#"
@@ -250,7 +330,8 @@ pub fn load(source: &ConfigSource) -> Result<Config, ConfigError> {
             p.display().to_string(),
         ),
         ConfigSource::Embedded => {
-            let dir = absolutize(Path::new("./data/local"));
+            let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+            let dir = absolutize(Path::new("./data/local"), &cwd);
             std::fs::create_dir_all(&dir).map_err(|e| ConfigError::Read {
                 path: dir.clone(),
                 source: e,
@@ -267,7 +348,17 @@ pub fn parse(text: &str, label: &str, source: ConfigSource) -> Result<Config, Co
         message: e.to_string(),
     })?;
     let problems = Problems::default();
-    let config = read(&table, &problems, source);
+    // Relative paths are relative to the file's directory, as in Backend.AI (its loader
+    // changes into that directory before validating).
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let base = match &source {
+        ConfigSource::File(p) => match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => absolutize(d, &cwd),
+            _ => cwd,
+        },
+        ConfigSource::Embedded => cwd,
+    };
+    let config = read(&table, &problems, source, &base);
     if problems.is_empty() {
         Ok(config)
     } else {
@@ -275,6 +366,23 @@ pub fn parse(text: &str, label: &str, source: ConfigSource) -> Result<Config, Co
             path: label.to_string(),
             problems: problems.into_vec(),
         })
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    match std::env::var_os("STATE_DIRECTORY") {
+        // systemd may list several, separated by ':'; the first is ours.
+        Some(dirs) => {
+            let first = dirs
+                .to_string_lossy()
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            absolutize(Path::new(&first), &cwd)
+        }
+        None => absolutize(Path::new("./state"), &cwd),
     }
 }
 
@@ -286,9 +394,14 @@ fn default_node_id() -> String {
         .unwrap_or_else(|| "storage-agent".to_string())
 }
 
-fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Config {
-    let root = Section::root(table, problems);
+fn read(table: &toml::Table, problems: &Problems, source: ConfigSource, base: &Path) -> Config {
+    let root = Section::root(table, problems, base);
     let mut ignored = Vec::new();
+    // A Backend.AI storage-proxy.toml knows nothing of our sections: taken as it is, it runs
+    // the storage proxy only (no session agent, no gRPC listener it never asked for).
+    let python_file = matches!(source, ConfigSource::File(_))
+        && root.get("storage-agent").is_none()
+        && root.get("agent").is_none();
 
     let sp = root.section("storage-proxy");
     let proxy = ProxyConfig {
@@ -297,8 +410,18 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
         session_expire: sp.duration("session-expire", Duration::from_secs(86400)),
         scandir_limit: sp.int_in("scandir-limit", 0, i64::from(u32::MAX), 1000) as usize,
         max_upload_size: sp.size("max-upload-size", 100 << 30),
-        allow_auto_quota_scope_creation: sp.bool("allow-auto-quota-scope-creation", true),
+        // Backend.AI's alias `auto_quota_scope_creation` (read as kebab-case like every key).
+        allow_auto_quota_scope_creation: sp.bool(
+            sp.first_of(&[
+                "allow-auto-quota-scope-creation",
+                "auto-quota-scope-creation",
+            ]),
+            true,
+        ),
         owner: read_owner(&sp),
+        pid_file: sp
+            .opt_path("pid-file")
+            .filter(|p| p != Path::new("/dev/null")),
     };
     if proxy.node_id.is_empty() || proxy.node_id.contains(char::is_whitespace) {
         problems.push(
@@ -322,11 +445,18 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
             ignored.push(sp.key_path(k));
         }
     }
-    sp.finish(&[]);
+    sp.finish_lenient();
 
+    // Backend.AI's `[logging] level`, when ours is not set.
+    let python_level = root
+        .section("logging")
+        .opt_string("level")
+        .and_then(|l| python_log_level(&l));
     let ours = root.section("storage-agent");
     let daemon = DaemonConfig {
-        state_dir: ours.path("state-dir", "./state"),
+        // A path written in the file is relative to the file; the default is not: systemd's
+        // StateDirectory= when the unit has one, else ./state in the working directory.
+        state_dir: ours.opt_path("state-dir").unwrap_or_else(default_state_dir),
         log_format: match ours
             .choice("log-format", &["text", "json"], "text")
             .as_str()
@@ -334,7 +464,10 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
             "json" => LogFormat::Json,
             _ => LogFormat::Text,
         },
-        log_level: ours.string("log-level", "info"),
+        log_level: ours
+            .opt_string("log-level")
+            .or(python_level)
+            .unwrap_or_else(|| "info".to_string()),
         shutdown_grace: ours.duration("shutdown-grace", Duration::from_secs(30)),
         upload_idle_timeout: ours.duration("upload-idle-timeout", Duration::from_secs(60)),
         upload_lock_stale_after: ours.duration("upload-lock-stale-after", Duration::from_secs(10)),
@@ -354,7 +487,11 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
         },
         blocking_threads: ours.int_in("blocking-threads", 8, 4096, 512) as usize,
         max_archives: ours.int_in("max-archives", 1, 4096, 16) as usize,
-        max_archives_per_token: ours.int_in("max-archives-per-token", 1, 4096, 2) as usize,
+        max_archives_per_owner: {
+            // per token until review 2 (G10): the old name is still read
+            let key = ours.first_of(&["max-archives-per-owner", "max-archives-per-token"]);
+            ours.int_in(key, 1, 4096, 2) as usize
+        },
     };
     let c = &daemon.conn;
     if daemon.upload_checkpoint_bytes == 0 {
@@ -392,22 +529,27 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
     let api = root.section("api");
     let client = api.section("client");
     let client_api = read_listener(&client, "127.0.0.1:6021");
-    client.finish(&[]);
+    client.finish_lenient();
     let manager = api.section("manager");
     let manager_api = ManagerApiConfig {
         listener: read_listener(&manager, "127.0.0.1:6022"),
         secret: manager.opt_string("secret"),
         internal_addr: manager.addr("internal-addr", "127.0.0.1:16023"),
-        announce_addr: manager.opt_string("announce-addr"),
-        announce_internal_addr: manager.opt_string("announce-internal-addr"),
+        announce_addr: manager.announce_addr("announce-addr"),
+        announce_internal_addr: manager.announce_addr("announce-internal-addr"),
     };
     if let Some(s) = &manager_api.secret {
         check_secret(&manager, "secret", s);
     }
-    manager.finish(&[]);
-    api.finish(&[]);
+    manager.finish_lenient();
+    api.finish_lenient();
 
-    let agent = agent::read(&root);
+    let agent = agent::read(&root, !python_file);
+    if python_file {
+        problems.warn(
+            "a Backend.AI storage-proxy.toml (no [storage-agent] or [agent] table): the storage agent (SFTP and file browser sessions) is off; add [agent] enabled = true for it",
+        );
+    }
     // What the daemon writes into volumes (uploads, mkdirs, clones, vfolder roots) belongs to
     // Backend.AI's `[storage-proxy] user/group` when set, else to the kernel uid/gid that
     // sessions and compute containers run as: never to root, whether or not the agent part is
@@ -454,7 +596,8 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
             ignored.push(format!("[{t}]"));
         }
     }
-    root.finish(&[]);
+    root.finish_lenient();
+    let warnings = problems.take_warnings();
 
     Config {
         source,
@@ -467,7 +610,23 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource) -> Confi
         redis,
         etcd,
         ignored,
+        warnings,
     }
+}
+
+/// Backend.AI's log level names as a tracing filter.
+fn python_log_level(level: &str) -> Option<String> {
+    Some(
+        match level.to_ascii_uppercase().as_str() {
+            "TRACE" => "trace",
+            "DEBUG" => "debug",
+            "INFO" | "NOTSET" => "info",
+            "WARNING" | "WARN" => "warn",
+            "ERROR" | "CRITICAL" => "error",
+            _ => return None,
+        }
+        .to_string(),
+    )
 }
 
 /// `user`/`group`: numeric ids or names resolved on this host. Either alone takes the other
@@ -476,6 +635,10 @@ fn read_owner(sec: &Section) -> Option<crate::volume::fsops::Owner> {
     let id = |key: &str, by_name: &dyn Fn(&str) -> Option<u32>| -> Option<u32> {
         match sec.get(key)? {
             toml::Value::Integer(i) if (0..=i64::from(u32::MAX)).contains(i) => Some(*i as u32),
+            // Backend.AI's "the default" (-1: the process's own id, "": the installer's); here
+            // both leave the owner to the default below.
+            toml::Value::Integer(-1) => None,
+            toml::Value::String(s) if s.is_empty() || s == "-1" => None,
             toml::Value::String(s) => {
                 if let Ok(n) = s.parse::<u32>() {
                     return Some(n);
@@ -532,13 +695,22 @@ fn read_owner(sec: &Section) -> Option<crate::volume::fsops::Owner> {
     }
 }
 
+/// An empty secret is refused. A short one is accepted with a warning: the manager's copy of
+/// `[api.manager] secret` must match, so an operator taking over a Python proxy's file cannot
+/// change it on this side alone.
 pub(crate) fn check_secret(sec: &Section, key: &str, value: &str) {
-    if value.len() < 16 {
+    if value.is_empty() {
         sec.problems().push(
             sec.key_path(key),
-            format!("a {}-character secret", value.len()),
-            "at least 16 characters (or leave it out to have one generated)",
+            "an empty secret",
+            "a secret (at least 16 characters), or leave the key out to have one generated",
         );
+    } else if value.len() < 16 {
+        sec.problems().warn(format!(
+            "{}: a {}-character secret is easy to guess; use at least 16 characters",
+            sec.key_path(key),
+            value.len()
+        ));
     }
 }
 
@@ -553,7 +725,7 @@ pub(crate) fn read_listener_at(sec: &Section, default_addr: &str) -> ListenerCon
         ssl_cert: sec.opt_path("ssl-cert"),
         ssl_privkey: sec.opt_path("ssl-privkey"),
     };
-    if l.ssl_cert.is_some() != l.ssl_privkey.is_some() {
+    if l.ssl_enabled && l.ssl_cert.is_some() != l.ssl_privkey.is_some() {
         sec.problems().push(
             sec.key_path(if l.ssl_cert.is_some() {
                 "ssl-privkey"
@@ -577,7 +749,17 @@ pub(crate) fn read_listener_at(sec: &Section, default_addr: &str) -> ListenerCon
 }
 
 fn read_volume(name: String, sec: &Section) -> VolumeConfig {
-    let backend = sec.choice("backend", BACKENDS, "vfs");
+    let backend = match sec.opt_string("backend") {
+        Some(b) if PYTHON_ONLY_BACKENDS.contains(&b.as_str()) => {
+            sec.problems().push(
+                sec.key_path("backend"),
+                format!("{b:?}: a backend of Backend.AI's Python proxy that storage-agent does not implement"),
+                format!("one of {}", BACKENDS.join(", ")),
+            );
+            "vfs".to_string()
+        }
+        _ => sec.choice("backend", BACKENDS, "vfs"),
+    };
     let is_object = OBJECT_BACKENDS.contains(&backend.as_str());
     let v = VolumeConfig {
         path: sec.path("path", ""),
@@ -675,6 +857,115 @@ mod tests {
         parse(text, "test.toml", ConfigSource::Embedded)
     }
 
+    fn parse_file(dir: &Path, text: &str) -> Result<Config, ConfigError> {
+        let p = dir.join("storage-proxy.toml");
+        std::fs::write(&p, text).unwrap();
+        parse(text, "storage-proxy.toml", ConfigSource::File(p))
+    }
+
+    /// Backend.AI 26.9.6's own file (as `start-server` takes it), unmodified.
+    #[test]
+    fn a_python_proxy_file_is_taken_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("vfs1")).unwrap();
+        let c = parse_file(
+            dir.path(),
+            r#"
+[storage-proxy]
+node-id = "pyproxy-node"
+num-proc = 1
+pid-file = "./sp.pid"
+ipc-base-path = "/tmp/ipc"
+event-loop = "asyncio"
+scandir-limit = "1_000"
+max-upload-size = "100gbytes"
+secret = "short"
+session-expire = "1h"
+use-watcher = "false"
+auto_quota_scope_creation = false
+user = -1
+group = ""
+aiomonitor-termui-port = 38310
+aiomonitor-webui-port = 39310
+volume-stats = { observe-interval = 10.0 }
+some-future-key = 1
+
+[logging]
+level = "DEBUG"
+drivers = ["console"]
+pkg-ns = { "" = "WARNING", "ai.backend" = "INFO" }
+[logging.console]
+colored = false
+format = "simple"
+
+[api.client]
+service-addr = { host = "127.0.0.1", port = "17021" }
+ssl-enabled = false
+
+[api.manager]
+service-addr = ["127.0.0.1", 17022]
+announce-addr = { host = "storage.example.com", port = 17022 }
+internal-addr = "127.0.0.1:17023"
+announce-internal-addr = { host = "::1", port = 17023 }
+ssl-enabled = 0
+secret = "py-manager-secret"
+
+[volume.vfs1]
+backend = "vfs"
+path = "vfs1"
+
+[debug]
+enabled = false
+
+[etcd]
+namespace = "local"
+addr = { host = "::1", port = "12379" }
+
+[otel]
+enabled = false
+
+[pyroscope]
+enabled = false
+"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.proxy.scandir_limit, 1000);
+        assert_eq!(c.proxy.max_upload_size, 100 << 30);
+        assert!(!c.proxy.allow_auto_quota_scope_creation);
+        assert_eq!(c.proxy.pid_file, Some(dir.path().join("sp.pid")));
+        assert_eq!(c.client_api.addr.port(), 17021);
+        assert_eq!(c.manager_api.listener.addr.port(), 17022);
+        assert_eq!(
+            c.manager_api.announce_addr.as_deref(),
+            Some("storage.example.com:17022")
+        );
+        assert_eq!(
+            c.manager_api.announce_internal_addr.as_deref(),
+            Some("[::1]:17023")
+        );
+        assert_eq!(c.volumes[0].path, dir.path().join("vfs1"));
+        assert_eq!(c.etcd.unwrap().addrs, vec!["[::1]:12379".to_string()]);
+        assert_eq!(c.daemon.log_level, "debug");
+        assert!(
+            !c.agent.enabled,
+            "a Python proxy's file runs no session agent"
+        );
+        let warned = c.warnings.join("\n");
+        assert!(warned.contains("some-future-key"), "{warned}");
+        assert!(warned.contains("storage-proxy.secret"), "{warned}");
+    }
+
+    #[test]
+    fn python_only_backends_are_named() {
+        let dir = std::env::temp_dir();
+        let err = parse_str(&format!(
+            "[volume.v]\nbackend = \"purestorage\"\npath = {dir:?}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("does not implement"), "{err}");
+    }
+
     #[test]
     fn snake_and_kebab_keys_are_the_same() {
         let dir = std::env::temp_dir();
@@ -690,7 +981,7 @@ mod tests {
     #[test]
     fn all_problems_are_listed() {
         let err = parse_str(
-            "[storage-proxy]\nsession-expire = \"soon\"\nsecret = \"short\"\n[api.client]\nservice-addr = \"nowhere\"\n[volume.v]\nbackend = \"nfs9\"\npath = \"/does/not/exist\"\n[bogus]\n",
+            "[storage-proxy]\nsession-expire = \"soon\"\nsecret = \"\"\n[api.client]\nservice-addr = \"nowhere\"\n[volume.v]\nbackend = \"nfs9\"\npath = \"/does/not/exist\"\n[storage-agent]\nbogus = 1\n",
         )
         .unwrap_err();
         let ConfigError::Invalid { problems, .. } = err else {
@@ -703,7 +994,7 @@ mod tests {
             "api.client.service-addr",
             "volume.v.backend",
             "volume.v.path",
-            "bogus",
+            "storage-agent.bogus",
         ] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }

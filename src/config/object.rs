@@ -84,8 +84,11 @@ pub struct ObjectConfig {
     pub request_timeout: Duration,
     /// How often usage counters are recounted from a listing (objects change behind our back).
     pub rescan_interval: Duration,
-    /// `/folder/mount` includes the credentials (compute agents mount the bucket themselves).
+    /// `/folder/mount` includes a credential scoped to the one vfolder and its mode (compute
+    /// agents mount it themselves). Only where one can be made: see `unscopable_credentials`.
     pub hand_out_credentials: bool,
+    /// The lifetime of a handed-out credential (apart from presigned URLs').
+    pub credential_expiry: Duration,
     /// Token routes may answer with presigned URLs straight to the service.
     pub presign: bool,
     /// The longest a presigned URL (or SAS) lives.
@@ -204,6 +207,19 @@ pub fn read(sec: &Section, backend: &str) -> Option<ObjectConfig> {
             "5m to 5g (S3's limits for a part; Azure blocks fit in them too)",
         );
     }
+    let hand_out_credentials = sec.bool("hand-out-credentials", false);
+    if hand_out_credentials && let Some(why) = unscopable_credentials(&service, &layout) {
+        sec.problems()
+            .push(sec.key_path("hand-out-credentials"), "true", why);
+    }
+    let credential_expiry = sec.duration("credential-expiry", Duration::from_secs(86400));
+    if credential_expiry > Duration::from_secs(7 * 86400) || credential_expiry.is_zero() {
+        sec.problems().push(
+            sec.key_path("credential-expiry"),
+            format!("{credential_expiry:?}"),
+            "1s to 7d (Azure's longest user delegation)",
+        );
+    }
     Some(ObjectConfig {
         endpoint: endpoint.trim_end_matches('/').to_string(),
         service,
@@ -213,7 +229,8 @@ pub fn read(sec: &Section, backend: &str) -> Option<ObjectConfig> {
         connect_timeout: sec.duration("connect-timeout", Duration::from_secs(5)),
         request_timeout: sec.duration("request-timeout", Duration::from_secs(60)),
         rescan_interval: sec.duration("rescan-interval", Duration::from_secs(3600)),
-        hand_out_credentials: sec.bool("hand-out-credentials", false),
+        hand_out_credentials,
+        credential_expiry,
         presign: sec.bool("presign", false),
         presign_max_expiry: sec.duration(
             "presign-max-expiry",
@@ -222,6 +239,35 @@ pub fn read(sec: &Section, backend: &str) -> Option<ObjectConfig> {
         capacity: sec.size("capacity", 1 << 50),
         mount_linger: sec.duration("mount-linger", Duration::from_secs(60)),
     })
+}
+
+/// Why `hand-out-credentials` cannot be honoured with this service and layout (security review
+/// 2, G1): what an agent gets must reach the one vfolder and nothing else, read-only when the
+/// vfolder is. A container SAS signed with the account key is exactly that when a vfolder is a
+/// container; nothing we can sign is, on a shared container or with S3's keys.
+fn unscopable_credentials(service: &ServiceConfig, layout: &Layout) -> Option<&'static str> {
+    match (service, layout) {
+        (ServiceConfig::S3 { .. }, _) => Some(
+            "false on s3: the only keys we hold are the volume's own, which reach every vfolder \
+             and bucket and ignore read-only; sessions mount through storage-agent and clients \
+             use presigned URLs instead",
+        ),
+        (ServiceConfig::Azure { .. }, Layout::PrefixPerVFolder { .. }) => Some(
+            "false with layout = \"prefix-per-vfolder\": a SAS is scoped to a container at the \
+             narrowest, and that container holds every vfolder (use bucket-per-vfolder)",
+        ),
+        (
+            ServiceConfig::Azure {
+                auth: AzureAuth::Sas(_),
+                ..
+            },
+            _,
+        ) => Some(
+            "false with an account sas: a container SAS is signed with the account key \
+             (account-key)",
+        ),
+        (ServiceConfig::Azure { .. }, Layout::BucketPerVFolder { .. }) => None,
+    }
 }
 
 /// An account key (base64), or an account SAS, inline or in `AZURE_STORAGE_KEY`.

@@ -28,11 +28,20 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Collects problems across all sections of one configuration.
+/// Collects problems across all sections of one configuration, and warnings: what is accepted
+/// but worth an operator's attention (printed by `config check`, logged at start).
 #[derive(Default)]
-pub struct Problems(RefCell<Vec<Problem>>);
+pub struct Problems(RefCell<Vec<Problem>>, RefCell<Vec<String>>);
 
 impl Problems {
+    pub fn warn(&self, text: impl Into<String>) {
+        self.1.borrow_mut().push(text.into());
+    }
+
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut self.1.borrow_mut())
+    }
+
     pub fn push(
         &self,
         key: impl Into<String>,
@@ -78,16 +87,37 @@ pub struct Section<'a> {
     table: Option<&'a toml::Table>,
     used: RefCell<BTreeSet<String>>,
     problems: &'a Problems,
+    /// Relative paths are relative to this directory: the config file's, as in Backend.AI.
+    base: &'a Path,
 }
 
 impl<'a> Section<'a> {
-    pub fn root(table: &'a toml::Table, problems: &'a Problems) -> Self {
+    pub fn root(table: &'a toml::Table, problems: &'a Problems, base: &'a Path) -> Self {
         Section {
             path: String::new(),
             table: Some(table),
             used: RefCell::default(),
             problems,
+            base,
         }
+    }
+
+    fn child(&self, path: String, table: Option<&'a toml::Table>) -> Section<'a> {
+        Section {
+            path,
+            table,
+            used: RefCell::default(),
+            problems: self.problems,
+            base: self.base,
+        }
+    }
+
+    /// The first of several spellings of one key that is present (Backend.AI's aliases).
+    pub fn first_of<'k>(&self, keys: &[&'k str]) -> &'k str {
+        keys.iter()
+            .copied()
+            .find(|k| self.get(k).is_some())
+            .unwrap_or(keys[0])
     }
 
     pub fn name(&self) -> &str {
@@ -140,12 +170,7 @@ impl<'a> Section<'a> {
                 None
             }
         };
-        Section {
-            path: self.key_path(key),
-            table,
-            used: RefCell::default(),
-            problems: self.problems,
-        }
+        self.child(self.key_path(key), table)
     }
 
     /// The sub-tables of a map section such as `[volume.<name>]`, names kept verbatim.
@@ -160,15 +185,9 @@ impl<'a> Section<'a> {
         let base = self.key_path(key);
         map.iter()
             .filter_map(|(name, v)| match v {
-                Value::Table(t) => Some((
-                    name.clone(),
-                    Section {
-                        path: format!("{base}.{name}"),
-                        table: Some(t),
-                        used: RefCell::default(),
-                        problems: self.problems,
-                    },
-                )),
+                Value::Table(t) => {
+                    Some((name.clone(), self.child(format!("{base}.{name}"), Some(t))))
+                }
                 other => {
                     self.problems
                         .push(format!("{base}.{name}"), show(other), "a table");
@@ -216,23 +235,39 @@ impl<'a> Section<'a> {
         }
     }
 
+    /// A boolean; also Backend.AI's (pydantic's) spellings: 0/1 and the words true/false,
+    /// yes/no, on/off, t/f, y/n in any case.
     pub fn bool(&self, key: &str, default: bool) -> bool {
-        match self.get(key) {
-            None => default,
-            Some(Value::Boolean(b)) => *b,
-            Some(other) => {
-                self.bad(key, other, "true or false");
-                default
-            }
-        }
+        let Some(v) = self.get(key) else {
+            return default;
+        };
+        let b = match v {
+            Value::Boolean(b) => Some(*b),
+            Value::Integer(0) => Some(false),
+            Value::Integer(1) => Some(true),
+            Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+                "true" | "yes" | "on" | "t" | "y" | "1" => Some(true),
+                "false" | "no" | "off" | "f" | "n" | "0" => Some(false),
+                _ => None,
+            },
+            _ => None,
+        };
+        b.unwrap_or_else(|| {
+            self.bad(key, v, "true or false");
+            default
+        })
     }
 
+    /// An integer; also a numeric string ("1_000", " 1000 ") or an integral float, as pydantic
+    /// takes them.
     pub fn int_in(&self, key: &str, min: i64, max: i64, default: i64) -> i64 {
-        match self.get(key) {
-            None => default,
-            Some(Value::Integer(i)) if (min..=max).contains(i) => *i,
-            Some(other) => {
-                self.bad(key, other, &format!("an integer from {min} to {max}"));
+        let Some(v) = self.get(key) else {
+            return default;
+        };
+        match lax_int(v) {
+            Some(i) if (min..=max).contains(&i) => i,
+            _ => {
+                self.bad(key, v, &format!("an integer from {min} to {max}"));
                 default
             }
         }
@@ -308,63 +343,139 @@ impl<'a> Section<'a> {
         }
     }
 
-    /// A listen address: "host:port" or Backend.AI's `{host = "...", port = N}`.
+    /// A listen address in any of Backend.AI's forms (see [`host_port`]), resolved once.
     pub fn addr(&self, key: &str, default: &str) -> SocketAddr {
         let fallback = || default.parse().expect("default addresses are valid");
         let Some(v) = self.get(key) else {
             return fallback();
         };
-        let text = match v {
-            Value::String(s) => Some(s.clone()),
-            Value::Table(t) => match (t.get("host"), t.get("port")) {
-                (Some(Value::String(h)), Some(Value::Integer(p))) => Some(format!("{h}:{p}")),
-                _ => None,
-            },
-            _ => None,
-        };
-        match text.as_deref().and_then(resolve_addr) {
+        let resolved = host_port(v).and_then(|(host, port)| {
+            // A blank host is every interface, as in Backend.AI.
+            let host = if host.is_empty() { "0.0.0.0" } else { &host };
+            resolve_addr(&join_host_port(host, port))
+        });
+        match resolved {
             Some(a) => a,
             None => {
-                self.bad(
-                    key,
-                    v,
-                    "\"host:port\" or {host = \"...\", port = N}, port 0-65535",
-                );
+                self.bad(key, v, ADDR_FORMS);
                 fallback()
             }
         }
     }
 
+    /// An address announced to others (service discovery): Backend.AI's forms, not resolved
+    /// here (it is the name others use, e.g. `host.docker.internal`); a port is required.
+    pub fn announce_addr(&self, key: &str) -> Option<String> {
+        let v = self.get(key)?;
+        match host_port(v) {
+            Some((host, port)) if !host.is_empty() && port != 0 => {
+                Some(join_host_port(&host, port))
+            }
+            _ => {
+                self.bad(key, v, ADDR_FORMS);
+                None
+            }
+        }
+    }
+
     pub fn opt_path(&self, key: &str) -> Option<PathBuf> {
-        self.opt_string(key).map(|s| absolutize(Path::new(&s)))
+        self.opt_string(key)
+            .map(|s| absolutize(Path::new(&s), self.base))
     }
 
     pub fn path(&self, key: &str, default: &str) -> PathBuf {
         self.opt_path(key)
-            .unwrap_or_else(|| absolutize(Path::new(default)))
+            .unwrap_or_else(|| absolutize(Path::new(default), self.base))
     }
 
     /// Reports keys of this section nobody read: typos must not pass silently.
     pub fn finish(self, known_elsewhere: &[&str]) {
+        self.finish_with(known_elsewhere, false)
+    }
+
+    /// For Backend.AI's own sections: an unknown key is a warning, as in the Python proxy
+    /// (its files may carry keys of other versions).
+    pub fn finish_lenient(self) {
+        self.finish_with(&[], true)
+    }
+
+    fn finish_with(self, known_elsewhere: &[&str], lenient: bool) {
         let Some(table) = self.table else { return };
         let used = self.used.borrow();
         for (k, v) in table {
             let nk = normalize_key(k);
-            if !used.contains(&nk) && !known_elsewhere.contains(&nk.as_str()) {
-                self.problems.push(
-                    self.key_path(k),
-                    format!("unknown key (value {})", show(v)),
-                    format!(
-                        "the keys documented for [{}] in configs/storage-agent.toml",
-                        if self.path.is_empty() {
-                            "top level"
-                        } else {
-                            &self.path
-                        }
-                    ),
-                );
+            if used.contains(&nk) || known_elsewhere.contains(&nk.as_str()) {
+                continue;
             }
+            if lenient {
+                self.problems.warn(format!(
+                    "{}: unknown key (value {}), ignored",
+                    self.key_path(k),
+                    show(v)
+                ));
+                continue;
+            }
+            self.problems.push(
+                self.key_path(k),
+                format!("unknown key (value {})", show(v)),
+                format!(
+                    "the keys documented for [{}] in configs/storage-agent.toml",
+                    if self.path.is_empty() {
+                        "top level"
+                    } else {
+                        &self.path
+                    }
+                ),
+            );
         }
+    }
+}
+
+const ADDR_FORMS: &str =
+    "\"host:port\", {host = \"...\", port = N}, or [\"host\", N]; port 0-65535";
+
+/// Backend.AI's HostPortPair: `"host:port"` (split at the last `:`, an IPv6 host in
+/// brackets), `{host = "h", port = N}` (the port may be a string), or `["h", N]`. The host may
+/// be blank (`":6021"`).
+pub fn host_port(v: &Value) -> Option<(String, u16)> {
+    let port = |p: &Value| -> Option<u16> { u16::try_from(lax_int(p)?).ok() };
+    let (host, port) = match v {
+        Value::String(s) => {
+            let (h, p) = s.trim().rsplit_once(':')?;
+            (h.to_string(), p.trim().parse::<u16>().ok()?)
+        }
+        Value::Table(t) => (t.get("host")?.as_str()?.to_string(), port(t.get("port")?)?),
+        Value::Array(a) if a.len() == 2 => (a[0].as_str()?.to_string(), port(&a[1])?),
+        _ => return None,
+    };
+    let host = host.trim();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    Some((host.to_string(), port))
+}
+
+/// `host:port`, with an IPv6 host in brackets.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// An integer as pydantic's lax mode takes it: an integer, an integral float, or a numeric
+/// string with `_` separators and surrounding blanks.
+fn lax_int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Integer(i) => Some(*i),
+        Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Some(*f as i64),
+        Value::String(s) => {
+            let t: String = s.trim().chars().filter(|c| *c != '_').collect();
+            t.parse().ok()
+        }
+        _ => None,
     }
 }
 
@@ -376,15 +487,14 @@ fn resolve_addr(s: &str) -> Option<SocketAddr> {
     s.to_socket_addrs().ok()?.next()
 }
 
-/// Relative config paths are relative to the working directory; "." components are dropped
-/// so logs and `/volumes` show clean paths. ".." is kept (it may cross a symlink).
-pub fn absolutize(p: &Path) -> PathBuf {
+/// Relative config paths are relative to `base` (the config file's directory, as in
+/// Backend.AI); "." components are dropped so logs and `/volumes` show clean paths. ".." is
+/// kept (it may cross a symlink).
+pub fn absolutize(p: &Path, base: &Path) -> PathBuf {
     let joined = if p.is_absolute() {
         p.to_path_buf()
     } else {
-        std::env::current_dir()
-            .map(|cwd| cwd.join(p))
-            .unwrap_or_else(|_| p.to_path_buf())
+        base.join(p)
     };
     joined
         .components()
@@ -393,13 +503,19 @@ pub fn absolutize(p: &Path) -> PathBuf {
 }
 
 /// "100g" → 100 GiB. Backend.AI's BinarySize: case-insensitive k/m/g/t/p/e suffixes, optional
-/// trailing "b"/"ib", fractional numbers allowed.
+/// trailing "b", "ib", "byte(s)" or "ibyte(s)", `_` separators, fractional numbers allowed.
 pub fn parse_size(s: &str) -> Option<u64> {
-    let t = s.trim().to_ascii_lowercase();
-    let t = t
-        .strip_suffix("ib")
-        .or_else(|| t.strip_suffix('b'))
-        .unwrap_or(&t);
+    let t: String = s
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .filter(|c| *c != '_')
+        .collect();
+    let t = ["ibytes", "ibyte", "ib", "bytes", "byte", "b"]
+        .iter()
+        .find_map(|end| t.strip_suffix(end))
+        .unwrap_or(&t)
+        .trim_end();
     let (num, mult) = match t.char_indices().last()? {
         (i, c) if c.is_ascii_alphabetic() => {
             let exp = match c {
@@ -452,8 +568,25 @@ mod tests {
         assert_eq!(parse_size("1.5k"), Some(1536));
         assert_eq!(parse_size("1GiB"), Some(1 << 30));
         assert_eq!(parse_size("42"), Some(42));
+        assert_eq!(parse_size("1_000"), Some(1000));
+        assert_eq!(parse_size("100gbytes"), Some(100 << 30));
+        assert_eq!(parse_size("100 b"), Some(100));
         assert_eq!(parse_size("-1g"), None);
         assert_eq!(parse_size("lots"), None);
+    }
+
+    #[test]
+    fn host_port_forms_of_backend_ai() {
+        let v = |s: &str| -> Value { toml::from_str::<toml::Table>(s).unwrap()["x"].clone() };
+        let hp = |s: &str| host_port(&v(s));
+        assert_eq!(hp(r#"x = "h:1""#), Some(("h".into(), 1)));
+        assert_eq!(hp(r#"x = "[::1]:2""#), Some(("::1".into(), 2)));
+        assert_eq!(hp(r#"x = ":3""#), Some(("".into(), 3)));
+        assert_eq!(hp(r#"x = {host = "h", port = "4"}"#), Some(("h".into(), 4)));
+        assert_eq!(hp(r#"x = ["h", 5]"#), Some(("h".into(), 5)));
+        assert_eq!(hp(r#"x = "nohost""#), None);
+        assert_eq!(hp(r#"x = "h:70000""#), None);
+        assert_eq!(join_host_port("::1", 7), "[::1]:7");
     }
 
     #[test]
@@ -472,7 +605,7 @@ mod tests {
         )
         .unwrap();
         let p = Problems::default();
-        let root = Section::root(&t, &p);
+        let root = Section::root(&t, &p, Path::new("/"));
         let a = root.section("a");
         a.size("size", 1);
         a.bool("flag", false);

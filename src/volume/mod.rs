@@ -28,6 +28,10 @@ use futures::stream::BoxStream;
 use crate::config::VolumeConfig;
 use crate::ids::{QuotaScopeId, VFolderId};
 pub use path::{PathError, RelPath};
+
+/// Backend.AI's `DEFAULT_VFOLDER_PERMISSION_MODE`: a vfolder's mode when the manager names
+/// none (it leaves `mode` out for most vfolders), and a clone's.
+pub const DEFAULT_VFOLDER_MODE: u32 = 0o775;
 pub use scopes::{QuotaLimit, QuotaOps};
 
 pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
@@ -87,6 +91,10 @@ pub enum VolumeError {
         /// It did not answer in time (or at all), as opposed to answering with an error.
         unreachable: bool,
     },
+    /// A body that must be kept whole (it carries a checksum) is longer than the backend can
+    /// hold back before any of it becomes irrevocable.
+    #[error("a checksummed body may carry at most {limit} bytes here: {why}")]
+    AtomicTooLarge { limit: u64, why: &'static str },
     /// A request the backend cannot serve as asked (e.g. registering on a vfs volume).
     #[error("{0}")]
     BadRequest(String),
@@ -343,6 +351,17 @@ pub struct WritePlan {
     pub atomic: bool,
 }
 
+/// What a presigned URL may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presign {
+    Read,
+    /// One upload of exactly `size` bytes (what the token was minted for): the URL accepts no
+    /// more (security review 2, G6).
+    Upload {
+        size: u64,
+    },
+}
+
 /// Where upload bytes wait until the upload completes. For vfs/xfs this is a file in the quota
 /// scope's `.upload/` directory: same filesystem as the vfolder (atomic rename), counted against
 /// the scope's quota, invisible in listings and to session containers (which mount only vfolders).
@@ -352,6 +371,12 @@ pub trait UploadStaging: Send + Sync {
     /// offset now held: `offset`, or more where what lies past it cannot be taken back (parts
     /// already stored in an object service), which the upload then resumes from.
     async fn truncate(&self, vfid: &VFolderId, session: &str, offset: u64) -> Result<u64>;
+    /// The longest body this staging can keep whole or not at all (`WritePlan::atomic`), or
+    /// None when only the upload's length and the space checks bound it. Object stores hold
+    /// such a body back in a local buffer, so they bound it.
+    fn max_atomic_write(&self) -> Option<u64> {
+        None
+    }
     /// Writes `body` as `plan` says and syncs before returning (see `WritePlan`).
     async fn write(
         &self,
@@ -429,6 +454,13 @@ pub trait Volume: Send + Sync + fmt::Display {
                 limit: None,
             });
         }
+        self.check_local_staging().await
+    }
+
+    /// Whether the local disk that stages uploads for a remote service has room for one more
+    /// (object stores buffer up to two parts per upload on the state disk). Directory volumes
+    /// stage on the volume itself, which `check_space` counted already.
+    async fn check_local_staging(&self) -> Result<()> {
         Ok(())
     }
 
@@ -481,12 +513,12 @@ pub trait Volume: Send + Sync + fmt::Display {
             "vfolder {vf}: only registered vfolders of object-store volumes can be deregistered"
         )))
     }
-    /// A URL straight to the service for reading (or writing) `p`, valid for `expiry`.
+    /// A URL straight to the service for reading `p`, or uploading it, valid for `expiry`.
     async fn presign(
         &self,
         _vf: &VFolderId,
         _p: &RelPath,
-        _write: bool,
+        _access: Presign,
         _expiry: std::time::Duration,
     ) -> Result<String> {
         Err(VolumeError::BadRequest(format!(

@@ -280,8 +280,14 @@ impl SharedMounts {
                 "--allow-other",
                 "--umask",
                 "002",
+                // Files opened only for writing (SFTP and browser uploads) stream to the
+                // service instead of being completed in the cache first, and the cache is
+                // capped (security review 2, G7). (Debian's rclone 1.60 has no
+                // --vfs-cache-min-free-space.)
                 "--vfs-cache-mode",
-                "writes",
+                "minimal",
+                "--vfs-cache-max-size",
+                "1G",
             ])
             .arg("--cache-dir")
             .arg(self.dir.join("cache").join(&name))
@@ -355,13 +361,15 @@ impl SharedMounts {
     /// `holder` no longer needs the mounts of `volume`.
     pub async fn release(&self, volume: &str, holder: &str) {
         let _g = self.lock.lock().await;
-        let prefix = format!("{volume}/%");
+        let (from, to) = key_range(volume);
         let pool = self.state.pool();
-        let _ = sqlx::query("DELETE FROM fuse_mount_holders WHERE holder = ? AND key LIKE ?")
-            .bind(holder)
-            .bind(&prefix)
-            .execute(pool)
-            .await;
+        let _ =
+            sqlx::query("DELETE FROM fuse_mount_holders WHERE holder = ? AND key >= ? AND key < ?")
+                .bind(holder)
+                .bind(from)
+                .bind(to)
+                .execute(pool)
+                .await;
         self.mark_unused(pool).await;
     }
 
@@ -369,11 +377,14 @@ impl SharedMounts {
     pub async fn retain(&self, volume: &str, live: &HashSet<String>) {
         let _g = self.lock.lock().await;
         let pool = self.state.pool();
-        let rows = sqlx::query("SELECT key, holder FROM fuse_mount_holders WHERE key LIKE ?")
-            .bind(format!("{volume}/%"))
-            .fetch_all(pool)
-            .await
-            .unwrap_or_default();
+        let (from, to) = key_range(volume);
+        let rows =
+            sqlx::query("SELECT key, holder FROM fuse_mount_holders WHERE key >= ? AND key < ?")
+                .bind(from)
+                .bind(to)
+                .fetch_all(pool)
+                .await
+                .unwrap_or_default();
         for r in rows {
             let (key, holder): (String, String) = (r.get(0), r.get(1));
             if !live.contains(&holder) {
@@ -567,9 +578,33 @@ fn tail(log: &Path) -> String {
     }
 }
 
+/// The keys of `volume`'s mounts ("<volume>/…") as a half-open range: `LIKE '<volume>/%'` would
+/// read `_` and `%` in a volume name as wildcards and match other volumes (review 2, G9).
+/// `'0'` is the byte after `'/'`.
+fn key_range(volume: &str) -> (String, String) {
+    (format!("{volume}/"), format!("{volume}0"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_volume_key_range_holds_only_that_volumes_keys() {
+        let inside = |volume: &str, key: &str| {
+            let (from, to) = key_range(volume);
+            key >= from.as_str() && key < to.as_str()
+        };
+        assert!(inside("s3_a", "s3_a/bucket"));
+        assert!(inside("s3_a", "s3_a/"));
+        assert!(!inside("s3_a", "s3-a/bucket"), "_ is no wildcard");
+        assert!(!inside("s3_a", "s3xa/bucket"));
+        assert!(
+            !inside("s3", "s3_a/bucket"),
+            "a longer name is another volume"
+        );
+        assert!(!inside("s3%", "s3-a/bucket"), "% is no wildcard");
+    }
 
     #[test]
     fn rclone_pending_writes_are_seen_in_its_cache_metadata() {

@@ -3,6 +3,10 @@
 
 use std::fmt;
 
+/// What a path climbing out of its vfolder is refused with; `api::extract` recognises it to
+/// answer Backend.AI's InvalidSubpathError.
+pub const ESCAPES: &str = "path escapes the vfolder";
+
 /// Linux NAME_MAX and PATH_MAX.
 pub const NAME_MAX: usize = 255;
 pub const PATH_MAX: usize = 4096;
@@ -11,8 +15,9 @@ pub const PATH_MAX: usize = 4096;
 pub enum PathError {
     #[error("expected relative path but the value is absolute")]
     Absolute,
-    #[error("'..' is not allowed in paths")]
-    ParentComponent,
+    /// `..` climbing above the vfolder root (`..` that stays inside is resolved).
+    #[error("{ESCAPES}")]
+    Escapes,
     #[error("NUL bytes are not allowed in paths")]
     Nul,
     #[error("path is longer than {PATH_MAX} bytes")]
@@ -26,7 +31,9 @@ pub enum PathError {
 }
 
 /// A normalized relative path: no leading '/', no '..', no NUL, no empty or '.' components.
-/// The empty path is the vfolder root.
+/// The empty path is the vfolder root. `..` is resolved lexically as the Python proxy's
+/// clients expect (`a/../b` is `b`); the backends then resolve the result beneath the vfolder
+/// root with the kernel, so a symlinked `a` cannot make `a/..` mean anything else.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct RelPath(String);
 
@@ -49,7 +56,9 @@ impl RelPath {
         for c in s.split('/') {
             match c {
                 "" | "." => continue,
-                ".." => return Err(PathError::ParentComponent),
+                ".." => {
+                    parts.pop().ok_or(PathError::Escapes)?;
+                }
                 c if c.len() > NAME_MAX => return Err(PathError::NameTooLong),
                 c => parts.push(c),
             }
@@ -131,7 +140,7 @@ impl serde::Serialize for RelPath {
 impl<'de> serde::Deserialize<'de> for RelPath {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        RelPath::parse(&s).map_err(serde::de::Error::custom)
+        RelPath::parse(&s).map_err(|e| serde::de::Error::custom(format!("{e}: {s}")))
     }
 }
 
@@ -160,13 +169,15 @@ mod tests {
         assert!(RelPath::parse(".").unwrap().is_root());
         assert!(RelPath::parse("").unwrap().is_root());
         assert_eq!(RelPath::parse("..a/b..").unwrap().as_str(), "..a/b..");
+        assert_eq!(RelPath::parse("a/../b").unwrap().as_str(), "b");
+        assert!(RelPath::parse("a/b/../..").unwrap().is_root());
     }
 
     #[test]
     fn rejects_hostile_paths() {
         assert_eq!(RelPath::parse("/etc/passwd"), Err(PathError::Absolute));
-        assert_eq!(RelPath::parse("a/../../b"), Err(PathError::ParentComponent));
-        assert_eq!(RelPath::parse(".."), Err(PathError::ParentComponent));
+        assert_eq!(RelPath::parse("a/../../b"), Err(PathError::Escapes));
+        assert_eq!(RelPath::parse(".."), Err(PathError::Escapes));
         assert_eq!(RelPath::parse("a\0b"), Err(PathError::Nul));
         assert_eq!(
             RelPath::parse(&"x".repeat(256)),
@@ -174,7 +185,7 @@ mod tests {
         );
         assert_eq!(RelPath::parse(&"a/".repeat(2049)), Err(PathError::TooLong));
         assert_eq!(RelPath::parse_name("a/b"), Err(PathError::NotAName));
-        assert_eq!(RelPath::parse_name(".."), Err(PathError::ParentComponent));
+        assert_eq!(RelPath::parse_name(".."), Err(PathError::Escapes));
         assert_eq!(RelPath::parse_name("."), Err(PathError::Root));
     }
 

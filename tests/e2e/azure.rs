@@ -125,11 +125,12 @@ async fn sas_urls_grant_one_vfolder_and_no_more() {
         "{left}"
     );
     let ro = random_vfid();
+    az.py("svc.create_container('sas-external')");
     let r = d
         .mgr(
             "POST",
             "/folder/register",
-            json!({"volume": "vol1", "vfid": ro, "bucket": container, "read_only": true}),
+            json!({"volume": "vol1", "vfid": ro, "bucket": "sas-external", "read_only": true}),
         )
         .await;
     assert_eq!(r.status, 204, "{}", r.text());

@@ -50,7 +50,7 @@ fn every_problem_is_reported_and_serve_refuses() {
         r#"
 [storage-proxy]
 node-id = "has space"
-secret = "short"
+secret = ""
 session-expire = "soon"
 scandir-limit = -5
 max-upload-size = "lots"
@@ -65,6 +65,7 @@ service-addr = "not-an-address"
 [api.manager]
 service-addr = "127.0.0.1:6999"
 internal-addr = "127.0.0.1:6999"
+ssl-enabled = true
 ssl-cert = "/nonexistent.pem"
 
 [volume.vol1]
@@ -80,7 +81,7 @@ backend = "vfs"
     assert_eq!(code, 2);
     for (key, value_part) in [
         ("storage-proxy.node-id", "has space"),
-        ("storage-proxy.secret", "5-character"),
+        ("storage-proxy.secret", "an empty secret"),
         ("storage-proxy.session-expire", "soon"),
         ("storage-proxy.scandir-limit", "-5"),
         ("storage-proxy.max-upload-size", "lots"),
@@ -140,6 +141,8 @@ fn lookup_through_the_environment_and_embedded_default() {
     let out = Command::new(bin())
         .args(["config", "check"])
         .env_remove("STORAGE_AGENT_CONFIG")
+        .env_remove("BACKEND_CONFIG_FILE")
+        .env("HOME", empty.path())
         .current_dir(empty.path())
         .output()
         .unwrap();
@@ -150,6 +153,64 @@ fn lookup_through_the_environment_and_embedded_default() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("embedded default"));
     assert!(empty.path().join("data/local").is_dir());
+}
+
+/// A Backend.AI node's file is found where the Python proxy finds it, relative paths in it are
+/// relative to it, and (run as root) a file others could have planted or changed is refused.
+#[test]
+fn backend_ai_config_names_are_found_and_untrusted_files_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let b = Daemon::builder();
+    let mut cfg = b.config.clone();
+    let vol = b.dir.path().join("relvol");
+    std::fs::create_dir(&vol).unwrap();
+    cfg["volume"]["vol1"]["path"] = "relvol".into();
+    let text = toml::to_string(&cfg).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let check_in = |cwd: &std::path::Path, env: &[(&str, &std::path::Path)]| {
+        let mut c = Command::new(bin());
+        c.args(["config", "check"])
+            .env_remove("STORAGE_AGENT_CONFIG")
+            .env_remove("BACKEND_CONFIG_FILE")
+            .env("HOME", elsewhere.path())
+            .current_dir(cwd);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // $BACKEND_CONFIG_FILE, from another working directory: "relvol" is next to the file.
+    let py = b.dir.path().join("storage-proxy.toml");
+    std::fs::write(&py, &text).unwrap();
+    let (code, out, err) = check_in(elsewhere.path(), &[("BACKEND_CONFIG_FILE", &py)]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("storage-proxy.toml is valid"), "{out}");
+
+    // ./storage-proxy.toml in the working directory.
+    let (code, out, err) = check_in(b.dir.path(), &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("storage-proxy.toml is valid"), "{out}");
+
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    // Writable by others: refused as root, with what to do about it.
+    std::fs::set_permissions(&py, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (code, _, err) = check_in(b.dir.path(), &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("lets others change it"), "{err}");
+    // Owned by someone else: refused too.
+    std::fs::set_permissions(&py, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::chown(&py, Some(65534), None).unwrap();
+    let (code, _, err) = check_in(b.dir.path(), &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("belongs to uid 65534"), "{err}");
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 mod common;
 
 mod azure;
+mod backendai_manager;
 mod backends;
 mod bgtasks;
 mod config_check;
@@ -15,8 +16,10 @@ mod download;
 mod dropin;
 mod filebrowser;
 mod hardening;
+mod hardening2;
 mod manager_api;
 mod manager_bad_input;
+mod manager_payloads;
 mod memory;
 mod operations;
 mod quota;

@@ -234,7 +234,8 @@ async fn folder_lifecycle_and_usage() {
     let (vfid, path) = d.create_vfolder().await;
     assert_eq!(
         std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777,
-        0o755
+        0o775,
+        "Backend.AI's default vfolder mode"
     );
     let r = d
         .mgr(

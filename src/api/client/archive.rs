@@ -5,7 +5,7 @@
 //!
 //! A client that stops reading must not take the node's I/O with it: archive threads are not
 //! taken from the blocking pool that serves every file operation; their number is capped per node
-//! and per token (`max-archives`, `max-archives-per-token`: beyond them, 429); and a block the
+//! and per owner (`max-archives`, `max-archives-per-owner`: beyond them, 429); and a block the
 //! client has not taken within `write-idle-timeout` ends the archive and frees its thread.
 
 use std::collections::HashMap;
@@ -34,11 +34,13 @@ pub struct Root {
     pub stat: EntryStat,
 }
 
-/// Archive production slots: one per archive being built, capped per node and per token.
+/// Archive production slots: one per archive being built, capped per node and per owner (the
+/// vfolder's quota scope: a user or project), so one tenant minting many tokens cannot hold
+/// every slot (security review 2, G10).
 pub struct ArchiveSlots {
     node: Arc<tokio::sync::Semaphore>,
-    per_token: Mutex<HashMap<[u8; 32], usize>>,
-    per_token_max: usize,
+    per_owner: Mutex<HashMap<[u8; 32], usize>>,
+    per_owner_max: usize,
     /// How long a block may wait for the client to take it.
     send_timeout: Duration,
 }
@@ -54,7 +56,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut m = self
             .slots
-            .per_token
+            .per_owner
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if let Some(n) = m.get_mut(&self.key) {
@@ -67,24 +69,24 @@ impl Drop for Slot {
 }
 
 impl ArchiveSlots {
-    pub fn new(node_max: usize, per_token_max: usize, send_timeout: Duration) -> Arc<Self> {
+    pub fn new(node_max: usize, per_owner_max: usize, send_timeout: Duration) -> Arc<Self> {
         Arc::new(ArchiveSlots {
             node: Arc::new(tokio::sync::Semaphore::new(node_max)),
-            per_token: Mutex::default(),
-            per_token_max,
+            per_owner: Mutex::default(),
+            per_owner_max,
             send_timeout,
         })
     }
 
-    /// A slot for an archive requested with `token`, or None when the node or the token is at
-    /// its cap.
-    pub fn take(self: &Arc<Self>, token: &str) -> Option<Slot> {
+    /// A slot for an archive of `owner`'s data, or None when the node or the owner is at its
+    /// cap.
+    pub fn take(self: &Arc<Self>, owner: &str) -> Option<Slot> {
         use sha2::Digest;
-        let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let key: [u8; 32] = sha2::Sha256::digest(owner.as_bytes()).into();
         let permit = self.node.clone().try_acquire_owned().ok()?;
-        let mut m = self.per_token.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.per_owner.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(key).or_default();
-        if *n >= self.per_token_max {
+        if *n >= self.per_owner_max {
             return None;
         }
         *n += 1;

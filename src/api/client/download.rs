@@ -350,7 +350,7 @@ pub async fn download(
     if method == Method::HEAD {
         return Ok(zip_response(Body::empty(), &name, no_cache));
     }
-    let slot = archive_slot(&st, token)?;
+    let slot = archive_slot(&st, &c.vfid)?;
     let body = archive::zip_body(
         v,
         c.vfid,
@@ -364,15 +364,20 @@ pub async fn download(
     Ok(zip_response(body, &name, no_cache))
 }
 
-/// A production slot for an archive, or 429 when the node or this token has enough running.
-fn archive_slot(st: &AppState, token: &str) -> ApiResult<archive::Slot> {
-    st.archives.take(token).ok_or_else(|| {
+/// A production slot for an archive of `vfid`'s data, or 429 when the node or the vfolder's
+/// owner (its quota scope) has enough running.
+fn archive_slot(st: &AppState, vfid: &crate::ids::VFolderId) -> ApiResult<archive::Slot> {
+    let owner = match &vfid.quota_scope {
+        Some(qs) => qs.to_string(),
+        None => vfid.to_string(),
+    };
+    st.archives.take(&owner).ok_or_else(|| {
         ApiError::problem(
             StatusCode::TOO_MANY_REQUESTS,
             "too-many-archives",
             "Too many archives in progress",
         )
-        .msg("too many zip archives are being built (on this node or with this token); try again shortly")
+        .msg("too many zip archives are being built (on this node or of this owner); try again shortly")
         .header(header::RETRY_AFTER, "5")
     })
 }
@@ -427,7 +432,7 @@ pub async fn download_archive(
         roots.push(Root { path, name, stat });
     }
     let filename = c.filename.unwrap_or_else(|| "archive.zip".to_string());
-    let slot = archive_slot(&st, token)?;
+    let slot = archive_slot(&st, &vf)?;
     let body = archive::zip_body(v, vf, roots, slot);
     Ok(zip_response(body, &filename, false))
 }

@@ -46,9 +46,12 @@ struct MkdirReq {
     volume: String,
     vfid: VFolderId,
     relpath: Value,
-    #[serde(default = "default_true")]
+    #[serde(
+        default = "default_true",
+        deserialize_with = "crate::api::params::to_bool"
+    )]
     parents: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::api::params::to_bool")]
     exist_ok: bool,
 }
 
@@ -76,9 +79,7 @@ fn mkdir_paths(v: &Value) -> ApiResult<Vec<RelPath>> {
         }
     };
     raw.iter()
-        .map(|s| {
-            RelPath::parse(s).map_err(|e| ApiError::invalid_param("relpath", format!("{e}: {s:?}")))
-        })
+        .map(|s| RelPath::parse(s).map_err(|e| ApiError::bad_path("relpath", s, e)))
         .collect()
 }
 
@@ -173,9 +174,9 @@ struct RenameReq {
     vfid: VFolderId,
     relpath: RelPath,
     new_name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::api::params::to_bool")]
     #[allow(dead_code)]
-    is_dir: Option<bool>,
+    is_dir: bool,
 }
 
 #[utoipa::path(post, path = "/folder/file/rename", tag = "files", request_body = RenameReq,
@@ -186,7 +187,7 @@ async fn rename(
     ApiJson(r): ApiJson<RenameReq>,
 ) -> ApiResult<StatusCode> {
     let name = RelPath::parse_name(&r.new_name)
-        .map_err(|e| ApiError::invalid_param("new_name", e.to_string()))?;
+        .map_err(|e| ApiError::bad_path("new_name", &r.new_name, e))?;
     if r.relpath.is_root() {
         return Err(ApiError::invalid_param(
             "relpath",
@@ -263,7 +264,7 @@ struct DeleteReq {
     volume: String,
     vfid: VFolderId,
     relpaths: Vec<RelPath>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::api::params::to_bool")]
     recursive: bool,
 }
 

@@ -124,13 +124,9 @@ pub struct FolderReq {
     pub vfid: VFolderId,
 }
 
-fn default_mode() -> u32 {
-    0o755
-}
-
 #[derive(Deserialize, Default, utoipa::ToSchema)]
 struct CreateOptions {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::api::params::opt_u64")]
     initial_max_size_for_quota_scope: Option<u64>,
 }
 
@@ -138,8 +134,10 @@ struct CreateOptions {
 struct CreateReq {
     volume: String,
     vfid: VFolderId,
-    #[serde(default = "default_mode")]
-    mode: u32,
+    /// Backend.AI's default (`DEFAULT_VFOLDER_PERMISSION_MODE`) when absent or null.
+    #[serde(default, deserialize_with = "crate::api::params::opt_u64")]
+    #[schema(value_type = Option<u32>)]
+    mode: Option<u64>,
     #[serde(default)]
     options: Option<CreateOptions>,
 }
@@ -177,7 +175,7 @@ struct RegisterReq {
     bucket: String,
     #[serde(default)]
     prefix: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::api::params::to_bool")]
     read_only: bool,
 }
 
@@ -226,22 +224,22 @@ async fn create(
     ApiJson(r): ApiJson<CreateReq>,
 ) -> ApiResult<StatusCode> {
     // Permission bits only: a vfolder is never set-user-id, set-group-id or sticky.
-    if r.mode > 0o777 {
+    let mode = r.mode.unwrap_or(crate::volume::DEFAULT_VFOLDER_MODE.into());
+    let Ok(mode @ 0..=0o777) = u32::try_from(mode) else {
         return Err(ApiError::invalid_param(
             "mode",
             format!(
-                "{:#o} is not a vfolder mode (permission bits 0 to 0o777; no set-id or sticky bits)",
-                r.mode
+                "{mode:#o} is not a vfolder mode (permission bits 0 to 0o777; no set-id or sticky bits)"
             ),
         ));
-    }
+    };
     let v = st.volumes.get(&r.volume)?;
     let limit = r
         .options
         .unwrap_or_default()
         .initial_max_size_for_quota_scope;
     ensure_scope(&st, v.as_ref(), &r.vfid, limit).await?;
-    v.create_vfolder(&r.vfid, r.mode).await?;
+    v.create_vfolder(&r.vfid, mode).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -408,7 +406,7 @@ struct UsageReq {
     volume: String,
     vfid: VFolderId,
     /// Ours: recount now (object stores answer from counters, recounted periodically).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::api::params::to_bool")]
     rescan: bool,
 }
 

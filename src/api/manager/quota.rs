@@ -24,16 +24,18 @@ pub fn routes() -> OpenApiRouter<AppState> {
 
 #[derive(Deserialize, utoipa::ToSchema)]
 struct QuotaOptions {
-    limit_bytes: u64,
-    #[serde(default)]
+    /// Backend.AI's `ToInt`: a number or a numeric string; zero or below means no limit.
+    #[serde(deserialize_with = "crate::api::params::to_i64")]
+    limit_bytes: i64,
+    /// Ours: a limit on files and directories, where the backend enforces one.
+    #[serde(default, deserialize_with = "crate::api::params::opt_u64")]
     limit_inodes: Option<u64>,
 }
 
 impl QuotaOptions {
-    /// Backend.AI's `-1`-style "no limit" arrives as 0 here (a u64): 0 means none.
     fn limit(&self) -> QuotaLimit {
         QuotaLimit {
-            bytes: (self.limit_bytes > 0).then_some(self.limit_bytes),
+            bytes: u64::try_from(self.limit_bytes).ok().filter(|b| *b > 0),
             inodes: self.limit_inodes.filter(|n| *n > 0),
         }
     }

@@ -28,9 +28,11 @@ struct UploadReq {
     volume: String,
     vfid: VFolderId,
     relpath: RelPath,
+    /// Backend.AI's `ToInt`: the 26.9 manager sends it as a string (`"size": "12"`).
+    #[serde(deserialize_with = "crate::api::params::to_u64")]
     size: u64,
     /// Ours: also answer a URL straight to the object service (volumes with presign = true).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::api::params::to_bool")]
     presign: bool,
 }
 
@@ -82,7 +84,12 @@ async fn upload(
     let mut body = json!({ "token": token });
     if r.presign {
         let url = v
-            .presign(&r.vfid, &r_relpath, true, presign_expiry(&st))
+            .presign(
+                &r.vfid,
+                &r_relpath,
+                crate::volume::Presign::Upload { size: r.size },
+                presign_expiry(&st),
+            )
             .await?;
         body["presigned_url"] = json!(url);
     }
@@ -105,14 +112,14 @@ struct DownloadReq {
     volume: String,
     vfid: VFolderId,
     relpath: RelPath,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::api::params::to_bool")]
     #[allow(dead_code)]
     archive: bool,
     #[serde(default)]
     #[allow(dead_code)]
     unmanaged_path: Option<String>,
     /// Ours: also answer a URL straight to the object service (volumes with presign = true).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::api::params::to_bool")]
     presign: bool,
 }
 
@@ -135,8 +142,13 @@ async fn download(
             ));
         }
         Some(
-            v.presign(&r.vfid, &r.relpath, false, presign_expiry(&st))
-                .await?,
+            v.presign(
+                &r.vfid,
+                &r.relpath,
+                crate::volume::Presign::Read,
+                presign_expiry(&st),
+            )
+            .await?,
         )
     } else {
         None
@@ -171,7 +183,7 @@ struct ArchiveReq {
 
 /// Backend.AI's rules for the archive's file name.
 pub fn check_archive_filename(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() || name.chars().count() > 255 {
+    if name.trim().is_empty() || name.chars().count() > 255 {
         return Err("must be 1 to 255 characters");
     }
     if name == "." || name == ".." {
@@ -201,7 +213,7 @@ async fn archive(
         ));
     }
     for f in &r.files {
-        RelPath::parse(f).map_err(|e| ApiError::invalid_param("files", format!("{e}: {f:?}")))?;
+        RelPath::parse(f).map_err(|e| ApiError::bad_path("files", f, e))?;
     }
     if let Some(name) = &r.filename {
         check_archive_filename(name).map_err(|e| ApiError::invalid_param("filename", e))?;

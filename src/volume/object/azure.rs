@@ -15,12 +15,15 @@ use super::sas::{self, Access};
 use super::service::{BucketClient, BucketClients, Service, remote};
 use crate::config::object::{AzureAuth, ObjectConfig, ServiceConfig};
 use crate::volume::mounts::MountSpec;
-use crate::volume::{RemoteLocation, Result, VolumeError};
+use crate::volume::{Presign, RemoteLocation, Result, VolumeError};
 
 /// How long our own requests' signatures stay valid (they are used at once).
 const OWN_REQUEST: Duration = Duration::from_secs(300);
 /// How long a session mount's SAS lives: mounts are long-lived, and are made again (with a new
 /// SAS) after their linger.
+/// The longest a presigned upload URL lives (it cannot bind the upload's length).
+const UPLOAD_SAS: Duration = Duration::from_secs(15 * 60);
+
 const MOUNT_SAS: Duration = Duration::from_secs(30 * 86400);
 
 pub struct Azure {
@@ -261,11 +264,18 @@ impl Service for Azure {
         Ok(false)
     }
 
-    fn presign(&self, bucket: &str, key: &str, write: bool, expiry: Duration) -> Result<String> {
-        let access = if write {
-            Access::ReadWrite
-        } else {
-            Access::Read
+    fn presign(
+        &self,
+        bucket: &str,
+        key: &str,
+        access: Presign,
+        expiry: Duration,
+    ) -> Result<String> {
+        // A blob SAS cannot bind a length: an upload gets create-only (one Put Blob of a blob
+        // that does not exist yet; no blocks, no overwrite, no copy) for at most UPLOAD_SAS.
+        let (access, expiry) = match access {
+            Presign::Read => (Access::Read, expiry),
+            Presign::Upload { .. } => (Access::Create, expiry.min(UPLOAD_SAS)),
         };
         let q = self.user_sas(bucket, Some(key), access, expiry)?;
         let mut u = self.url(bucket, Some(key), "")?;
@@ -286,12 +296,13 @@ impl Service for Azure {
     }
 
     fn remote_location(&self, bucket: &str, prefix: &str, read_only: bool) -> RemoteLocation {
-        // What an agent gets to mount it: a SAS for this container only, never the key.
+        // What an agent gets to mount it: a SAS for this container (= this vfolder: the config
+        // refuses the shared-container layout) in the vfolder's mode, never the key.
         let credentials = self
             .cfg
             .hand_out_credentials
             .then(|| {
-                self.container_sas(bucket, !read_only, self.cfg.presign_max_expiry)
+                self.container_sas(bucket, !read_only, self.cfg.credential_expiry)
                     .ok()
                     .flatten()
                     .map(|url| vec![("account", self.account.clone()), ("sas_url", url)])

@@ -29,9 +29,9 @@ use crate::ids::{QuotaScopeId, VFolderId};
 use crate::state::State;
 use crate::volume::mounts::SharedMounts;
 use crate::volume::{
-    EntryKind, EntryStat, FsUsage, HwInfo, Listing, MountInfo, MountSource, Progress, QuotaLimit,
-    QuotaOps, QuotaUsage, ReadHandle, Registration, RelPath, Result, SharedAccess, TreeUsage,
-    UploadStaging, Volume, VolumeError, VolumeStatus, WalkEntry, fsops,
+    EntryKind, EntryStat, FsUsage, HwInfo, Listing, MountInfo, MountSource, Presign, Progress,
+    QuotaLimit, QuotaOps, QuotaUsage, ReadHandle, Registration, RelPath, Result, SharedAccess,
+    TreeUsage, UploadStaging, Volume, VolumeError, VolumeStatus, WalkEntry, fsops,
 };
 use files::Loc;
 use registry::{Entry, Registry};
@@ -156,6 +156,62 @@ impl ObjectVolume {
         }
     }
 
+    /// Registration must not make anyone else's objects yours (security review 2, G3): the
+    /// daemon's keys reach every bucket, so it refuses the layout's own buckets (the shared
+    /// bucket, and names it gives vfolders' buckets, in use or not) and any bucket and prefix
+    /// that overlaps, either way, a vfolder of any volume here, managed or registered.
+    async fn check_unowned(&self, bucket: &str, prefix: &str) -> Result<()> {
+        let refuse = |why: String| Err(VolumeError::BadRequest(why));
+        match &self.shared.cfg.layout {
+            Layout::PrefixPerVFolder { bucket: shared } if shared == bucket => {
+                return refuse(format!(
+                    "bucket {bucket:?} holds this volume's vfolders: it cannot be registered"
+                ));
+            }
+            Layout::BucketPerVFolder { bucket_prefix } => {
+                let rest = bucket.strip_prefix(bucket_prefix.as_str()).unwrap_or("");
+                if rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return refuse(format!(
+                        "bucket {bucket:?} is named as this volume names vfolders' buckets: \
+                         it cannot be registered"
+                    ));
+                }
+            }
+            Layout::PrefixPerVFolder { .. } => {}
+        }
+        let taken = self.shared.registry.prefixes_in(bucket).await?;
+        if let Some(p) = taken
+            .iter()
+            .find(|p| p.starts_with(prefix) || prefix.starts_with(p.as_str()))
+        {
+            return refuse(format!(
+                "bucket {bucket:?} at prefix {p:?} belongs to another vfolder, which would \
+                 overlap this one"
+            ));
+        }
+        Ok(())
+    }
+
+    /// A presigned upload goes around us: the scope's quota must hold it before the URL exists
+    /// (the service never asks), and its declared size counts at once; the next rescan
+    /// reconciles it with what was really stored (security review 2, G6). Where the service
+    /// cannot bind the length (Azure) the URL is refused on a scope with a limit.
+    async fn charge_presigned_upload(&self, vf: &VFolderId, size: u64) -> Result<()> {
+        if let Some(qs) = vf.quota_scope.as_ref() {
+            if self.shared.service.kind() != "s3"
+                && matches!(self.shared.registry.scope(qs).await?, Some(Some(_)))
+            {
+                return Err(VolumeError::BadRequest(format!(
+                    "quota scope {qs} has a limit, and a presigned {} upload URL cannot bind \
+                     its length: upload through the tus endpoint instead",
+                    self.shared.service.kind()
+                )));
+            }
+            self.check_space(Some(qs), size).await?;
+        }
+        self.shared.registry.add(vf, 0, size as i64).await
+    }
+
     fn mount_key(&self, bucket: &str, read_only: bool) -> String {
         format!(
             "{}/{bucket}/{}",
@@ -243,6 +299,32 @@ impl Volume for ObjectVolume {
             status_info: None,
             metadata,
         }
+    }
+
+    async fn check_local_staging(&self) -> Result<()> {
+        // Two parts of the new upload, and as much again kept free for SQLite beside them.
+        let needed = 4 * self.shared.cfg.part_size;
+        let dir = self.shared.local_dir.clone();
+        let free = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::create_dir_all(&dir);
+            nix::sys::statvfs::statvfs(&dir)
+                .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+                .map_err(|e| VolumeError::Io {
+                    path: dir.display().to_string(),
+                    source: e.into(),
+                })
+        })
+        .await
+        .map_err(|e| VolumeError::Internal(format!("statvfs task: {e}")))??;
+        if free < needed {
+            return Err(VolumeError::SpaceExceeded {
+                needed,
+                available: free,
+                used: None,
+                limit: None,
+            });
+        }
+        Ok(())
     }
 
     async fn fs_usage(&self) -> Result<FsUsage> {
@@ -386,7 +468,8 @@ impl Volume for ObjectVolume {
     ) -> Result<()> {
         let (from, e) = self.shared.loc(src).await?;
         progress.set_total(e.objects);
-        self.create_vfolder(dst, 0o755).await?;
+        self.create_vfolder(dst, super::DEFAULT_VFOLDER_MODE)
+            .await?;
         let copied = async {
             let (to, _) = self.shared.loc(dst).await?;
             let mut all = from.list_all(&from.prefix);
@@ -513,6 +596,7 @@ impl Volume for ObjectVolume {
                 format!("{p}/")
             }
         };
+        self.check_unowned(&r.bucket, &prefix).await?;
         let entry = Entry {
             bucket: r.bucket.clone(),
             prefix,
@@ -547,9 +631,10 @@ impl Volume for ObjectVolume {
         &self,
         vf: &VFolderId,
         p: &RelPath,
-        write: bool,
+        access: Presign,
         expiry: Duration,
     ) -> Result<String> {
+        let write = access != Presign::Read;
         if !self.shared.cfg.presign {
             return Err(VolumeError::BadRequest(format!(
                 "presigned URLs are off for volume {} (presign = true turns them on)",
@@ -562,9 +647,14 @@ impl Volume for ObjectVolume {
             self.shared.loc(vf).await?
         };
         let expiry = expiry.clamp(Duration::from_secs(1), self.shared.cfg.presign_max_expiry);
-        self.shared
+        let url = self
+            .shared
             .service
-            .presign(&e.bucket, &loc.key(p), write, expiry)
+            .presign(&e.bucket, &loc.key(p), access, expiry)?;
+        if let Presign::Upload { size } = access {
+            self.charge_presigned_upload(vf, size).await?;
+        }
+        Ok(url)
     }
 
     async fn share(&self, vf: &VFolderId, write: bool, expiry: Duration) -> Result<SharedAccess> {

@@ -88,6 +88,17 @@ impl Registry {
         Ok(())
     }
 
+    /// The prefixes at which vfolders of any volume on this node hold `bucket` (a bucket name
+    /// can be reached from several volumes on one endpoint).
+    pub async fn prefixes_in(&self, bucket: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT prefix FROM object_vfolders WHERE bucket = ?")
+            .bind(bucket)
+            .fetch_all(self.state.pool())
+            .await
+            .map_err(db)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     pub async fn remove(&self, vf: &VFolderId) -> Result<()> {
         sqlx::query("DELETE FROM object_vfolders WHERE volume = ? AND vfid = ?")
             .bind(&self.volume)

@@ -15,7 +15,7 @@ use rusty_s3::{S3Action, UrlStyle};
 use super::service::{BucketClient, BucketClients, Service, remote};
 use crate::config::object::{Credentials, ObjectConfig, ServiceConfig};
 use crate::volume::mounts::MountSpec;
-use crate::volume::{RemoteLocation, Result, VolumeError};
+use crate::volume::{Presign, RemoteLocation, Result, VolumeError};
 
 /// How long the URLs we sign for our own requests stay valid (they are used at once).
 const OWN_REQUEST: Duration = Duration::from_secs(300);
@@ -300,12 +300,23 @@ impl Service for S3 {
         }
     }
 
-    fn presign(&self, bucket: &str, key: &str, write: bool, expiry: Duration) -> Result<String> {
+    fn presign(
+        &self,
+        bucket: &str,
+        key: &str,
+        access: Presign,
+        expiry: Duration,
+    ) -> Result<String> {
         let b = self.signer(bucket)?;
-        let url = if write {
-            b.put_object(Some(&self.creds), key).sign(expiry)
-        } else {
-            b.get_object(Some(&self.creds), key).sign(expiry)
+        let url = match access {
+            Presign::Read => b.get_object(Some(&self.creds), key).sign(expiry),
+            Presign::Upload { size } => {
+                // Content-Length is a signed header: a PUT of any other length is refused
+                // by the service, so the URL stores exactly what the token allows.
+                let mut put = b.put_object(Some(&self.creds), key);
+                put.headers_mut().insert("content-length", size.to_string());
+                put.sign(expiry)
+            }
         };
         Ok(url.to_string())
     }
@@ -318,12 +329,9 @@ impl Service for S3 {
             bucket: bucket.to_string(),
             prefix: prefix.to_string(),
             read_only,
-            credentials: self.cfg.hand_out_credentials.then(|| {
-                vec![
-                    ("access_key", self.credentials.access_key.clone()),
-                    ("secret_key", self.credentials.secret_key.clone()),
-                ]
-            }),
+            // Never the volume's own keys: they reach every vfolder (the config refuses
+            // hand-out-credentials on s3).
+            credentials: None,
         }
     }
 
@@ -436,6 +444,7 @@ mod tests {
             request_timeout: Duration::from_secs(1),
             rescan_interval: Duration::ZERO,
             hand_out_credentials: false,
+            credential_expiry: Duration::from_secs(60),
             presign: false,
             presign_max_expiry: Duration::from_secs(60),
             capacity: 1,
@@ -453,7 +462,7 @@ mod tests {
         let s = S3::new(&cfg("http://minio:9000", true)).unwrap();
         assert_eq!(s.bucket_endpoint("data"), "http://minio:9000");
         let url = s
-            .presign("data", "a b/c.txt", false, Duration::from_secs(60))
+            .presign("data", "a b/c.txt", Presign::Read, Duration::from_secs(60))
             .unwrap();
         assert!(
             url.starts_with("http://minio:9000/data/a%20b/c.txt?"),

@@ -21,6 +21,8 @@ pub enum Access {
     Read,
     /// Read, list, create, write, add and delete.
     ReadWrite,
+    /// Create a blob that does not exist yet (one Put Blob), nothing else.
+    Create,
 }
 
 impl Access {
@@ -28,6 +30,7 @@ impl Access {
         match self {
             Access::Read => "rl",
             Access::ReadWrite => "racwdl",
+            Access::Create => "c",
         }
     }
 
@@ -35,6 +38,7 @@ impl Access {
         match self {
             Access::Read => "r",
             Access::ReadWrite => "racw",
+            Access::Create => "c",
         }
     }
 }

@@ -11,7 +11,7 @@ use object_store::list::PaginatedListStore;
 use object_store::multipart::MultipartStore;
 
 use crate::volume::mounts::MountSpec;
-use crate::volume::{RemoteLocation, Result, VolumeError};
+use crate::volume::{Presign, RemoteLocation, Result, VolumeError};
 
 /// The data client of one bucket (container).
 #[derive(Clone)]
@@ -82,8 +82,10 @@ pub trait Service: Send + Sync {
     /// Copies an object between buckets inside the service; `Ok(false)` when it cannot for
     /// this one (too large for one request), so the caller streams it instead.
     async fn copy_across(&self, from: (&str, &str), to: (&str, &str), size: u64) -> Result<bool>;
-    /// A URL straight to the service for GET (or PUT) of `key`.
-    fn presign(&self, bucket: &str, key: &str, write: bool, expiry: Duration) -> Result<String>;
+    /// A URL straight to the service for GET of `key`, or one PUT of exactly the upload's size
+    /// where the service can bind it (else as narrow as it allows: see each service).
+    fn presign(&self, bucket: &str, key: &str, access: Presign, expiry: Duration)
+    -> Result<String>;
     /// A URL with a SAS for a whole container (Azure); None where the service has none.
     fn container_sas(
         &self,

@@ -7,7 +7,9 @@
 //!
 //! A body that must be kept whole or not at all (it carries a checksum, verified after the
 //! write) sends no part up while it lasts: its bytes wait in the buffer until the next write or
-//! the completion, so a mismatch can still be cut away.
+//! the completion, so a mismatch can still be cut away. Such a body may be at most one part
+//! long (413 past that), so the buffer never holds more than two parts: one tenant's upload
+//! token cannot fill the state disk (security review 2, G2).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -203,17 +205,16 @@ impl ObjectStaging {
         // The rest of the buffer (only after a whole-body write) starts the next one.
         let next_base = up.base + len;
         let to = self.buffer(session, next_base);
-        let mut rest = Vec::new();
         f.seek(std::io::SeekFrom::Start(len))
-            .await
-            .map_err(|e| local(&from, e))?;
-        f.read_to_end(&mut rest)
             .await
             .map_err(|e| local(&from, e))?;
         let mut nf = tokio::fs::File::create(&to)
             .await
             .map_err(|e| local(&to, e))?;
-        nf.write_all(&rest).await.map_err(|e| local(&to, e))?;
+        // Streamed (never read whole): at most a part follows, but memory stays flat anyway.
+        tokio::io::copy(&mut f, &mut nf)
+            .await
+            .map_err(|e| local(&to, e))?;
         nf.sync_all().await.map_err(|e| local(&to, e))?;
         let mut tx = self.shared.state.pool().begin().await.map_err(db)?;
         sqlx::query(
@@ -337,6 +338,11 @@ impl ObjectStaging {
 
 #[async_trait]
 impl UploadStaging for ObjectStaging {
+    fn max_atomic_write(&self) -> Option<u64> {
+        // The configured part size: an upload's own parts are never smaller.
+        Some(self.shared.cfg.part_size)
+    }
+
     async fn truncate(&self, _vf: &VFolderId, session: &str, offset: u64) -> Result<u64> {
         let Some(up) = self.load(session).await? else {
             return if offset == 0 {
@@ -413,7 +419,6 @@ impl UploadStaging for ObjectStaging {
                 ));
             }
         }
-        let path = self.buffer(session, up.base);
         let open = |p: PathBuf| async move {
             tokio::fs::OpenOptions::new()
                 .create(true)
@@ -422,8 +427,15 @@ impl UploadStaging for ObjectStaging {
                 .await
                 .map_err(|e| local(&p, e))
         };
-        let mut file = open(path).await?;
+        // Whole parts left in the buffer by an earlier checksummed body go up first (they were
+        // acknowledged), so a part's room below is never negative.
+        while plan.offset - up.base >= up.part_size && plan.offset < plan.size {
+            let part = up.part_size;
+            self.send_part(session, &mut up, part).await?;
+        }
+        let mut file = open(self.buffer(session, up.base)).await?;
         let mut buffered = plan.offset - up.base;
+        let atomic_cap = self.max_atomic_write().unwrap_or(u64::MAX);
         let mut written = 0u64;
         let mut body_error = None;
         let (mut ckpt_at, mut ckpt_bytes) = (Instant::now(), 0u64);
@@ -445,6 +457,14 @@ impl UploadStaging for ObjectStaging {
                 }
                 None => break,
             };
+            if plan.atomic && written + chunk.len() as u64 > atomic_cap {
+                // Cut away by the caller (truncate), like a checksum mismatch.
+                return Err(VolumeError::AtomicTooLarge {
+                    limit: atomic_cap,
+                    why: "an object volume holds a checksummed body back in a local buffer \
+                          until it is verified; send checksummed PATCHes of at most a part",
+                });
+            }
             while !chunk.is_empty() {
                 let room = if plan.atomic {
                     chunk.len() as u64

@@ -471,7 +471,8 @@ impl Volume for VfsVolume {
             });
         }
         progress.set_total(usage.file_count);
-        self.create_vfolder(dst, 0o755).await?;
+        self.create_vfolder(dst, crate::volume::DEFAULT_VFOLDER_MODE)
+            .await?;
         let root = self.root();
         let owner = self.owner;
         let (src, dst) = (*src, *dst);

@@ -205,6 +205,18 @@ async fn write_locked(
             return Err(e);
         }
     };
+    if expected.is_some()
+        && let Some(max) = v.staging().max_atomic_write()
+        && announced.is_some_and(|n| n > max)
+    {
+        drain(&mut body.into_data_stream()).await;
+        return Err(VolumeError::AtomicTooLarge {
+            limit: max,
+            why: "this volume holds a checksummed body back until it is verified; send \
+                  checksummed PATCHes no longer than that",
+        }
+        .into());
+    }
     let lock = Arc::new(lock);
     let digest = Arc::new(std::sync::Mutex::new(None));
     let received = Arc::new(AtomicU64::new(0));
