@@ -193,7 +193,7 @@ impl Health {
         let overall = results.iter().all(|r| r.is_healthy);
         HealthReport {
             status: if overall { "ok" } else { "degraded" },
-            version: crate::api::VERSION.to_string(),
+            version: crate::VERSION.to_string(),
             component: "storage-proxy",
             connectivity: Connectivity {
                 overall_healthy: overall,

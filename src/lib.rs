@@ -3,6 +3,11 @@
 //! everything so the integration tests and benchmarks can use the same types (the generated
 //! gRPC client, token claims).
 
+/// The storage-proxy API level we are wire-compatible with, reported as `storage-proxy` in
+/// status responses (our own version is reported as `storage-agent`).
+pub const COMPAT_VERSION: &str = "26.9.6";
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 pub mod api;
 pub mod app;
 pub mod bgtask;

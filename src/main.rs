@@ -53,7 +53,7 @@ enum ConfigCommand {
 
 fn load(path: Option<PathBuf>) -> Result<config::Config, ConfigError> {
     let source = config::locate(path.as_deref())?;
-    config::load(&source)
+    config::load_checked(&source, storage_agent::volume::scopes::check)
 }
 
 fn init_logging(format: LogFormat, level: &str) {

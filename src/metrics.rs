@@ -1,10 +1,9 @@
-//! Prometheus metrics on the internal listener (`GET /metrics`), in the text format.
+//! Prometheus metrics: the families and the middleware that counts requests (`api::scrape`
+//! serves them on the internal listener's `GET /metrics`).
 //!
 //! Requests are counted as the Python storage proxy counts them (`backendai_api_request_count`
 //! and `backendai_api_request_duration_sec`, with its labels), background tasks likewise
-//! (`backendai_bgtask_*`); everything else is ours (`storage_agent_*`). State that lives
-//! elsewhere (uploads, sessions, capacity, volumes, mounts, health checks, the event queue) is
-//! read when Prometheus scrapes, so it can never drift from what the daemon reports elsewhere.
+//! (`backendai_bgtask_*`); everything else is ours (`storage_agent_*`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +11,7 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -20,9 +19,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use sqlx::Row;
-
-use crate::api::AppState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
@@ -81,6 +77,11 @@ pub struct MountKey {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PidLabel {
+    pub pid: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CheckLabels {
     pub service_group: String,
     pub component_id: String,
@@ -98,15 +99,23 @@ pub struct Metrics {
     pub upload_bytes: Counter,
     pub patches_in_flight: Gauge,
     // Read at scrape time.
-    uploads: Family<StateLabel, Gauge>,
-    bgtasks: Family<StateLabel, Gauge>,
-    sessions: Family<SessionLabels, Gauge>,
-    capacity: Family<StateLabel, Gauge>,
-    volume_status: Family<VolumeStatus, Gauge>,
-    volume_bytes: Family<VolumeLabels, Gauge>,
-    mount_holders: Family<MountKey, Gauge>,
-    checks: Family<CheckLabels, Gauge>,
-    events_queued: Gauge,
+    pub(crate) uploads: Family<StateLabel, Gauge>,
+    pub(crate) bgtasks: Family<StateLabel, Gauge>,
+    pub(crate) sessions: Family<SessionLabels, Gauge>,
+    pub(crate) capacity: Family<StateLabel, Gauge>,
+    pub(crate) volume_status: Family<VolumeStatus, Gauge>,
+    pub(crate) volume_bytes: Family<VolumeLabels, Gauge>,
+    pub(crate) mount_holders: Family<MountKey, Gauge>,
+    pub(crate) checks: Family<CheckLabels, Gauge>,
+    pub(crate) events_queued: Gauge,
+    // The process, as Backend.AI's SystemMetricObserver reports it (label `pid`, as its
+    // multiprocess "liveall" gauges carry).
+    pub(crate) async_tasks: Family<PidLabel, Gauge>,
+    pub(crate) cpu_percent: Family<PidLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub(crate) memory_rss: Family<PidLabel, Gauge>,
+    pub(crate) memory_vms: Family<PidLabel, Gauge>,
+    /// CPU time (ticks) and wall time at the last scrape, for the CPU percentage in between.
+    pub(crate) cpu_last: std::sync::Mutex<Option<(Instant, u64)>>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -136,6 +145,11 @@ impl Metrics {
             mount_holders: Family::default(),
             checks: Family::default(),
             events_queued: Gauge::default(),
+            async_tasks: Family::default(),
+            cpu_percent: Family::default(),
+            memory_rss: Family::default(),
+            memory_vms: Family::default(),
+            cpu_last: std::sync::Mutex::new(None),
             registry: Registry::default(),
         };
         r.register(
@@ -228,6 +242,26 @@ impl Metrics {
             "Events waiting to reach the event bus (Redis)",
             m.events_queued.clone(),
         );
+        r.register(
+            "backendai_async_task_count",
+            "Number of active async tasks",
+            m.async_tasks.clone(),
+        );
+        r.register(
+            "backendai_cpu_usage_percent",
+            "CPU usage of the process",
+            m.cpu_percent.clone(),
+        );
+        r.register(
+            "backendai_memory_used_rss",
+            "Memory used by the process in RSS",
+            m.memory_rss.clone(),
+        );
+        r.register(
+            "backendai_memory_used_vms",
+            "Memory used by the process in VMS",
+            m.memory_vms.clone(),
+        );
         Arc::new(Metrics { registry: r, ..m })
     }
 
@@ -241,131 +275,15 @@ impl Metrics {
         self.bytes_out.get_or_create(&api).inc_by(bytes.1);
     }
 
-    /// Refreshes what is read at scrape time, then renders everything.
-    async fn render(&self, st: &AppState) -> String {
-        let pool = st.state.pool();
-        let grouped = |sql: &'static str| async move {
-            sqlx::query(sql)
-                .fetch_all(pool)
-                .await
-                .map(|rows| {
-                    rows.iter()
-                        .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default()
-        };
-        self.uploads.clear();
-        for (state, n) in grouped("SELECT state, COUNT(*) FROM uploads GROUP BY state").await {
-            self.uploads.get_or_create(&StateLabel { state }).set(n);
-        }
-        self.bgtasks.clear();
-        for (state, n) in grouped("SELECT status, COUNT(*) FROM bgtasks GROUP BY status").await {
-            self.bgtasks.get_or_create(&StateLabel { state }).set(n);
-        }
-        self.mount_holders.clear();
-        for (key, n) in grouped(
-            "SELECT m.key, COUNT(h.holder) FROM fuse_mounts m
-             LEFT JOIN fuse_mount_holders h ON h.key = m.key GROUP BY m.key",
-        )
-        .await
-        {
-            self.mount_holders.get_or_create(&MountKey { key }).set(n);
-        }
-        self.sessions.clear();
-        self.capacity.clear();
-        if let Some(sessions) = &st.sessions {
-            if let Ok(list) = sessions.list(&Default::default()).await {
-                for s in list {
-                    self.sessions
-                        .get_or_create(&SessionLabels {
-                            kind: s.kind.as_str().to_string(),
-                            state: s.state.as_str().to_string(),
-                        })
-                        .inc();
-                }
-            }
-            if let Ok(c) = sessions.capacity().await {
-                for (state, n) in [
-                    ("max", c.max_containers),
-                    ("running", c.running),
-                    ("starting", c.starting),
-                    ("available", c.available),
-                ] {
-                    self.capacity
-                        .get_or_create(&StateLabel {
-                            state: state.into(),
-                        })
-                        .set(n as i64);
-                }
-            }
-        }
-        self.volume_status.clear();
-        self.volume_bytes.clear();
-        for v in st.volumes.iter() {
-            let hw = st.volumes.hwinfo(v.name()).await.ok();
-            if let Some(hw) = &hw {
-                self.volume_status
-                    .get_or_create(&VolumeStatus {
-                        volume: v.name().into(),
-                        status: hw.status.as_str().into(),
-                    })
-                    .set(1);
-            }
-            // A remote volume resting unmounted is not mounted just to be measured.
-            let resting = hw
-                .as_ref()
-                .and_then(|h| h.metadata.get("mounted"))
-                .is_some_and(|m| m == "false");
-            if resting || st.volumes.get(v.name()).is_err() {
-                continue;
-            }
-            if let Ok(Ok(u)) =
-                tokio::time::timeout(std::time::Duration::from_secs(2), v.fs_usage()).await
-            {
-                for (kind, n) in [
-                    ("capacity", u.capacity_bytes),
-                    ("used", u.used_bytes),
-                    ("available", u.available_bytes),
-                ] {
-                    self.volume_bytes
-                        .get_or_create(&VolumeLabels {
-                            volume: v.name().into(),
-                            kind: kind.into(),
-                        })
-                        .set(n.min(i64::MAX as u64) as i64);
-                }
-            }
-        }
-        self.checks.clear();
-        for c in st.health.report().await.connectivity.connectivity_checks {
-            self.checks
-                .get_or_create(&CheckLabels {
-                    service_group: c.service_group,
-                    component_id: c.component_id,
-                })
-                .set(c.is_healthy as i64);
-        }
-        self.events_queued.set(st.events.queued() as i64);
+    /// Everything in the registry, as OpenMetrics text (`api::scrape` refreshes what is read
+    /// at scrape time first).
+    pub fn encode(&self) -> String {
         let mut out = String::new();
         if let Err(e) = encode(&mut out, &self.registry) {
             tracing::warn!(error = %e, "cannot encode metrics");
         }
         out
     }
-}
-
-/// `GET /metrics`.
-pub async fn handler(State(st): State<AppState>) -> Response {
-    let body = st.metrics.render(&st).await;
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
 }
 
 /// The route a request matched, passed out to `observe` (which runs outside routing).
@@ -442,4 +360,88 @@ pub async fn observe(
         (bytes_in, content_length(resp.headers())),
     );
     resp
+}
+
+#[cfg(test)]
+mod dashboard {
+    use std::collections::HashSet;
+
+    /// The families registered in `Metrics::new` (read from this file: a family without
+    /// samples is not in a scrape, so a scrape cannot list them all).
+    fn families() -> HashSet<String> {
+        let src = include_str!("metrics.rs");
+        let mut out = HashSet::new();
+        let mut rest = src;
+        while let Some(i) = rest.find("r.register(") {
+            rest = &rest[i + "r.register(".len()..];
+            if let Some(q) = rest.find('"') {
+                let name = &rest[q + 1..];
+                if let Some(end) = name.find('"') {
+                    out.insert(name[..end].to_string());
+                }
+            }
+        }
+        out
+    }
+
+    /// docs/grafana-dashboard.json: a Grafana dashboard model whose every query names only
+    /// families we export (a counter as `<family>_total`, a histogram as `_bucket`, `_sum`,
+    /// `_count`), and which covers requests, uploads, bgtasks, sessions and capacity, volumes,
+    /// mounts and events.
+    #[test]
+    fn the_dashboard_queries_only_exported_families() {
+        let fams = families();
+        assert!(fams.len() > 20, "{fams:?}");
+        let dash: serde_json::Value =
+            serde_json::from_str(include_str!("../docs/grafana-dashboard.json")).unwrap();
+        for key in [
+            "title",
+            "uid",
+            "schemaVersion",
+            "panels",
+            "templating",
+            "time",
+        ] {
+            assert!(dash.get(key).is_some(), "a dashboard model has {key}");
+        }
+        let mut used = HashSet::new();
+        for p in dash["panels"].as_array().unwrap() {
+            assert!(p["gridPos"]["w"].is_u64() && p["type"].is_string(), "{p}");
+            for t in p["targets"].as_array().unwrap() {
+                let expr = t["expr"].as_str().unwrap();
+                let mut ident = String::new();
+                for c in expr.chars().chain([' ']) {
+                    if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+                        ident.push(c);
+                        continue;
+                    }
+                    if ident.starts_with("backendai_") || ident.starts_with("storage_agent_") {
+                        let family = ["_total", "_bucket", "_sum", "_count"]
+                            .iter()
+                            .find_map(|s| ident.strip_suffix(s).filter(|f| fams.contains(*f)))
+                            .unwrap_or(&ident)
+                            .to_string();
+                        assert!(
+                            fams.contains(&family),
+                            "{ident} in {expr:?} is not exported"
+                        );
+                        used.insert(family);
+                    }
+                    ident.clear();
+                }
+            }
+        }
+        for covered in [
+            "backendai_api_request_count",
+            "storage_agent_upload_bytes",
+            "backendai_bgtask_count",
+            "storage_agent_sessions",
+            "storage_agent_capacity_containers",
+            "storage_agent_volume_bytes",
+            "storage_agent_mount_holders",
+            "storage_agent_events_queued",
+        ] {
+            assert!(used.contains(covered), "the dashboard shows {covered}");
+        }
+    }
 }

@@ -24,15 +24,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Limits from `[storage-agent]`.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnLimits {
-    pub first_byte_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub write_idle_timeout: Duration,
-    pub max_connections: usize,
-    pub max_connections_per_ip: usize,
-}
+pub use crate::config::ConnLimits;
 
 /// Admission of new connections to one listener (each listener has its own, so one cannot
 /// starve another).

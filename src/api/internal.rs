@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 
 use super::AppState;
+use super::probes::{health, livez, readyz};
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -15,7 +16,7 @@ pub fn router(state: AppState) -> Router {
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/capacity", get(capacity))
-        .route("/metrics", get(crate::metrics::handler))
+        .route("/metrics", get(super::scrape::handler))
         .route("/openapi.json", get(|| async { openapi("manager") }))
         .route(
             "/openapi/manager.json",
@@ -70,16 +71,6 @@ fn openapi(api: &str) -> Response {
         .into_response()
 }
 
-/// Always 200; `status` says "ok" or "degraded".
-pub async fn health(State(st): State<AppState>) -> Response {
-    Json(st.health.report().await).into_response()
-}
-
-/// The process is up and answering.
-pub async fn livez(State(st): State<AppState>) -> Response {
-    Json(st.health.report().await).into_response()
-}
-
 /// How many more session containers this node can host (the same numbers as gRPC
 /// `GetCapacity` and heartbeats), for probes and schedulers without gRPC.
 pub async fn capacity(State(st): State<AppState>) -> Response {
@@ -116,15 +107,4 @@ pub async fn capacity(State(st): State<AppState>) -> Response {
         .into_response(),
         Err(e) => super::error::ApiError::internal(e.to_string()).into_response(),
     }
-}
-
-/// 503 while a gating check (state database, a volume) fails.
-pub async fn readyz(State(st): State<AppState>) -> Response {
-    let report = st.health.report().await;
-    let code = if report.ready() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(report)).into_response()
 }

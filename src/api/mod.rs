@@ -8,6 +8,8 @@ pub mod extract;
 pub mod internal;
 pub mod manager;
 pub mod params;
+mod probes;
+mod scrape;
 pub mod serve;
 pub mod token;
 
@@ -25,10 +27,7 @@ use crate::upload::Uploads;
 use crate::volume::Volumes;
 use token::Tokens;
 
-/// The storage-proxy API level we are wire-compatible with, reported as `storage-proxy` in
-/// status responses (our own version is reported as `storage-agent`).
-pub const COMPAT_VERSION: &str = "26.9.6";
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub use crate::{COMPAT_VERSION, VERSION};
 
 /// Shared by every handler; cheap to clone.
 #[derive(Clone)]

@@ -122,6 +122,34 @@ impl Tokens {
     }
 }
 
+/// Refuses an upload whose destination can never be written: the vfolder is missing, a parent
+/// is a file or a symlink leading outside, or the destination is a directory. Checked again at
+/// completion, since the tree may change meanwhile.
+pub async fn check_upload_destination(
+    v: &dyn crate::volume::Volume,
+    vfid: &crate::ids::VFolderId,
+    dst: &crate::volume::RelPath,
+) -> super::error::ApiResult<()> {
+    Ok(v.check_file_destination(vfid, dst).await?)
+}
+
+/// Backend.AI's rules for the archive's file name.
+pub fn check_archive_filename(name: &str) -> Result<(), &'static str> {
+    if name.trim().is_empty() || name.chars().count() > 255 {
+        return Err("must be 1 to 255 characters");
+    }
+    if name == "." || name == ".." {
+        return Err("must not be '.' or '..'");
+    }
+    if name
+        .chars()
+        .any(|c| c.is_control() || c == '/' || c == '\\')
+    {
+        return Err("must not contain control characters, '/' or '\\'");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

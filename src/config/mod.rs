@@ -126,6 +126,24 @@ pub enum LogFormat {
     Json,
 }
 
+/// Owner given to files and directories the daemon creates (Backend.AI's `[storage-proxy]
+/// user/group`), so sessions running as that uid can change them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Connection limits of every listener, from `[storage-agent]` (`api::conn` applies them).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub write_idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub source: ConfigSource,
@@ -158,7 +176,7 @@ pub struct ProxyConfig {
     pub allow_auto_quota_scope_creation: bool,
     /// Owner of files and directories the daemon creates (Backend.AI's `user`/`group`, names or
     /// numbers). Sessions run as the same uid, so they can change what the APIs create.
-    pub owner: Option<crate::volume::fsops::Owner>,
+    pub owner: Option<Owner>,
     /// Backend.AI's `pid-file`: where the daemon writes its pid (none for `/dev/null`).
     pub pid_file: Option<PathBuf>,
 }
@@ -187,7 +205,7 @@ pub struct DaemonConfig {
     /// A check not finished by then marks the volume offline (a hung mount).
     pub volume_check_timeout: Duration,
     /// Caps and timeouts for every listener's connections.
-    pub conn: crate::api::conn::ConnLimits,
+    pub conn: ConnLimits,
     /// Threads for blocking file I/O (tokio's blocking pool).
     pub blocking_threads: usize,
     /// Zip archives being produced at once on this node, and per download token.
@@ -320,6 +338,37 @@ path = "./data/local"
 "#;
 
 /// Reads and validates the configuration. The embedded default creates its volume directory.
+/// Whether a volume's directory can hold its backend (`volume::scopes::check`: xfs and btrfs
+/// need their filesystem with quotas on). Passed in by the caller, so `config` reads files
+/// and imports nothing of `volume`.
+pub type DirCheck = fn(backend: &str, path: &Path) -> Result<(), String>;
+
+/// `load`, and every directory volume's path checked with `check`.
+pub fn load_checked(source: &ConfigSource, check: DirCheck) -> Result<Config, ConfigError> {
+    let config = load(source)?;
+    let problems = Problems::default();
+    for v in &config.volumes {
+        if v.object.is_none()
+            && v.path.is_dir()
+            && let Err(why) = check(&v.backend, &v.path)
+        {
+            problems.push(
+                format!("volume.{}.path", v.name),
+                format!("{} ({why})", v.path.display()),
+                format!("a directory on {} with quotas on", v.backend),
+            );
+        }
+    }
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid {
+            path: source.to_string(),
+            problems: problems.into_vec(),
+        })
+    }
+}
+
 pub fn load(source: &ConfigSource) -> Result<Config, ConfigError> {
     let (text, label) = match source {
         ConfigSource::File(p) => (
@@ -478,7 +527,7 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource, base: &P
         upload_reap_interval: ours.duration("upload-reap-interval", Duration::from_secs(60)),
         volume_check_interval: ours.duration("volume-check-interval", Duration::from_secs(10)),
         volume_check_timeout: ours.duration("volume-check-timeout", Duration::from_secs(5)),
-        conn: crate::api::conn::ConnLimits {
+        conn: ConnLimits {
             first_byte_timeout: ours.duration("first-byte-timeout", Duration::from_secs(10)),
             idle_timeout: ours.duration("idle-timeout", Duration::from_secs(75)),
             write_idle_timeout: ours.duration("write-idle-timeout", Duration::from_secs(60)),
@@ -556,7 +605,7 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource, base: &P
     // enabled. (The Python proxy gets the same effect by dropping to `user/group` after binding.)
     let mut proxy = proxy;
     if proxy.owner.is_none() && nix::unistd::geteuid().is_root() {
-        proxy.owner = Some(crate::volume::fsops::Owner {
+        proxy.owner = Some(Owner {
             uid: agent.kernel_uid,
             gid: agent.kernel_gid,
         });
@@ -631,7 +680,7 @@ fn python_log_level(level: &str) -> Option<String> {
 
 /// `user`/`group`: numeric ids or names resolved on this host. Either alone takes the other
 /// from the user's primary group or stays as the daemon's.
-fn read_owner(sec: &Section) -> Option<crate::volume::fsops::Owner> {
+fn read_owner(sec: &Section) -> Option<Owner> {
     let id = |key: &str, by_name: &dyn Fn(&str) -> Option<u32>| -> Option<u32> {
         match sec.get(key)? {
             toml::Value::Integer(i) if (0..=i64::from(u32::MAX)).contains(i) => Some(*i as u32),
@@ -679,16 +728,16 @@ fn read_owner(sec: &Section) -> Option<crate::volume::fsops::Owner> {
     let gid = id("group", &group_by_name);
     match (uid, gid) {
         (None, None) => None,
-        (Some(uid), Some(gid)) => Some(crate::volume::fsops::Owner { uid, gid }),
+        (Some(uid), Some(gid)) => Some(Owner { uid, gid }),
         (Some(uid), None) => {
             let gid = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
                 .ok()
                 .flatten()
                 .map(|u| u.gid.as_raw())
                 .unwrap_or_else(|| nix::unistd::getgid().as_raw());
-            Some(crate::volume::fsops::Owner { uid, gid })
+            Some(Owner { uid, gid })
         }
-        (None, Some(gid)) => Some(crate::volume::fsops::Owner {
+        (None, Some(gid)) => Some(Owner {
             uid: nix::unistd::getuid().as_raw(),
             gid,
         }),
@@ -814,16 +863,8 @@ fn read_volume(name: String, sec: &Section) -> VolumeConfig {
             format!("{} (not an existing directory)", v.path.display()),
             "an existing directory",
         ),
-        Some(_) => {
-            // xfs and btrfs need their filesystem, with quota accounting and enforcement on.
-            if let Err(why) = crate::volume::scopes::check(&v.backend, &v.path) {
-                sec.problems().push(
-                    sec.key_path("path"),
-                    format!("{} ({why})", v.path.display()),
-                    format!("a directory on {} with quotas on", v.backend),
-                );
-            }
-        }
+        // (xfs and btrfs also need their filesystem with quotas on: `DirCheck`, by the caller)
+        Some(_) => {}
     }
     v
 }

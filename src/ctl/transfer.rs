@@ -166,25 +166,11 @@ impl Upload<'_> {
         // Resume where the server stands, if this upload was started before.
         let mut offset = 0;
         let mut url = None;
-        if let Ok(u) = std::fs::read_to_string(&remembered) {
-            let r = self
-                .conn
-                .http
-                .head(u.trim())
-                .header("Tus-Resumable", "1.0.0")
-                .send()
-                .await;
-            if let Ok(r) = r
-                && r.status().is_success()
-                && let Some(o) = r
-                    .headers()
-                    .get("upload-offset")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-            {
-                offset = o;
-                url = Some(u.trim().to_string());
-            }
+        if let Ok(u) = std::fs::read_to_string(&remembered)
+            && let Some(o) = self.server_offset(u.trim()).await
+        {
+            offset = o;
+            url = Some(u.trim().to_string());
         }
         let url = match url {
             Some(u) => u,
@@ -214,6 +200,11 @@ impl Upload<'_> {
         f.seek(std::io::SeekFrom::Start(offset))
             .await
             .map_err(|e| io(local, e))?;
+        // Right after an interruption the server may still be finishing the last PATCH: it
+        // answers 423 (locked) or 409 (its offset moved since our HEAD). Both end by
+        // themselves: ask again where it stands, with backoff, for a bounded time.
+        let retry_until = std::time::Instant::now() + SETTLE;
+        let mut backoff = std::time::Duration::from_millis(100);
         loop {
             let n = self.chunk.min(len - offset) as usize;
             let mut buf = vec![0u8; n];
@@ -251,6 +242,22 @@ impl Upload<'_> {
                 }
             };
             let status = r.status();
+            if matches!(status.as_u16(), 409 | 423) && std::time::Instant::now() < retry_until {
+                drop(r);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+                if let Some(o) = self.server_offset(&url).await {
+                    offset = o;
+                    f.seek(std::io::SeekFrom::Start(offset))
+                        .await
+                        .map_err(|e| io(local, e))?;
+                }
+                pb.set_position(start_pos + offset);
+                if offset >= len {
+                    break;
+                }
+                continue;
+            }
             if status.as_u16() != 204 {
                 pb.set_position(start_pos + offset);
                 let body = r.bytes().await.unwrap_or_default();
@@ -274,6 +281,30 @@ impl Upload<'_> {
     }
 }
 
+impl Upload<'_> {
+    /// Where the server stands on an upload (HEAD), or None when it does not know it.
+    async fn server_offset(&self, url: &str) -> Option<u64> {
+        let r = self
+            .conn
+            .http
+            .head(url)
+            .header("Tus-Resumable", "1.0.0")
+            .send()
+            .await
+            .ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.headers()
+            .get("upload-offset")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+/// How long an upload waits for the server to settle a PATCH it was still finishing.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct Download<'a> {
     pub conn: &'a Conn,
     pub volume: &'a str,
@@ -282,8 +313,9 @@ pub struct Download<'a> {
 }
 
 impl Download<'_> {
-    /// Remote files below `remote` (itself when it is a file): (relpath, size).
-    async fn remote_tree(&self, remote: &str) -> Result<Vec<(String, u64)>> {
+    /// Remote files below `remote` (itself when it is a file): (relpath, size), and the
+    /// directories below it (so empty ones are made too).
+    async fn remote_tree(&self, remote: &str) -> Result<(Vec<(String, u64)>, Vec<String>)> {
         let list = |dir: String| async move {
             self.conn
                 .mgr(
@@ -296,9 +328,10 @@ impl Download<'_> {
         let first = list(remote.to_string()).await;
         let Ok(first) = first else {
             // Not a directory: a file (its size comes with the download).
-            return Ok(vec![(remote.to_string(), 0)]);
+            return Ok((vec![(remote.to_string(), 0)], Vec::new()));
         };
         let mut files = Vec::new();
+        let mut dirs = Vec::new();
         let mut stack = vec![(remote.to_string(), first)];
         while let Some((dir, listing)) = stack.pop() {
             for item in listing["items"].as_array().cloned().unwrap_or_default() {
@@ -307,6 +340,7 @@ impl Download<'_> {
                 match item["type"].as_str() {
                     Some("DIRECTORY") => {
                         let sub = list(path.clone()).await?;
+                        dirs.push(path.clone());
                         stack.push((path, sub));
                     }
                     Some("FILE") => files.push((path, item["stat"]["size"].as_u64().unwrap_or(0))),
@@ -314,16 +348,39 @@ impl Download<'_> {
                 }
             }
         }
-        Ok(files)
+        Ok((files, dirs))
     }
 
     pub async fn run(&self, remote: &str, local: &Path) -> Result<Value> {
-        let files = self.remote_tree(remote).await?;
-        let single = files.len() == 1 && files[0].0 == remote;
+        let (files, dirs) = self.remote_tree(remote).await?;
+        let single = dirs.is_empty() && files.len() == 1 && files[0].0 == remote;
         let total: u64 = files.iter().map(|f| f.1).sum();
         let pb = bar(total, self.quiet);
         let mut done = Vec::new();
         let base = remote.trim_matches('/');
+        // Like `cp -r`: into an existing directory under the remote's own name.
+        let name = Path::new(base).file_name().unwrap_or_default();
+        let root = if local.is_dir() && !name.is_empty() {
+            local.join(name)
+        } else {
+            local.to_path_buf()
+        };
+        let under_root = |path: &str| {
+            let rel = path
+                .strip_prefix(base)
+                .unwrap_or(path)
+                .trim_start_matches('/');
+            root.join(rel)
+        };
+        if !single {
+            // Every directory, empty ones too: a tree downloaded and uploaded again is the same.
+            for d in std::iter::once(base.to_string()).chain(dirs.iter().cloned()) {
+                let dir = under_root(&d);
+                tokio::fs::create_dir_all(&dir)
+                    .await
+                    .map_err(|e| io(&dir, e))?;
+            }
+        }
         for (path, _) in &files {
             let target = if single {
                 if local.is_dir() {
@@ -332,17 +389,7 @@ impl Download<'_> {
                     local.to_path_buf()
                 }
             } else {
-                // Like `cp -r`: into an existing directory under the remote's own name.
-                let rel = path
-                    .strip_prefix(base)
-                    .unwrap_or(path)
-                    .trim_start_matches('/');
-                let name = Path::new(base).file_name().unwrap_or_default();
-                if local.is_dir() && !name.is_empty() {
-                    local.join(name).join(rel)
-                } else {
-                    local.join(rel)
-                }
+                under_root(path)
             };
             pb.set_message(path.clone());
             let n = self.file(path, &target, &pb).await?;

@@ -304,13 +304,7 @@ pub fn mkdir_at(dir: BorrowedFd, name: impl AsRef<OsStr>, mode: u32) -> io::Resu
     Ok(())
 }
 
-/// Owner given to files and directories the daemon creates (Backend.AI's `[storage-proxy]
-/// user/group`), so sessions running as that uid can change them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Owner {
-    pub uid: u32,
-    pub gid: u32,
-}
+pub use crate::config::Owner;
 
 pub fn chown_at(dir: BorrowedFd, name: impl AsRef<OsStr>, owner: Option<Owner>) -> io::Result<()> {
     let Some(o) = owner else { return Ok(()) };

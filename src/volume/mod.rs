@@ -36,6 +36,16 @@ pub use scopes::{QuotaLimit, QuotaOps};
 
 pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
 
+/// Filesystem calls block; they run on the blocking pool (for every backend and the quota
+/// scopes beneath them).
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| VolumeError::Internal(format!("blocking task failed: {e}")))?
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     #[error("unknown volume {0:?}")]

@@ -115,6 +115,8 @@ async fn uploads_resume_downloads_round_trip_and_json_is_parseable() {
     std::fs::create_dir_all(tree.join("sub")).unwrap();
     std::fs::write(tree.join("a.txt"), b"alpha").unwrap();
     std::fs::write(tree.join("sub/b.txt"), b"beta").unwrap();
+    std::fs::create_dir_all(tree.join("sub/empty")).unwrap();
+    std::fs::create_dir_all(tree.join("empty")).unwrap();
     run_json(
         &d,
         &[
@@ -134,7 +136,7 @@ async fn uploads_resume_downloads_round_trip_and_json_is_parseable() {
         .map(|i| i["name"].as_str().unwrap())
         .collect();
     names.sort();
-    assert_eq!(names, ["a.txt", "sub"]);
+    assert_eq!(names, ["a.txt", "empty", "sub"]);
     let out = d.dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
     run_json(
@@ -148,6 +150,12 @@ async fn uploads_resume_downloads_round_trip_and_json_is_parseable() {
         ],
     );
     assert_eq!(std::fs::read(out.join("tree/sub/b.txt")).unwrap(), b"beta");
+    // The same tree, empty directories included.
+    assert!(
+        out.join("tree/empty").is_dir(),
+        "an empty directory comes down too"
+    );
+    assert!(out.join("tree/sub/empty").is_dir());
     let usage = run_json(&d, &["folder", "usage", "vol1", &vfid]);
     assert!(usage["used_bytes"].as_u64().unwrap() >= 256 << 20);
     let listed = run_json(&d, &["folder", "list", "vol1"]);
@@ -273,4 +281,67 @@ async fn sessions_from_the_command_line() {
     assert_eq!(gone["state"], "terminated");
     let cap = run_json(&d, &["capacity"]);
     assert!(cap["max_containers"].as_u64().unwrap() > 0);
+}
+
+/// `ctl upload` run again at once after a Ctrl-C, while the server is still finishing the PATCH
+/// it was sent (the daemon is held stopped across the interruption, so the rerun's first
+/// requests race the server's bookkeeping): it waits for the server and completes the upload.
+#[tokio::test]
+async fn an_upload_rerun_at_once_waits_for_the_server_to_settle() {
+    let d = Daemon::start().await;
+    let vfid = run_json(&d, &["folder", "create", "vol1"])["vfid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let src = d.dir.path().join("mid.bin");
+    random_file(&src, 96 << 20, 3);
+    let args = [
+        "--json",
+        "upload",
+        "vol1",
+        &vfid,
+        src.to_str().unwrap(),
+        "--chunk",
+        "8m",
+    ];
+    let child = ctl(&d, &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let remembered = d.dir.path().join("cache/storage-agent/ctl-uploads");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&remembered)
+        .map(|r| r.count())
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the upload never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let daemon = nix::unistd::Pid::from_raw(d.pid() as i32);
+    let signal = |pid, sig| nix::sys::signal::kill(pid, sig).unwrap();
+    use nix::sys::signal::Signal::{SIGCONT, SIGINT, SIGSTOP};
+    signal(daemon, SIGSTOP);
+    signal(nix::unistd::Pid::from_raw(child.id() as i32), SIGINT);
+    let first = child.wait_with_output().unwrap();
+    let rerun = ctl(&d, &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    signal(daemon, SIGCONT);
+    let second = rerun.wait_with_output().unwrap();
+    if first.status.success() {
+        panic!("the upload finished before it could be interrupted; make the file bigger");
+    }
+    let up = &json_of(&second)["results"][0]["uploaded"][0];
+    assert_eq!(up["size"], 96 << 20);
+    assert_eq!(
+        sha256_file(&d.vfolder_path(&vfid).join("mid.bin")),
+        sha256_file(&src),
+        "byte-identical after the rerun"
+    );
 }

@@ -17,6 +17,7 @@ mod dropin;
 mod filebrowser;
 mod hardening;
 mod hardening2;
+mod layers;
 mod manager_api;
 mod manager_bad_input;
 mod manager_payloads;

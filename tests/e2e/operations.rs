@@ -48,6 +48,96 @@ fn total(m: &Value, sample: &str, want: &[(&str, &str)]) -> Option<f64> {
     (!found.is_empty()).then(|| found.iter().sum())
 }
 
+/// Each format as its own parser reads it: the families and their types, `[[name, type], ...]`.
+async fn families(d: &Daemon, openmetrics: bool) -> Vec<(String, String)> {
+    let mut req = d.http.get(d.url("internal", "/metrics"));
+    if openmetrics {
+        req = req.header(
+            "Accept",
+            "application/openmetrics-text; version=1.0.0,text/plain;q=0.5",
+        );
+    }
+    let r = send(req).await;
+    assert_eq!(r.status, 200);
+    let want = if openmetrics {
+        "application/openmetrics-text"
+    } else {
+        "text/plain; version=0.0.4"
+    };
+    assert!(r.content_type().starts_with(want), "{}", r.content_type());
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("metrics.txt");
+    std::fs::write(&f, r.text()).unwrap();
+    let parser = if openmetrics {
+        "prometheus_client.openmetrics.parser"
+    } else {
+        "prometheus_client.parser"
+    };
+    let out = run(Command::new(bai_python()).arg("-c").arg(format!(
+        "import json\nfrom {parser} import text_string_to_metric_families\n\
+         print(json.dumps([[f.name, f.type] for f in text_string_to_metric_families(open({:?}).read())]))",
+        f.display().to_string()
+    )));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The body is in the format its Content-Type names: 0.0.4 text by default, OpenMetrics when
+/// asked; both parse with every family typed (no counter read as untyped `..._total`).
+#[tokio::test]
+async fn metrics_bodies_match_their_content_type() {
+    let d = Daemon::start().await;
+    let _ = d.create_vfolder().await;
+    // A refused secret is counted under its route, not "unmatched".
+    let r = d
+        .mgr_raw(
+            "POST",
+            "/folder/create",
+            Some(b"{}".to_vec()),
+            Some("wrong"),
+        )
+        .await;
+    assert_eq!(r.status, 403);
+    let m = scrape(&d).await;
+    assert_eq!(
+        total(
+            &m,
+            "backendai_api_request_count_total",
+            &[("endpoint", "/folder/create"), ("status_code", "403")]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    // The process, as Backend.AI's SystemMetricObserver reports it, under our pid.
+    let pid = d.pid().to_string();
+    for family in [
+        "backendai_async_task_count",
+        "backendai_memory_used_rss",
+        "backendai_memory_used_vms",
+    ] {
+        let v = total(&m, family, &[("pid", &pid)]).unwrap_or(0.0);
+        assert!(v > 0.0, "{family} of pid {pid}: {v}");
+    }
+    assert!(total(&m, "backendai_cpu_usage_percent", &[("pid", &pid)]).is_some());
+    for openmetrics in [false, true] {
+        let fams = families(&d, openmetrics).await;
+        assert!(!fams.is_empty());
+        let untyped: Vec<_> = fams
+            .iter()
+            .filter(|(_, t)| t == "unknown" || t == "untyped")
+            .collect();
+        assert!(
+            untyped.is_empty(),
+            "openmetrics {openmetrics}: untyped {untyped:?}"
+        );
+        for counter in ["backendai_api_request_count", "storage_agent_upload_bytes"] {
+            assert!(
+                fams.iter().any(|(n, t)| n == counter && t == "counter"),
+                "openmetrics {openmetrics}: {counter} is a counter: {fams:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn metrics_are_prometheus_text_and_move_with_the_work() {
     let d = Daemon::start().await;
@@ -316,5 +406,109 @@ async fn openapi_documents_are_valid_checked_in_and_match_the_routes() {
             .await
             .json()["info"]["title"],
         "storage-agent manager API"
+    );
+}
+
+/// A value for a documented field: real names where the field needs one, else by its type.
+fn example(doc: &Value, name: &str, schema: &Value, vfid: &str, qs: &str) -> Value {
+    let fresh_vfid = || json!(format!("{qs}/{}", uuid::Uuid::new_v4().simple()));
+    match name {
+        "volume" | "src_volume" | "dst_volume" => return json!("vol1"),
+        "vfid" | "src_vfid" | "virtual_folder_id" => return json!(vfid),
+        "dst_vfid" => return fresh_vfid(),
+        "qsid" | "quota_scope" => return json!(qs),
+        "relpath" | "src_relpath" | "subpath" => return json!("a.txt"),
+        "dst_relpath" => return json!("b.txt"),
+        "relpaths" | "files" => return json!(["a.txt"]),
+        "new_name" => return json!("renamed.txt"),
+        "filename" => return json!("out.zip"),
+        "permission" => return json!("read"),
+        _ => {}
+    }
+    let resolved = |s: &Value| -> Value {
+        match s.get("$ref").and_then(Value::as_str) {
+            Some(r) => doc["components"]["schemas"][r.rsplit('/').next().unwrap()].clone(),
+            None => s.clone(),
+        }
+    };
+    let s = resolved(schema);
+    if let Some(first) = s["oneOf"].as_array().and_then(|a| a.first()) {
+        return example(doc, name, first, vfid, qs);
+    }
+    let ty = match &s["type"] {
+        Value::Array(a) => a[0].as_str().unwrap_or("string").to_string(),
+        Value::String(t) => t.clone(),
+        _ => "string".into(),
+    };
+    match ty.as_str() {
+        "integer" | "number" => json!(1),
+        "boolean" => json!(false),
+        "array" => json!([example(doc, "", &s["items"], vfid, qs)]),
+        "object" => body_from(doc, &s, vfid, qs),
+        "null" => Value::Null,
+        _ => json!("x"),
+    }
+}
+
+/// A body with every required field of `schema`, built from the document alone.
+fn body_from(doc: &Value, schema: &Value, vfid: &str, qs: &str) -> Value {
+    let s = match schema.get("$ref").and_then(Value::as_str) {
+        Some(r) => &doc["components"]["schemas"][r.rsplit('/').next().unwrap()],
+        None => schema,
+    };
+    let mut body = serde_json::Map::new();
+    for req in s["required"].as_array().into_iter().flatten() {
+        let name = req.as_str().unwrap();
+        body.insert(
+            name.to_string(),
+            example(doc, name, &s["properties"][name], vfid, qs),
+        );
+    }
+    Value::Object(body)
+}
+
+/// Every manager operation accepts a body built from its documented schema alone: whatever it
+/// answers (404 for what does not exist, 400 for what vfs cannot do), never that the body's
+/// shape was wrong.
+#[tokio::test]
+async fn bodies_built_from_the_openapi_document_are_accepted() {
+    let d = Daemon::start().await;
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/openapi-manager.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let (vfid, path) = d.create_vfolder().await;
+    std::fs::write(path.join("a.txt"), b"a").unwrap();
+    let qs = vfid.split_once('/').unwrap().0.to_string();
+    let mut wrong = Vec::new();
+    for (route, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let Some(schema) = op["requestBody"]["content"]["application/json"].get("schema")
+            else {
+                continue;
+            };
+            let body = body_from(&doc, schema, &vfid, &qs);
+            let r = d.mgr(&method.to_uppercase(), route, body.clone()).await;
+            // (422 with per-path "results" is Backend.AI's batch answer about the paths, e.g.
+            // after an earlier operation deleted the vfolder, not about the body's shape.)
+            let shape = (r.status == 422 && !r.text().contains("\"results\""))
+                || (r.status == 400 && r.text().contains("invalid-api-params"));
+            if shape {
+                wrong.push(format!(
+                    "{method} {route} {body}: {} {}",
+                    r.status,
+                    r.text()
+                ));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "bodies the document describes were refused:\n{}",
+        wrong.join("\n")
     );
 }

@@ -17,7 +17,7 @@ use super::ranges::{self, RangeRequest};
 use crate::api::AppState;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{ApiQuery, query_bool};
-use crate::api::manager::check_archive_filename;
+use crate::api::token::check_archive_filename;
 use crate::api::token::{ArchiveClaims, DownloadClaims, TokenError};
 use crate::volume::{EntryKind, EntryStat, ReadHandle, RelPath, VolumeError};
 

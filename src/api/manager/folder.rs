@@ -131,7 +131,7 @@ struct CreateOptions {
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
-struct CreateReq {
+struct CreateVFolderReq {
     volume: String,
     vfid: VFolderId,
     /// Backend.AI's default (`DEFAULT_VFOLDER_PERMISSION_MODE`) when absent or null.
@@ -216,12 +216,12 @@ async fn deregister(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(post, path = "/folder/create", tag = "folders", request_body = CreateReq,
+#[utoipa::path(post, path = "/folder/create", tag = "folders", request_body = CreateVFolderReq,
     summary = "Create a vfolder (and its quota scope when allowed)",
     responses((status = 204, description = "Created"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn create(
     State(st): State<AppState>,
-    ApiJson(r): ApiJson<CreateReq>,
+    ApiJson(r): ApiJson<CreateVFolderReq>,
 ) -> ApiResult<StatusCode> {
     // Permission bits only: a vfolder is never set-user-id, set-group-id or sticky.
     let mode = r.mode.unwrap_or(crate::volume::DEFAULT_VFOLDER_MODE.into());

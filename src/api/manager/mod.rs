@@ -18,8 +18,6 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use token::{check_archive_filename, check_upload_destination};
-
 use super::AppState;
 use super::error::{ApiError, ApiResult};
 
@@ -76,12 +74,18 @@ impl utoipa::Modify for AuthHeader {
 
 pub fn router(state: AppState) -> Router {
     let (routes, _) = routes();
+    // Auth runs after routing, so a refused request is counted under its route (as aiohttp's
+    // routing labels it); the fallbacks check the token too, so an unknown route without one
+    // is 403 like everything else.
     routes
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         .route_layer(middleware::from_fn(crate::metrics::tag_route))
-        .fallback(|| async { ApiError::not_found_route() })
-        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        // Auth wraps routing, so an unknown route without a token is 403 like everything else.
-        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .fallback(|State(st): State<AppState>, req: Request| async move {
+            refusal(&st, &req).unwrap_or_else(|| ApiError::not_found_route().into_response())
+        })
+        .method_not_allowed_fallback(|State(st): State<AppState>, req: Request| async move {
+            refusal(&st, &req).unwrap_or_else(|| ApiError::method_not_allowed().into_response())
+        })
         .layer(super::trace_layer())
         .layer(middleware::from_fn_with_state(
             (state.metrics.clone(), "manager"),
@@ -93,19 +97,19 @@ pub fn router(state: AppState) -> Router {
 #[utoipa::path(get, path = "/health", tag = "status", summary = "Health: always 200; status says ok or degraded",
     responses((status = 200, description = "The health report", content_type = "application/json")))]
 async fn health(st: axum::extract::State<AppState>) -> Response {
-    super::internal::health(st).await
+    super::probes::health(st).await
 }
 
 #[utoipa::path(get, path = "/livez", tag = "status", summary = "Liveness",
     responses((status = 200, description = "The process answers", content_type = "application/json")))]
 async fn livez(st: axum::extract::State<AppState>) -> Response {
-    super::internal::livez(st).await
+    super::probes::livez(st).await
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "status", summary = "Readiness: 503 while a gating check fails",
     responses((status = 200, description = "Ready", content_type = "application/json"), (status = 503, description = "Not ready", content_type = "application/json")))]
 async fn readyz(st: axum::extract::State<AppState>) -> Response {
-    super::internal::readyz(st).await
+    super::probes::readyz(st).await
 }
 
 fn digest(s: &[u8]) -> [u8; 32] {
@@ -113,20 +117,25 @@ fn digest(s: &[u8]) -> [u8; 32] {
 }
 
 async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    match refusal(&st, &req) {
+        Some(refused) => refused,
+        None => next.run(req).await,
+    }
+}
+
+/// The 403 for a request without the manager secret (None: it may go on).
+fn refusal(st: &AppState, req: &Request) -> Option<Response> {
     if req.method() == axum::http::Method::GET && OPEN_PATHS.contains(&req.uri().path()) {
-        return next.run(req).await;
+        return None;
     }
     let Some(given) = req.headers().get(AUTH_HEADER) else {
-        return ApiError::forbidden(true).into_response();
+        return Some(ApiError::forbidden(true).into_response());
     };
     // Comparing digests keeps the comparison constant-time in the secret's length too.
     let ok: bool = digest(given.as_bytes())
         .ct_eq(&digest(st.manager_secret.as_bytes()))
         .into();
-    if !ok {
-        return ApiError::forbidden(false).into_response();
-    }
-    next.run(req).await
+    (!ok).then(|| ApiError::forbidden(false).into_response())
 }
 
 /// Our addition: the state of a background task (`bgtask_id` from delete, clone, delete-async).

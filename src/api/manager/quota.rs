@@ -42,7 +42,7 @@ impl QuotaOptions {
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
-struct CreateReq {
+struct CreateQuotaScopeReq {
     volume: String,
     qsid: QuotaScopeId,
     #[serde(default)]
@@ -66,12 +66,12 @@ struct UpdateReq {
     options: QuotaOptions,
 }
 
-#[utoipa::path(post, path = "/quota-scope", tag = "quota", request_body = CreateReq,
+#[utoipa::path(post, path = "/quota-scope", tag = "quota", request_body = CreateQuotaScopeReq,
     summary = "Create a quota scope",
     responses((status = 204, description = "Created"), (status = "4XX", description = "Refused: problem+json (Backend.AI {msg} bodies where the Python proxy used them)", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "5XX", description = "Failed", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 async fn create(
     State(st): State<AppState>,
-    ApiJson(r): ApiJson<CreateReq>,
+    ApiJson(r): ApiJson<CreateQuotaScopeReq>,
 ) -> ApiResult<StatusCode> {
     st.volumes
         .get(&r.volume)?

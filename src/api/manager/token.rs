@@ -12,7 +12,10 @@ use utoipa_axum::routes;
 use crate::api::AppState;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::ApiJson;
-use crate::api::token::{ArchiveClaims, DownloadClaims, DownloadOp, UploadClaims, UploadOp};
+use crate::api::token::{
+    ArchiveClaims, DownloadClaims, DownloadOp, UploadClaims, UploadOp, check_archive_filename,
+    check_upload_destination,
+};
 use crate::ids::VFolderId;
 use crate::volume::RelPath;
 
@@ -96,17 +99,6 @@ async fn upload(
     Ok(Json(body))
 }
 
-/// Refuses an upload whose destination can never be written: the vfolder is missing, a parent
-/// is a file or a symlink leading outside, or the destination is a directory. Checked again at
-/// completion, since the tree may change meanwhile.
-pub async fn check_upload_destination(
-    v: &dyn crate::volume::Volume,
-    vfid: &VFolderId,
-    dst: &RelPath,
-) -> ApiResult<()> {
-    Ok(v.check_file_destination(vfid, dst).await?)
-}
-
 #[derive(Deserialize, utoipa::ToSchema)]
 struct DownloadReq {
     volume: String,
@@ -179,23 +171,6 @@ struct ArchiveReq {
     files: Vec<String>,
     #[serde(default)]
     filename: Option<String>,
-}
-
-/// Backend.AI's rules for the archive's file name.
-pub fn check_archive_filename(name: &str) -> Result<(), &'static str> {
-    if name.trim().is_empty() || name.chars().count() > 255 {
-        return Err("must be 1 to 255 characters");
-    }
-    if name == "." || name == ".." {
-        return Err("must not be '.' or '..'");
-    }
-    if name
-        .chars()
-        .any(|c| c.is_control() || c == '/' || c == '\\')
-    {
-        return Err("must not contain control characters, '/' or '\\'");
-    }
-    Ok(())
 }
 
 #[utoipa::path(post, path = "/folder/file/archive-download-token", tag = "tokens", request_body = ArchiveReq,

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use super::{QuotaLimit, QuotaOps, Scopes, io_err, sys};
 use crate::config::VolumeConfig;
 use crate::ids::QuotaScopeId;
+use crate::volume::blocking;
 use crate::volume::fsops;
-use crate::volume::vfs::blocking;
 use crate::volume::{QuotaUsage, Result, VolumeError};
 
 pub struct BtrfsSubvolumes {

@@ -20,8 +20,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use super::blocking;
 use super::fsops;
-use super::vfs::blocking;
 use super::{QuotaUsage, Result, VolumeError};
 use crate::config::VolumeConfig;
 use crate::ids::QuotaScopeId;

@@ -19,8 +19,8 @@ use super::{QuotaLimit, QuotaOps, Scopes, io_err, make_dir, sys};
 use crate::config::VolumeConfig;
 use crate::ids::QuotaScopeId;
 use crate::state::State;
+use crate::volume::blocking;
 use crate::volume::fsops;
-use crate::volume::vfs::blocking;
 use crate::volume::{QuotaUsage, Result, VolumeError};
 
 pub struct XfsProjects {

@@ -45,14 +45,7 @@ pub struct VfsVolume {
     scopes: Arc<dyn Scopes>,
 }
 
-/// Filesystem calls block; they run on the blocking pool.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| VolumeError::Internal(format!("blocking task failed: {e}")))?
-}
+pub(crate) use super::blocking;
 
 fn errno(e: &io::Error) -> Option<i32> {
     e.raw_os_error()

@@ -116,18 +116,33 @@ pub async fn volume_suite(d: &Daemon, peek: &Peek<'_>) {
             base64::engine::general_purpose::STANDARD.encode(sha1::Sha1::digest(b))
         )
     };
+    // A wrong checksum is 460; a backend that holds checksummed bodies back in a bounded
+    // buffer (object stores: one part) refuses a longer one with 413 and says its bound.
     let r = patch(0, 7 * MIB, sha1(b"not this")).await;
-    assert_eq!(r.status, 460, "{}", r.text());
+    let bound = match r.status {
+        460 => 7 * MIB,
+        413 => r.json()["data"]["max_checksummed_body"]
+            .as_u64()
+            .expect("the bound is said") as usize,
+        other => panic!("{other}: {}", r.text()),
+    };
+    if bound < 7 * MIB {
+        let r = patch(0, bound, sha1(b"not this")).await;
+        assert_eq!(r.status, 460, "{}", r.text());
+    }
     let head = send(d.http.head(&url).header("Tus-Resumable", "1.0.0")).await;
     assert_eq!(
         head.header("upload-offset").as_deref(),
         Some("0"),
         "nothing kept"
     );
-    let r = patch(0, 7 * MIB, sha1(&summed[..7 * MIB])).await;
-    assert_eq!(r.status, 204, "{}", r.text());
-    let r = patch(7 * MIB, summed.len(), sha1(&summed[7 * MIB..])).await;
-    assert_eq!(r.status, 204, "{}", r.text());
+    let mut off = 0;
+    while off < summed.len() {
+        let end = (off + bound).min(summed.len());
+        let r = patch(off, end, sha1(&summed[off..end])).await;
+        assert_eq!(r.status, 204, "at {off}: {}", r.text());
+        off = end;
+    }
     assert!(
         peek(&vfid, "sum.bin") == Some(summed.clone()),
         "checksummed upload is intact"

@@ -24,7 +24,7 @@ use super::checksum::{self, Expected, Hasher};
 use crate::api::AppState;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::ApiQuery;
-use crate::api::manager::check_upload_destination;
+use crate::api::token::check_upload_destination;
 use crate::api::token::{TokenError, UploadClaims};
 use crate::state::now_unix;
 use crate::upload::{UploadLock, UploadRecord, UploadState};
