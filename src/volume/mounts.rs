@@ -527,19 +527,12 @@ async fn mount_kernel(
     let err = |m: String| mount_err(key, m);
     std::fs::create_dir_all(mnt).map_err(|e| err(format!("{}: {e}", mnt.display())))?;
     if let Some((path, content)) = credentials {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
         }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| err(format!("{}: {e}", path.display())))?;
-        f.write_all(content.as_bytes())
+        // Replaced atomically: a mount retried while another reads the file (mount.cifs, or
+        // anyone checking it) never sees it empty or half written.
+        crate::private_file::write(path, content.as_bytes())
             .map_err(|e| err(format!("{}: {e}", path.display())))?;
     }
     let mut cmd = tokio::process::Command::new("mount");
