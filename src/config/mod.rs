@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod cluster;
+mod locate;
 pub mod object;
 mod reader;
 pub mod remote;
@@ -16,21 +17,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use cluster::{EtcdConfig, RedisConfig, RedisServer, RedisTarget};
+pub use locate::{BACKEND_ENV_CONFIG, ConfigSource, ENV_CONFIG, LOOKUP_PATHS, locate};
 pub use reader::{Problem, parse_duration, parse_size};
 use reader::{Problems, Section, absolutize};
-
-/// Where `serve` and `config check` look for the file, in order: `--config`, then
-/// `$STORAGE_AGENT_CONFIG`, our own names, then Backend.AI's (`$BACKEND_CONFIG_FILE` and the
-/// places the Python proxy looks for `storage-proxy.toml`), so a node's existing file is found.
-pub const ENV_CONFIG: &str = "STORAGE_AGENT_CONFIG";
-pub const BACKEND_ENV_CONFIG: &str = "BACKEND_CONFIG_FILE";
-pub const LOOKUP_PATHS: &[&str] = &[
-    "./storage-agent.toml",
-    "/etc/backend.ai/storage-agent.toml",
-    "./storage-proxy.toml",
-    "~/.config/backend.ai/storage-proxy.toml",
-    "/etc/backend.ai/storage-proxy.toml",
-];
 
 /// Volume backends this build can serve.
 pub const BACKENDS: &[&str] = &["vfs", "xfs", "btrfs", "s3", "azure-blob"];
@@ -102,22 +91,6 @@ fn format_problems(problems: &[Problem]) -> String {
         .map(|p| format!("  - {p}"))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConfigSource {
-    File(PathBuf),
-    /// No file anywhere: one local vfs volume under ./data, state under ./state.
-    Embedded,
-}
-
-impl std::fmt::Display for ConfigSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ConfigSource::File(p) => write!(f, "{}", p.display()),
-            ConfigSource::Embedded => write!(f, "<embedded default>"),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,83 +224,6 @@ pub struct VolumeConfig {
     pub project_files: Option<PathBuf>,
 }
 
-/// Finds the config file: `--config`, `$STORAGE_AGENT_CONFIG`, then the lookup paths; none of
-/// them existing means the embedded default. An explicitly named file must exist.
-pub fn locate(explicit: Option<&Path>) -> Result<ConfigSource, ConfigError> {
-    let named = explicit
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os(ENV_CONFIG).map(PathBuf::from));
-    let named = named.or_else(|| {
-        // Our own names come before Backend.AI's variable, so an operator can move over.
-        let ours = LOOKUP_PATHS[..2].iter().any(|p| Path::new(p).is_file());
-        (!ours)
-            .then(|| std::env::var_os(BACKEND_ENV_CONFIG).map(PathBuf::from))
-            .flatten()
-    });
-    if let Some(p) = named {
-        return if p.is_file() {
-            check_trusted(&p)?;
-            Ok(ConfigSource::File(p))
-        } else {
-            Err(ConfigError::Read {
-                path: p,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-            })
-        };
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from);
-    let found = LOOKUP_PATHS
-        .iter()
-        .filter_map(|p| match p.strip_prefix("~/") {
-            Some(rest) => home.as_ref().map(|h| h.join(rest)),
-            None => Some(PathBuf::from(p)),
-        })
-        .find(|p| p.is_file());
-    match found {
-        Some(p) => {
-            check_trusted(&p)?;
-            Ok(ConfigSource::File(p))
-        }
-        None => Ok(ConfigSource::Embedded),
-    }
-}
-
-/// Run as root, the daemon and `ctl` take a config only from root, and only one nobody else
-/// may change: the file chooses the state directory and where secrets are sent, so a file
-/// planted in a shared working directory must not be obeyed.
-fn check_trusted(p: &Path) -> Result<(), ConfigError> {
-    use std::os::unix::fs::MetadataExt;
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(());
-    }
-    let md = std::fs::metadata(p).map_err(|e| ConfigError::Read {
-        path: p.to_path_buf(),
-        source: e,
-    })?;
-    let why = if md.uid() != 0 {
-        Some(format!("it belongs to uid {}, not root", md.uid()))
-    } else if md.mode() & 0o022 != 0 {
-        Some(format!(
-            "its mode {:o} lets others change it",
-            md.mode() & 0o7777
-        ))
-    } else {
-        None
-    };
-    match why {
-        None => Ok(()),
-        Some(why) => Err(ConfigError::Read {
-            path: p.to_path_buf(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!(
-                    "refusing it as root: {why} (chown root and chmod go-w it, or name a trusted file with --config)"
-                ),
-            ),
-        }),
-    }
-}
-
 const EMBEDDED: &str = r#"
 [storage-proxy]
 session-expire = "1d"
@@ -337,7 +233,6 @@ backend = "vfs"
 path = "./data/local"
 "#;
 
-/// Reads and validates the configuration. The embedded default creates its volume directory.
 /// Whether a volume's directory can hold its backend (`volume::scopes::check`: xfs and btrfs
 /// need their filesystem with quotas on). Passed in by the caller, so `config` reads files
 /// and imports nothing of `volume`.
@@ -369,6 +264,7 @@ pub fn load_checked(source: &ConfigSource, check: DirCheck) -> Result<Config, Co
     }
 }
 
+/// Reads and validates the configuration. The embedded default creates its volume directory.
 pub fn load(source: &ConfigSource) -> Result<Config, ConfigError> {
     let (text, label) = match source {
         ConfigSource::File(p) => (
@@ -891,178 +787,4 @@ fn check_distinct_addrs(problems: &Problems, addrs: &[(&str, SocketAddr)]) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse_str(text: &str) -> Result<Config, ConfigError> {
-        parse(text, "test.toml", ConfigSource::Embedded)
-    }
-
-    fn parse_file(dir: &Path, text: &str) -> Result<Config, ConfigError> {
-        let p = dir.join("storage-proxy.toml");
-        std::fs::write(&p, text).unwrap();
-        parse(text, "storage-proxy.toml", ConfigSource::File(p))
-    }
-
-    /// Backend.AI 26.9.6's own file (as `start-server` takes it), unmodified.
-    #[test]
-    fn a_python_proxy_file_is_taken_as_it_is() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("vfs1")).unwrap();
-        let c = parse_file(
-            dir.path(),
-            r#"
-[storage-proxy]
-node-id = "pyproxy-node"
-num-proc = 1
-pid-file = "./sp.pid"
-ipc-base-path = "/tmp/ipc"
-event-loop = "asyncio"
-scandir-limit = "1_000"
-max-upload-size = "100gbytes"
-secret = "short"
-session-expire = "1h"
-use-watcher = "false"
-auto_quota_scope_creation = false
-user = -1
-group = ""
-aiomonitor-termui-port = 38310
-aiomonitor-webui-port = 39310
-volume-stats = { observe-interval = 10.0 }
-some-future-key = 1
-
-[logging]
-level = "DEBUG"
-drivers = ["console"]
-pkg-ns = { "" = "WARNING", "ai.backend" = "INFO" }
-[logging.console]
-colored = false
-format = "simple"
-
-[api.client]
-service-addr = { host = "127.0.0.1", port = "17021" }
-ssl-enabled = false
-
-[api.manager]
-service-addr = ["127.0.0.1", 17022]
-announce-addr = { host = "storage.example.com", port = 17022 }
-internal-addr = "127.0.0.1:17023"
-announce-internal-addr = { host = "::1", port = 17023 }
-ssl-enabled = 0
-secret = "py-manager-secret"
-
-[volume.vfs1]
-backend = "vfs"
-path = "vfs1"
-
-[debug]
-enabled = false
-
-[etcd]
-namespace = "local"
-addr = { host = "::1", port = "12379" }
-
-[otel]
-enabled = false
-
-[pyroscope]
-enabled = false
-"#,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.proxy.scandir_limit, 1000);
-        assert_eq!(c.proxy.max_upload_size, 100 << 30);
-        assert!(!c.proxy.allow_auto_quota_scope_creation);
-        assert_eq!(c.proxy.pid_file, Some(dir.path().join("sp.pid")));
-        assert_eq!(c.client_api.addr.port(), 17021);
-        assert_eq!(c.manager_api.listener.addr.port(), 17022);
-        assert_eq!(
-            c.manager_api.announce_addr.as_deref(),
-            Some("storage.example.com:17022")
-        );
-        assert_eq!(
-            c.manager_api.announce_internal_addr.as_deref(),
-            Some("[::1]:17023")
-        );
-        assert_eq!(c.volumes[0].path, dir.path().join("vfs1"));
-        assert_eq!(c.etcd.unwrap().addrs, vec!["[::1]:12379".to_string()]);
-        assert_eq!(c.daemon.log_level, "debug");
-        assert!(
-            !c.agent.enabled,
-            "a Python proxy's file runs no session agent"
-        );
-        let warned = c.warnings.join("\n");
-        assert!(warned.contains("some-future-key"), "{warned}");
-        assert!(warned.contains("storage-proxy.secret"), "{warned}");
-    }
-
-    #[test]
-    fn python_only_backends_are_named() {
-        let dir = std::env::temp_dir();
-        let err = parse_str(&format!(
-            "[volume.v]\nbackend = \"purestorage\"\npath = {dir:?}\n"
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("does not implement"), "{err}");
-    }
-
-    #[test]
-    fn snake_and_kebab_keys_are_the_same() {
-        let dir = std::env::temp_dir();
-        let c = parse_str(&format!(
-            "[storage_proxy]\nnode_id = \"n1\"\nscandir_limit = 5\n[volume.v]\nbackend = \"vfs\"\npath = {:?}\n",
-            dir
-        ))
-        .unwrap();
-        assert_eq!(c.proxy.node_id, "n1");
-        assert_eq!(c.proxy.scandir_limit, 5);
-    }
-
-    #[test]
-    fn all_problems_are_listed() {
-        let err = parse_str(
-            "[storage-proxy]\nsession-expire = \"soon\"\nsecret = \"\"\n[api.client]\nservice-addr = \"nowhere\"\n[volume.v]\nbackend = \"nfs9\"\npath = \"/does/not/exist\"\n[storage-agent]\nbogus = 1\n",
-        )
-        .unwrap_err();
-        let ConfigError::Invalid { problems, .. } = err else {
-            panic!("expected Invalid, got {err}");
-        };
-        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
-        for k in [
-            "storage-proxy.session-expire",
-            "storage-proxy.secret",
-            "api.client.service-addr",
-            "volume.v.backend",
-            "volume.v.path",
-            "storage-agent.bogus",
-        ] {
-            assert!(keys.contains(&k), "{k} missing from {keys:?}");
-        }
-    }
-
-    #[test]
-    fn backend_ai_addr_tables_are_accepted() {
-        let dir = std::env::temp_dir();
-        let c = parse_str(&format!(
-            "[api.client]\nservice-addr = {{ host = \"127.0.0.1\", port = 7001 }}\n[volume.v]\nbackend = \"vfs\"\npath = {dir:?}\n"
-        ))
-        .unwrap();
-        assert_eq!(c.client_api.addr.port(), 7001);
-    }
-
-    #[test]
-    fn project_files_belong_to_xfs_volumes() {
-        let dir = std::env::temp_dir();
-        let err = parse_str(&format!(
-            "[volume.v]\nbackend = \"vfs\"\npath = {dir:?}\nproject-files = {dir:?}\n"
-        ))
-        .unwrap_err();
-        let ConfigError::Invalid { problems, .. } = err else {
-            panic!("expected Invalid, got {err}");
-        };
-        assert_eq!(problems.len(), 1, "{problems:?}");
-        assert_eq!(problems[0].key, "volume.v.project-files");
-        assert!(problems[0].allowed.contains("only on xfs"), "{problems:?}");
-    }
-}
+mod tests;
