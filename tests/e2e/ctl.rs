@@ -41,6 +41,27 @@ fn run_json(d: &Daemon, args: &[&str]) -> Value {
     json_of(&ctl(d, &all).output().unwrap())
 }
 
+/// `ctl <args>` (an upload) started, once it has remembered its upload URL (it has a token
+/// and is sending).
+fn started_upload(d: &Daemon, args: &[&str]) -> std::process::Child {
+    let child = ctl(d, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let remembered = d.dir.path().join("cache/storage-agent/ctl-uploads");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&remembered)
+        .map(|r| r.count())
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the upload never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 #[tokio::test]
 async fn uploads_resume_downloads_round_trip_and_json_is_parseable() {
     let d = Daemon::start().await;
@@ -64,21 +85,7 @@ async fn uploads_resume_downloads_round_trip_and_json_is_parseable() {
         "--chunk",
         "4m",
     ];
-    let child = ctl(&d, &args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let remembered = d.dir.path().join("cache/storage-agent/ctl-uploads");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_dir(&remembered)
-        .map(|r| r.count())
-        .unwrap_or(0)
-        == 0
-    {
-        assert!(Instant::now() < deadline, "the upload never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = started_upload(&d, &args);
     std::thread::sleep(Duration::from_millis(400));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -304,21 +311,7 @@ async fn an_upload_rerun_at_once_waits_for_the_server_to_settle() {
         "--chunk",
         "8m",
     ];
-    let child = ctl(&d, &args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let remembered = d.dir.path().join("cache/storage-agent/ctl-uploads");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_dir(&remembered)
-        .map(|r| r.count())
-        .unwrap_or(0)
-        == 0
-    {
-        assert!(Instant::now() < deadline, "the upload never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = started_upload(&d, &args);
     std::thread::sleep(Duration::from_millis(300));
     let daemon = nix::unistd::Pid::from_raw(d.pid() as i32);
     let signal = |pid, sig| nix::sys::signal::kill(pid, sig).unwrap();
