@@ -480,17 +480,6 @@ async fn presign_upload(d: &Daemon, vfid: &str, relpath: &str, size: u64) -> cra
     .await
 }
 
-async fn used_bytes(d: &Daemon, vfid: &str) -> u64 {
-    let r = d
-        .mgr(
-            "GET",
-            "/folder/usage",
-            json!({"volume": "vol1", "vfid": vfid}),
-        )
-        .await;
-    r.json()["used_bytes"].as_u64().unwrap_or(0)
-}
-
 async fn limit_scope(d: &Daemon, vfid: &str, limit: u64) {
     let qs = vfid.split_once('/').unwrap().0;
     let r = d
@@ -533,7 +522,7 @@ async fn presigned_s3_uploads_are_bound_to_the_token() {
         "the length is signed: {url}"
     );
     assert_eq!(
-        used_bytes(&d, &vfid).await,
+        crate::s3::usage(&d, &vfid, false).await.1,
         600 << 10,
         "charged when minted"
     );
@@ -549,14 +538,7 @@ async fn presigned_s3_uploads_are_bound_to_the_token() {
         .await
         .unwrap();
     assert!(put.status().is_success(), "{}", put.status());
-    let r = d
-        .mgr(
-            "GET",
-            "/folder/usage",
-            json!({"volume": "vol1", "vfid": vfid, "rescan": true}),
-        )
-        .await;
-    assert_eq!(r.json()["used_bytes"], 600 << 10);
+    assert_eq!(crate::s3::usage(&d, &vfid, true).await.1, 600 << 10);
 }
 
 /// G6 on Azure: a presigned upload URL creates its one blob once (no overwrite, no blocks,

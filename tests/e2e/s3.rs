@@ -40,7 +40,7 @@ async fn put_small(d: &Daemon, vfid: &str, relpath: &str, data: &[u8]) {
     assert_eq!(r.status, 204, "{}", r.text());
 }
 
-async fn usage(d: &Daemon, vfid: &str, rescan: bool) -> (u64, u64) {
+pub async fn usage(d: &Daemon, vfid: &str, rescan: bool) -> (u64, u64) {
     let r = d
         .mgr(
             "GET",

@@ -264,6 +264,10 @@ impl Service for Azure {
         Ok(false)
     }
 
+    fn presign_binds_length(&self) -> bool {
+        false
+    }
+
     fn presign(
         &self,
         bucket: &str,

@@ -192,22 +192,20 @@ impl ObjectVolume {
         Ok(())
     }
 
-    /// A presigned upload goes around us: the scope's quota must hold it before the URL exists
-    /// (the service never asks), and its declared size counts at once; the next rescan
-    /// reconciles it with what was really stored (security review 2, G6). Where the service
-    /// cannot bind the length (Azure) the URL is refused on a scope with a limit.
+    /// A presigned upload goes around us, so its declared size counts at once (the token
+    /// route checked the scope's quota for it just before); the next rescan reconciles it with
+    /// what was really stored (security review 2, G6). Where the service cannot bind the
+    /// length (Azure) the URL is refused on a scope with a limit.
     async fn charge_presigned_upload(&self, vf: &VFolderId, size: u64) -> Result<()> {
-        if let Some(qs) = vf.quota_scope.as_ref() {
-            if self.shared.service.kind() != "s3"
-                && matches!(self.shared.registry.scope(qs).await?, Some(Some(_)))
-            {
-                return Err(VolumeError::BadRequest(format!(
-                    "quota scope {qs} has a limit, and a presigned {} upload URL cannot bind \
-                     its length: upload through the tus endpoint instead",
-                    self.shared.service.kind()
-                )));
-            }
-            self.check_space(Some(qs), size).await?;
+        if !self.shared.service.presign_binds_length()
+            && let Some(qs) = vf.quota_scope.as_ref()
+            && matches!(self.shared.registry.scope(qs).await?, Some(Some(_)))
+        {
+            return Err(VolumeError::BadRequest(format!(
+                "quota scope {qs} has a limit, and a presigned {} upload URL cannot bind its \
+                 length: upload through the tus endpoint instead",
+                self.shared.service.kind()
+            )));
         }
         self.shared.registry.add(vf, 0, size as i64).await
     }
@@ -647,6 +645,7 @@ impl Volume for ObjectVolume {
             self.shared.loc(vf).await?
         };
         let expiry = expiry.clamp(Duration::from_secs(1), self.shared.cfg.presign_max_expiry);
+        // Signed first: a URL that cannot be made charges nothing.
         let url = self
             .shared
             .service

@@ -300,6 +300,10 @@ impl Service for S3 {
         }
     }
 
+    fn presign_binds_length(&self) -> bool {
+        true
+    }
+
     fn presign(
         &self,
         bucket: &str,

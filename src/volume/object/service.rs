@@ -86,6 +86,9 @@ pub trait Service: Send + Sync {
     /// where the service can bind it (else as narrow as it allows: see each service).
     fn presign(&self, bucket: &str, key: &str, access: Presign, expiry: Duration)
     -> Result<String>;
+    /// Whether a presigned upload URL binds the upload's length (S3: a signed Content-Length;
+    /// an Azure blob SAS cannot).
+    fn presign_binds_length(&self) -> bool;
     /// A URL with a SAS for a whole container (Azure); None where the service has none.
     fn container_sas(
         &self,
