@@ -83,7 +83,7 @@ enabled = false
     let _container = Removed(name.clone());
 
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + crate::common::OUTCOME;
     let status = loop {
         if let Ok(r) = http
             .get(format!("http://127.0.0.1:{port}/status"))

@@ -50,7 +50,7 @@ fn started_upload(d: &Daemon, args: &[&str]) -> std::process::Child {
         .spawn()
         .unwrap();
     let remembered = d.dir.path().join("cache/storage-agent/ctl-uploads");
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + crate::common::OUTCOME;
     while std::fs::read_dir(&remembered)
         .map(|r| r.count())
         .unwrap_or(0)

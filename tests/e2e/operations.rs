@@ -185,7 +185,7 @@ async fn metrics_are_prometheus_text_and_move_with_the_work() {
     .await;
     assert_eq!(r.status, 204);
     // The upload is remembered as done (recorded just after its 204).
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + crate::common::OUTCOME;
     while total(
         &scrape(&d).await,
         "storage_agent_upload_sessions",
@@ -274,7 +274,7 @@ async fn reflection_answers_v1alpha_clients() {
 
 /// Reads notify messages until one contains `want` (or times out).
 fn wait_for(sock: &UnixDatagram, want: &str, seen: &mut Vec<String>) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + crate::common::OUTCOME;
     let mut buf = [0u8; 4096];
     while Instant::now() < deadline {
         if let Ok(n) = sock.recv(&mut buf) {

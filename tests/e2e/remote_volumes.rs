@@ -52,7 +52,7 @@ fn mounted(d: &Daemon) -> bool {
 }
 
 async fn wait_unmounted(d: &Daemon, why: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + crate::common::OUTCOME;
     while mounted(d) {
         assert!(Instant::now() < deadline, "{why}");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -122,7 +122,7 @@ async fn a_startup_volume_is_mounted_at_start_and_reported_healthy() {
     // Per-user vfolders are UUID directories on it, in the container.
     let vfid = random_vfid();
     create_with_file(&d, &vfid, "notes.txt", b"kept in azure").await;
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + crate::common::OUTCOME;
     loop {
         let names = az
             .py("print('\\n'.join(b.name for b in svc.get_container_client('team').list_blobs()))");

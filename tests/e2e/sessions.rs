@@ -283,7 +283,7 @@ async fn capacity_and_per_user_limits() {
     );
     // Watchers hear about every change.
     let mut last = first;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + crate::common::OUTCOME;
     while last.available != 0 && Instant::now() < deadline {
         last = tokio::time::timeout(Duration::from_secs(10), watch.message())
             .await
@@ -387,7 +387,6 @@ async fn adoption_after_kill9_and_containers_that_die() {
         .wait_session(
             &ids[3].0,
             pb::SessionState::Terminated,
-            20,
             "the vanished container's session is not terminated",
         )
         .await;
@@ -413,7 +412,7 @@ async fn adoption_after_kill9_and_containers_that_die() {
         .unwrap();
     assert!(out.status.success());
     let s = d
-        .wait_session(&ids[0].0, pb::SessionState::Failed, 20, "death not noticed")
+        .wait_session(&ids[0].0, pb::SessionState::Failed, "death not noticed")
         .await;
     assert!(s.reason.contains("exited with code"), "{}", s.reason);
     let cap = d.capacity().await;
@@ -449,15 +448,9 @@ async fn ttl_and_idle_reaping() {
         .session
         .unwrap();
     let reaped = pb::SessionState::Terminated;
-    let reason = d
-        .wait_session(&idle.id, reaped, 30, "not reaped")
-        .await
-        .reason;
+    let reason = d.wait_session(&idle.id, reaped, "not reaped").await.reason;
     assert!(reason.starts_with("idle for"), "{reason}");
-    let reason = d
-        .wait_session(&ttl.id, reaped, 30, "not reaped")
-        .await
-        .reason;
+    let reason = d.wait_session(&ttl.id, reaped, "not reaped").await.reason;
     assert_eq!(reason, "ttl expired");
     assert!(d.containers().is_empty());
 }

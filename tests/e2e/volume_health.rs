@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::common::redis::RedisServer;
 use crate::common::tools::{require, require_python_module};
-use crate::common::{Daemon, run};
+use crate::common::{Daemon, OUTCOME, PROMPT, run};
 
 fn fast_checks(b: crate::common::Builder, path: &Path) -> crate::common::Builder {
     b.set("volume.vol1.path", path.display().to_string())
@@ -18,24 +18,19 @@ fn fast_checks(b: crate::common::Builder, path: &Path) -> crate::common::Builder
         .set("storage-agent.volume-check-timeout", "1s")
 }
 
-async fn wait_status(d: &Daemon, want: &str, within: Duration) -> serde_json::Value {
+async fn wait_status(d: &Daemon, want: &str) -> serde_json::Value {
     let start = Instant::now();
     loop {
+        let asked = Instant::now();
         let r = d
             .mgr("GET", "/volume/hwinfo", json!({"volume": "vol1"}))
             .await;
-        assert!(
-            start.elapsed() < within + Duration::from_secs(3),
-            "hwinfo itself must not hang"
-        );
+        assert!(asked.elapsed() < PROMPT, "hwinfo itself must not hang");
         let v = r.json();
         if v["status"] == want {
             return v;
         }
-        assert!(
-            start.elapsed() < within,
-            "volume not {want} after {within:?}: {v}"
-        );
+        assert!(start.elapsed() < OUTCOME, "volume not {want}: {v}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -66,14 +61,14 @@ async fn an_unmounted_volume_goes_offline_and_requests_fail_fast() {
     let _unmount = Unmount(mnt.clone());
     let d = fast_checks(Daemon::builder(), &mnt).start().await;
     let (vfid, _) = d.create_vfolder().await;
-    let v = wait_status(&d, "healthy", Duration::from_secs(3)).await;
+    let v = wait_status(&d, "healthy").await;
     assert!(v["status_info"].is_null(), "{v}");
     assert_eq!(d.get("internal", "/readyz").await.status, 200);
 
     // The device goes away under the mount path (lazy unmount: the daemon's open descriptor
     // does not keep it from happening, as a dead NFS server would not either).
     run(Command::new("umount").arg("-l").arg(&mnt));
-    let v = wait_status(&d, "offline", Duration::from_secs(3)).await;
+    let v = wait_status(&d, "offline").await;
     assert!(
         v["status_info"]
             .as_str()
@@ -89,7 +84,7 @@ async fn an_unmounted_volume_goes_offline_and_requests_fail_fast() {
             json!({"volume": "vol1", "vfid": vfid}),
         )
         .await;
-    assert!(start.elapsed() < Duration::from_secs(5), "fails fast");
+    assert!(start.elapsed() < PROMPT, "fails fast");
     assert_eq!(
         r.problem(503)["type"],
         "https://api.backend.ai/probs/storage/volume/offline"
@@ -195,10 +190,7 @@ fn hung_mount_fixture(dir: &Path) -> HungMount {
         .unwrap();
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "moto did not start"
-        );
+        assert!(start.elapsed() < OUTCOME, "moto did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
     run(Command::new("python3").arg("-c").arg(format!(
@@ -239,10 +231,10 @@ async fn a_hung_mount_never_hangs_requests_health_or_heartbeats() {
         .set("agent.heartbeat-interval", "1s")
         .start()
         .await;
-    wait_status(&d, "healthy", Duration::from_secs(5)).await;
+    wait_status(&d, "healthy").await;
 
     fuse.freeze();
-    let v = wait_status(&d, "offline", Duration::from_secs(4)).await;
+    let v = wait_status(&d, "offline").await;
     assert!(
         v["status_info"].as_str().unwrap().contains("hung mount"),
         "{v}"
@@ -256,7 +248,7 @@ async fn a_hung_mount_never_hangs_requests_health_or_heartbeats() {
         let start = Instant::now();
         let r = d.get(api, path).await;
         assert!(
-            start.elapsed() < Duration::from_secs(5),
+            start.elapsed() < PROMPT,
             "{api}{path} took {:?}",
             start.elapsed()
         );
@@ -266,7 +258,7 @@ async fn a_hung_mount_never_hangs_requests_health_or_heartbeats() {
     let r = d
         .mgr("GET", "/folder/fs-usage", json!({"volume": "vol1"}))
         .await;
-    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(start.elapsed() < PROMPT);
     r.problem(503);
     // Heartbeats keep coming and carry the verdict.
     let start = Instant::now();
@@ -285,14 +277,14 @@ async fn a_hung_mount_never_hangs_requests_health_or_heartbeats() {
             break;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(6),
+            start.elapsed() < OUTCOME,
             "no heartbeat reporting the hung volume: {out}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Thawed, it recovers by itself.
     fuse.thaw();
-    wait_status(&d, "healthy", Duration::from_secs(8)).await;
+    wait_status(&d, "healthy").await;
 }
 
 /// When every blocking I/O thread is stuck (reads on a hung mount that the health check has
@@ -347,7 +339,7 @@ async fn readyz_tells_when_file_io_is_saturated() {
             break;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(10),
+            start.elapsed() < OUTCOME,
             "readyz still 200 with every I/O thread stuck"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -355,10 +347,7 @@ async fn readyz_tells_when_file_io_is_saturated() {
     fuse.thaw();
     let start = Instant::now();
     while d.get("internal", "/readyz").await.status != 200 {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "readyz did not recover"
-        );
+        assert!(start.elapsed() < OUTCOME, "readyz did not recover");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for s in stuck {

@@ -109,15 +109,9 @@ impl Daemon {
             .into_inner()
     }
 
-    /// Polls a session until it reaches `state`; panics with `why` after `secs` seconds.
-    pub async fn wait_session(
-        &self,
-        id: &str,
-        state: pb::SessionState,
-        secs: u64,
-        why: &str,
-    ) -> pb::Session {
-        let deadline = Instant::now() + Duration::from_secs(secs);
+    /// Polls a session until it reaches `state`; panics with `why` after [`super::OUTCOME`].
+    pub async fn wait_session(&self, id: &str, state: pb::SessionState, why: &str) -> pb::Session {
+        let deadline = Instant::now() + super::OUTCOME;
         loop {
             let s = self.session(id).await;
             if s.state == state as i32 {

@@ -46,10 +46,7 @@ impl EtcdServer {
         };
         let start = Instant::now();
         while !e.ctl(&["endpoint", "health"]).contains("is healthy") {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "etcd did not start"
-            );
+            assert!(start.elapsed() < super::OUTCOME, "etcd did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
         e
@@ -110,10 +107,7 @@ impl SentinelGroup {
             .cli(&["INFO", "replication"])
             .contains("master_link_status:up")
         {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the replica did not sync"
-            );
+            assert!(start.elapsed() < super::OUTCOME, "the replica did not sync");
             std::thread::sleep(Duration::from_millis(100));
         }
         let dir = tempfile::tempdir().unwrap();
@@ -163,7 +157,7 @@ impl SentinelGroup {
                 break;
             }
             assert!(
-                start.elapsed() < Duration::from_secs(30),
+                start.elapsed() < super::OUTCOME,
                 "the sentinel group did not form"
             );
             std::thread::sleep(Duration::from_millis(200));

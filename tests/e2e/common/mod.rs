@@ -20,6 +20,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+/// The bound on waiting for an outcome that usually comes within a second or two (a heartbeat,
+/// an event, a task's end, a server starting). Generous on purpose: a machine loaded by other
+/// jobs makes the outcome late, not wrong, while a real hang still fails the test.
+pub const OUTCOME: Duration = Duration::from_secs(180);
+
+/// The bound on "answers at once" where the failure it guards against is a hang (a stuck mount,
+/// a silent endpoint): far above a loaded machine's latency, far below forever.
+pub const PROMPT: Duration = Duration::from_secs(15);
+
 pub const MANAGER_SECRET: &str = "manager-secret-for-tests-0123";
 pub const JWT_SECRET: &str = "jwt-secret-for-tests-0123456789";
 

@@ -129,7 +129,7 @@ openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
         let start = Instant::now();
         while self.cli(&["PING"]) != "PONG" {
             assert!(
-                start.elapsed() < Duration::from_secs(10),
+                start.elapsed() < super::OUTCOME,
                 "redis-server did not start"
             );
             std::thread::sleep(Duration::from_millis(50));
