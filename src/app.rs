@@ -311,6 +311,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
             sessions.spawn_event_watcher(reconciled, shutdown.clone());
             sessions.spawn_reaper(shutdown.clone());
+            sessions.spawn_quota_guard(shutdown.clone());
             let router = crate::rpc::router(sessions, &rpc_secret).await;
             Some(serve::serve(
                 "rpc",

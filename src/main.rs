@@ -40,6 +40,14 @@ enum Command {
     /// Talk to a running daemon: volumes, quota scopes, vfolders, uploads and downloads,
     /// sessions.
     Ctl(storage_agent::ctl::CtlArgs),
+    /// (Run by the daemon itself.) Remounts a session's mount read-only or writable inside its
+    /// container: entering a mount namespace needs a single-threaded process.
+    #[command(hide = true)]
+    RemountInContainer {
+        pid: i32,
+        target: String,
+        options: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -76,6 +84,17 @@ fn init_logging(format: LogFormat, level: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::RemountInContainer {
+            pid,
+            target,
+            options,
+        } => match storage_agent::session::remount::in_container(pid, &target, &options) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Openapi { api } => {
             println!("{}", storage_agent::api::internal::openapi_json(&api));
             ExitCode::SUCCESS

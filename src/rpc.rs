@@ -105,6 +105,7 @@ fn session_to_pb(m: &SessionManager, s: &Session) -> pb::Session {
         password_auth: s.spec.password_auth,
         state: state_to_pb(s.state) as i32,
         reason: s.reason.clone().unwrap_or_default(),
+        notices: m.notices(s.id),
         endpoints: if s.state.is_live() {
             m.endpoints(s)
                 .into_iter()

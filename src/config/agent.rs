@@ -36,6 +36,9 @@ pub struct AgentConfig {
     pub max_session_ttl: Duration,
     pub idle_timeout: Duration,
     pub reap_interval: Duration,
+    /// How often sessions' writable vfolders on object-store volumes are recounted against
+    /// their quota (and made read-only when full).
+    pub quota_check_interval: Duration,
     pub start_timeout: Duration,
     pub docker_socket: String,
     /// The Docker network sessions join (made with inter-container traffic off when missing);
@@ -172,6 +175,7 @@ pub(super) fn read(root: &Section, enabled_by_default: bool) -> AgentConfig {
         max_session_ttl: a.duration("max-session-ttl", Duration::from_secs(7 * 86400)),
         idle_timeout: a.duration("idle-timeout", Duration::from_secs(3600)),
         reap_interval: a.duration("reap-interval", Duration::from_secs(30)),
+        quota_check_interval: a.duration("quota-check-interval", Duration::from_secs(30)),
         start_timeout: a.duration("start-timeout", Duration::from_secs(120)),
         docker_socket: a.string("docker-socket", "/var/run/docker.sock"),
         network: a.string("network", "storage-agent"),
@@ -223,6 +227,10 @@ pub(super) fn read(root: &Section, enabled_by_default: bool) -> AgentConfig {
             "0",
             "reap-interval and heartbeat-interval above zero",
         );
+    }
+    if cfg.quota_check_interval.is_zero() {
+        a.problems()
+            .push(a.key_path("quota-check-interval"), "0", "above zero");
     }
     // Docker's rule for network names.
     let valid_network = cfg.network.starts_with(|c: char| c.is_ascii_alphanumeric())

@@ -97,9 +97,15 @@ pub struct ObjectConfig {
     pub capacity: u64,
     /// Session mounts (FUSE) stay this long after their last user, so churn does not remount.
     pub mount_linger: Duration,
+    /// How long after its linger a session mount waits for rclone's failing uploads before it
+    /// sets the unsaved files aside and goes (security review 2, G8).
+    pub mount_pending_grace: Duration,
 }
 
 pub const MIN_PART: u64 = 5 << 20;
+/// The default `mount-pending-grace`: rclone retries a failed upload with backoff, and an
+/// outage of the service this long is not a blip.
+pub const PENDING_GRACE: Duration = Duration::from_secs(15 * 60);
 pub const MAX_PART: u64 = 5 << 30;
 
 /// Reads the object-store keys of a volume table; `None` (with problems pushed) when unusable.
@@ -238,6 +244,7 @@ pub fn read(sec: &Section, backend: &str) -> Option<ObjectConfig> {
         ),
         capacity: sec.size("capacity", 1 << 50),
         mount_linger: sec.duration("mount-linger", Duration::from_secs(60)),
+        mount_pending_grace: sec.duration("mount-pending-grace", PENDING_GRACE),
     })
 }
 

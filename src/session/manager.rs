@@ -49,6 +49,8 @@ pub struct SessionManager {
     /// a failing start ends its session inside the start). `reconcile` leaves them alone: a
     /// `starting` or `terminating` row is only a leftover when no one here is working on it.
     in_flight: std::sync::Mutex<HashMap<Uuid, usize>>,
+    /// What each session was told at the last quota check (`quota_guard.rs`).
+    pub(super) quota_notices: std::sync::Mutex<HashMap<Uuid, Vec<String>>>,
 }
 
 /// Marks a session as in flight until dropped.
@@ -111,6 +113,7 @@ impl SessionManager {
             capacity_tx: watch::channel(initial).0,
             activity: std::sync::Mutex::default(),
             in_flight: std::sync::Mutex::default(),
+            quota_notices: std::sync::Mutex::default(),
         }))
     }
 

@@ -12,6 +12,8 @@ mod lifecycle;
 pub mod limiter;
 mod manager;
 mod mounts;
+mod quota_guard;
+pub mod remount;
 mod sftp;
 mod store;
 mod validate;

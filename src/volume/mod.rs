@@ -439,6 +439,26 @@ pub trait Volume: Send + Sync + fmt::Display {
     fn quota(&self) -> Option<&dyn QuotaOps> {
         None
     }
+    /// Whether the quota holds for writes that do not go through this daemon (a session's
+    /// mount). Filesystems enforce their own; an object store's limits are counters our API
+    /// keeps, so sessions' writable vfolders on it are recounted and made read-only past the
+    /// limit (security review 2, G7).
+    fn quota_binds_session_writes(&self) -> bool {
+        true
+    }
+    /// Past its limit, what the scope of `vf` holds, counted afresh: `Some((used, limit))` when
+    /// nothing more fits, None otherwise (or without a limit).
+    async fn quota_full(&self, vf: &VFolderId) -> Result<Option<(u64, u64)>> {
+        let (Some(q), Some(qs)) = (self.quota(), vf.quota_scope.as_ref()) else {
+            return Ok(None);
+        };
+        self.rescan_usage(vf).await?;
+        let u = q.usage(qs).await?;
+        Ok(match (u.used_bytes, u.limit_bytes) {
+            (Some(used), Some(limit)) if used >= limit => Some((used, limit)),
+            _ => None,
+        })
+    }
 
     /// Whether `needed` more bytes fit: within the scope's quota (when enforced) and the
     /// volume's free space. Refusing up front beats failing a transfer half way.

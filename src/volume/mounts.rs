@@ -15,6 +15,7 @@
 //! its arguments.
 
 use std::collections::HashSet;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -38,6 +39,9 @@ pub struct MountSpec {
     /// Where: a remote volume's own path; None for a directory of ours under the state dir.
     pub mountpoint: Option<PathBuf>,
     pub linger: Duration,
+    /// How long past the linger rclone's failing uploads may hold the mount; then the unsaved
+    /// files are set aside under `<state-dir>/fuse/unsaved` and it goes.
+    pub pending_grace: Duration,
 }
 
 #[derive(Clone)]
@@ -67,6 +71,7 @@ impl MountSpec {
         env: Vec<(String, String)>,
         read_only: bool,
         linger: Duration,
+        pending_grace: Duration,
     ) -> Self {
         MountSpec {
             key,
@@ -77,6 +82,7 @@ impl MountSpec {
             },
             mountpoint: None,
             linger,
+            pending_grace,
         }
     }
 
@@ -126,7 +132,7 @@ fn is_mount_point(p: &Path) -> bool {
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mountinfo(s: &str) -> String {
+pub(crate) fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -210,12 +216,15 @@ impl SharedMounts {
         }
         let pool = self.state.pool();
         sqlx::query(
-            "INSERT INTO fuse_mounts (key, mountpoint, linger_secs, released_at) VALUES (?, ?, ?, NULL)
-             ON CONFLICT(key) DO UPDATE SET released_at = NULL, linger_secs = excluded.linger_secs",
+            "INSERT INTO fuse_mounts (key, mountpoint, linger_secs, pending_grace_secs, released_at)
+             VALUES (?, ?, ?, ?, NULL)
+             ON CONFLICT(key) DO UPDATE SET released_at = NULL, linger_secs = excluded.linger_secs,
+             pending_grace_secs = excluded.pending_grace_secs",
         )
         .bind(&spec.key)
         .bind(mnt.to_string_lossy())
         .bind(spec.linger.as_secs() as i64)
+        .bind(spec.pending_grace.as_secs() as i64)
         .execute(pool)
         .await
         .map_err(db)?;
@@ -421,22 +430,40 @@ impl SharedMounts {
     pub async fn reap_once(&self) {
         let _g = self.lock.lock().await;
         let pool = self.state.pool();
+        let now = now();
         let due = sqlx::query(
-            "SELECT key, mountpoint FROM fuse_mounts WHERE released_at IS NOT NULL
+            "SELECT key, mountpoint, released_at + linger_secs + pending_grace_secs <= ?
+             FROM fuse_mounts WHERE released_at IS NOT NULL
              AND released_at + linger_secs <= ? AND key NOT IN (SELECT key FROM fuse_mount_holders)",
         )
-        .bind(now())
+        .bind(now)
+        .bind(now)
         .fetch_all(pool)
         .await
         .unwrap_or_default();
         for r in due {
-            let (key, mnt): (String, String) = (r.get(0), r.get(1));
+            let (key, mnt, given_up): (String, String, bool) = (r.get(0), r.get(1), r.get(2));
             let mnt = PathBuf::from(mnt);
-            let cache = self.dir.join("cache").join(key.replace('/', "."));
+            let name = key.replace('/', ".");
+            let cache = self.dir.join("cache").join(&name);
             if rclone_has_pending_writes(&cache) {
-                // Unmounted now, rclone would exit with these never uploaded: wait for them.
-                tracing::debug!(key, "unmount waits for rclone's pending uploads");
-                continue;
+                if !given_up {
+                    // Unmounted now, rclone would exit with these never uploaded: wait for
+                    // them, for a while.
+                    tracing::debug!(key, "unmount waits for rclone's pending uploads");
+                    continue;
+                }
+                // They keep failing (a refused key, a service gone): the mount, its cache and
+                // its credentials must not stay for ever (review 2, G8).
+                let aside = self.dir.join("unsaved").join(&name).join(now.to_string());
+                let files = set_aside_pending(&cache, &aside);
+                tracing::warn!(
+                    key,
+                    files = ?files,
+                    kept_in = %aside.display(),
+                    "uploads through the mount kept failing past its pending grace: the unsaved \
+                     files are set aside and the mount goes"
+                );
             }
             // Detached: a process still inside (a shell of ours, a stuck reader) must not keep
             // it; rclone ends once the kernel lets go.
@@ -493,6 +520,52 @@ fn rclone_has_pending_writes(cache: &Path) -> bool {
         }
     }
     false
+}
+
+/// Moves the files rclone could not upload (dirty in its cache) to `aside`, keeping their paths
+/// in the bucket; what was moved, by those paths.
+fn set_aside_pending(cache: &Path, aside: &Path) -> Vec<String> {
+    let meta = cache.join("vfsMeta");
+    let mut moved = Vec::new();
+    let mut stack = vec![meta.clone()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let compact: String = text.split_whitespace().collect();
+            let Ok(rel) = p.strip_prefix(&meta) else {
+                continue;
+            };
+            if !compact.contains("\"Dirty\":true") {
+                continue;
+            }
+            let data = cache.join("vfs").join(rel);
+            let to = aside.join(rel);
+            let done = to
+                .parent()
+                .map_or(Ok(()), |d| {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(d)
+                })
+                .and_then(|()| std::fs::rename(&data, &to));
+            match done {
+                Ok(()) => moved.push(rel.to_string_lossy().into_owned()),
+                Err(e) => {
+                    tracing::warn!(file = %data.display(), error = %e, "cannot set an unsaved file aside")
+                }
+            }
+        }
+    }
+    moved
 }
 
 /// How long mount(8) may take (a dead server can keep it for minutes).

@@ -87,6 +87,7 @@ pub fn mount_spec(volume: &str, path: &Path, m: &RemoteMount, state_dir: &Path) 
         how,
         mountpoint: Some(path.to_path_buf()),
         linger: m.linger,
+        pending_grace: crate::config::object::PENDING_GRACE,
     }
 }
 

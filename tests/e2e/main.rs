@@ -22,6 +22,7 @@ mod manager_api;
 mod manager_bad_input;
 mod manager_payloads;
 mod memory;
+mod object_sessions;
 mod operations;
 mod quota;
 mod remote_volumes;

@@ -321,7 +321,7 @@ async fn usage_counters_rescans_presigned_urls_and_mount_info() {
 }
 
 /// The FUSE mounts of object-store volumes under the daemon's state dir.
-fn fuse_mounts(d: &Daemon) -> Vec<String> {
+pub fn fuse_mounts(d: &Daemon) -> Vec<String> {
     let state = d.state_dir.to_string_lossy().to_string();
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
@@ -331,7 +331,7 @@ fn fuse_mounts(d: &Daemon) -> Vec<String> {
         .collect()
 }
 
-async fn sftp_session(
+pub async fn sftp_session(
     d: &Daemon,
     user: &uuid::Uuid,
     vfid: &str,

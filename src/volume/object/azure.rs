@@ -345,6 +345,7 @@ impl Service for Azure {
             env,
             read_only,
             self.cfg.mount_linger,
+            self.cfg.mount_pending_grace,
         )
     }
 

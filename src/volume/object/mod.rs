@@ -372,6 +372,10 @@ impl Volume for ObjectVolume {
         Some(self)
     }
 
+    fn quota_binds_session_writes(&self) -> bool {
+        false
+    }
+
     async fn list_quota_scopes(&self) -> Result<Vec<uuid::Uuid>> {
         let mut ids: Vec<uuid::Uuid> = self
             .shared

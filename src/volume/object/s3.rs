@@ -366,6 +366,7 @@ impl Service for S3 {
             env,
             read_only,
             self.cfg.mount_linger,
+            self.cfg.mount_pending_grace,
         )
     }
 
@@ -453,6 +454,7 @@ mod tests {
             presign_max_expiry: Duration::from_secs(60),
             capacity: 1,
             mount_linger: Duration::ZERO,
+            mount_pending_grace: Duration::ZERO,
         }
     }
 
