@@ -418,6 +418,32 @@ class MotoServer:
         self.proc.wait(30)
 
 
+class AzuriteServer:
+    """Azurite's blob service (what the tests use) on a free loopback port, in memory."""
+
+    name = "azurite"
+    ACCOUNT = "devstoreaccount1"
+    KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+    def __init__(self, work):
+        binary = CACHE / "azurite/node_modules/.bin/azurite-blob"
+        if not binary.exists():
+            raise RuntimeError(f"{binary} is missing: scripts/testenv.sh azurite installs it")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [binary, "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--inMemoryPersistence",
+             "--skipApiVersionCheck", "--loose", "--silent", "--disableTelemetry"],
+            stdout=subprocess.DEVNULL, stderr=open(work / "azurite.log", "w"),
+        )
+        self.pid = self.proc.pid
+        wait_port(self.port)
+        self.endpoint = f"http://127.0.0.1:{self.port}/{self.ACCOUNT}"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
 class LoopBtrfs:
     """A btrfs on a loop file with quotas on (what backend = "btrfs" needs)."""
 
@@ -480,6 +506,7 @@ class Bench:
         self.work = Path(tempfile.mkdtemp(prefix="sa-bench-", dir="/var/tmp"))
         self.sa_bin = args.sa_bin
         self.bench_bin = args.bench_bin
+        self.baseline_bin = args.baseline_bin
         self.results = Results()
         self.started = []
         self.big = (8 << 20) if args.smoke else (1 << 30)
@@ -782,6 +809,45 @@ class Bench:
         self.results.add(label, "storage-agent", "MB/s", ours)
         self.results.add(label, "boto3 upload_file", "MB/s", theirs)
 
+    def object_uploads(self):
+        """Uploads into S3 (moto) and Azure Blob (Azurite) through us, and through the binary
+        given as --baseline-bin (e.g. the build before a change), interleaved in each round:
+        the ratio says whether the change cost throughput. One PATCH, and PATCHes of one part
+        (16 MiB) each carrying an Upload-Checksum (the path security review 2 bounded)."""
+        size = (16 << 20) if self.smoke else (256 << 20)
+        src = self.work / "objsrc.bin"
+        random_file(src, size)
+        warm(src)
+        moto = self.start(MotoServer(self.work))
+        azurite = self.start(AzuriteServer(self.work))
+        services = {
+            "S3 (moto)": ("s3", f'endpoint = "{moto.endpoint}"\nregion = "us-east-1"\naccess-key = "bench"\n'
+                          'secret-key = "bench-secret"\nbucket-prefix = "bench-"\npart-size = "16m"\n'),
+            "Azure (Azurite)": ("azure-blob", f'endpoint = "{azurite.endpoint}"\naccount = "{AzuriteServer.ACCOUNT}"\n'
+                                f'account-key = "{AzuriteServer.KEY}"\ncontainer-prefix = "bench-"\npart-size = "16m"\n'),
+        }
+        bins = [("storage-agent", self.sa_bin)]
+        if self.baseline_bin:
+            bins.append(("storage-agent baseline", self.baseline_bin))
+        for service, (backend, extra) in services.items():
+            daemons = [
+                (name, self.start(StorageAgent(self.work / f"obj-{backend}-{i}", b, backend=backend, volume_extra=extra)))
+                for i, (name, b) in enumerate(bins)
+            ]
+            res = {}
+            for r in range(self.rounds):
+                # Alternating who goes first: the service slows down as it fills.
+                for name, sa in (daemons if r % 2 == 0 else daemons[::-1]):
+                    for chunk, how in ((0, "one PATCH"), (16 << 20, "16 MiB checksummed PATCHes")):
+                        vfid = sa.new_vfolder()
+                        args = ["upload", "--url", sa.upload_url(vfid, "up.bin", size), "--file", src, "--chunk", chunk]
+                        if chunk:
+                            args.append("--checksum")
+                        out = self.bench(*args)
+                        res.setdefault((how, name), []).append(self.field(out, "MBps"))
+            for (how, name), v in res.items():
+                self.results.add(f"upload {size >> 20} MiB into {service}, {how}", name, "MB/s", v)
+
     # -- concurrency, memory
 
     def concurrent(self, sa, py, tus):
@@ -904,15 +970,22 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sa-bin", default=str(ROOT / "target/release/storage-agent"))
     ap.add_argument("--bench-bin", default=str(ROOT / "target/release/examples/bench"))
+    ap.add_argument("--baseline-bin", help="another storage-agent build measured beside ours in "
+                    "object_uploads (e.g. the commit before a change)")
     ap.add_argument("--skip-sessions", action="store_true", help="without Docker")
     ap.add_argument("--only", help="one scenario (uploads, downloads, small_files, manager_api, "
-                    "archive, usage, quota, s3, concurrent, sessions); results are printed, RESULTS.md untouched")
+                    "archive, usage, quota, s3, object_uploads, concurrent, sessions); results are printed, RESULTS.md untouched")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (drop_caches, sshd, Docker)")
     b = Bench(args)
     t0 = time.time()
     try:
+        # Scenarios that start their own systems need none of the shared ones.
+        standalone = {"quota": b.quota, "s3": b.s3, "object_uploads": b.object_uploads, "sessions": b.sessions}
+        if args.only in standalone:
+            standalone[args.only]()
+            return
         sa = b.start(StorageAgent(b.work, args.sa_bin))
         py = b.start(PythonProxy(b.work))
         tus = b.start(TusServer(b.work))
@@ -927,6 +1000,7 @@ def main():
             "usage": lambda: b.usage(sa, py),
             "quota": b.quota,
             "s3": b.s3,
+            "object_uploads": b.object_uploads,
             "concurrent": lambda: b.concurrent(sa, py, tus),
         }
         if args.only:

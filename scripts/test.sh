@@ -59,6 +59,7 @@ phase image     scripts/testenv.sh base-image
 phase dufs      scripts/testenv.sh dufs
 phase bai-venv  scripts/testenv.sh bai-venv
 phase azurite   scripts/testenv.sh azurite
+phase grafana   scripts/testenv.sh grafana-schema
 phase manager   scripts/testenv.sh manager
 phase vm        scripts/testenv.sh vm
 phase fmt       cargo fmt --all -- --check

@@ -11,6 +11,7 @@
 #   scripts/testenv.sh peers       benchmark peers: the Backend.AI storage proxy 26.9.6 (venv)
 #                                  and @tus/server (bench/peers)
 #   scripts/testenv.sh azurite     Azure's blob storage emulator (npm, in $SA_CACHE/azurite)
+#   scripts/testenv.sh grafana-schema  Grafana's dashboard schema types and tsc (npm)
 #   scripts/testenv.sh manager     a real Backend.AI 26.9.6 cluster's parts for
 #                                  tests/manager/stack.sh: PostgreSQL, etcd, Redis (apt) and a
 #                                  venv with backend.ai-manager, -client and the storage proxy
@@ -162,6 +163,17 @@ azurite() {
   fi
 }
 
+# tests/e2e/dashboard.rs type-checks docs/grafana-dashboard.json against Grafana's own dashboard
+# schema (@grafana/schema's TypeScript types, generated from its CUE) with tsc.
+grafana_schema() {
+  if [ ! -x "$SA_CACHE/grafana-schema/node_modules/.bin/tsc" ] \
+    || [ ! -d "$SA_CACHE/grafana-schema/node_modules/@grafana/schema" ]; then
+    log "npm: @grafana/schema and typescript (the dashboard's schema check)"
+    mkdir -p "$SA_CACHE/grafana-schema"
+    (cd "$SA_CACHE/grafana-schema" && npm install --no-audit --no-fund --silent @grafana/schema@13.2.3 typescript@5.6.3)
+  fi
+}
+
 # tests/e2e/backendai_manager.rs runs the real manager (tests/manager/stack.sh, which starts
 # its own PostgreSQL, etcd and Redis on private ports: none of the system services are used).
 manager() {
@@ -215,7 +227,8 @@ case "${1:-all}" in
   peers) peers ;;
   vm) vm ;;
   azurite) azurite ;;
+  grafana-schema) grafana_schema ;;
   manager) manager ;;
-  all) packages; docker_up; base_image; dufs >/dev/null; bai_venv; peers; azurite; manager; vm ;;
-  *) echo "usage: $0 {packages|docker|base-image|dufs|bai-venv|peers|azurite|manager|vm|all}" >&2; exit 2 ;;
+  all) packages; docker_up; base_image; dufs >/dev/null; bai_venv; peers; azurite; grafana_schema; manager; vm ;;
+  *) echo "usage: $0 {packages|docker|base-image|dufs|bai-venv|peers|azurite|grafana-schema|manager|vm|all}" >&2; exit 2 ;;
 esac

@@ -17,6 +17,21 @@ pub async fn upload(args: &[String]) {
     let chunk: u64 = arg(args, "--chunk").parse().expect("chunk");
     let size = std::fs::metadata(&file).expect("file").len();
     let chunk = if chunk == 0 { size } else { chunk };
+    // `--checksum`: each PATCH carries `Upload-Checksum: sha1 …` (tus checksum extension),
+    // computed before the clock starts.
+    let checksums: Vec<String> = if has(args, "--checksum") {
+        use base64::Engine;
+        use sha1::Digest;
+        let data = std::fs::read(&file).expect("read");
+        data.chunks(chunk as usize)
+            .map(|c| {
+                let sum = base64::engine::general_purpose::STANDARD.encode(sha1::Sha1::digest(c));
+                format!("sha1 {sum}")
+            })
+            .collect()
+    } else {
+        vec![]
+    };
     let http = reqwest::Client::new();
     let t0 = Instant::now();
     let url = if has(args, "--create") {
@@ -49,12 +64,16 @@ pub async fn upload(args: &[String]) {
         let mut f = f;
         f.seek(std::io::SeekFrom::Start(off)).await.expect("seek");
         let body = tokio_util::io::ReaderStream::with_capacity(f.take(len), 1 << 20);
-        let r = http
+        let mut req = http
             .patch(&url)
             .header("Tus-Resumable", "1.0.0")
             .header("Content-Type", "application/offset+octet-stream")
             .header("Upload-Offset", off.to_string())
-            .header("Content-Length", len.to_string())
+            .header("Content-Length", len.to_string());
+        if let Some(sum) = checksums.get((off / chunk) as usize) {
+            req = req.header("Upload-Checksum", sum);
+        }
+        let r = req
             .body(reqwest::Body::wrap_stream(body))
             .send()
             .await

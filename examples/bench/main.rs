@@ -8,7 +8,7 @@
 //!       nodes (own connections each) on the real Lua script; admissions/s, p50/p99.
 //!   bench create --rpc ADDR --secret S --volume V --vfid VF --user U --pubkey FILE
 //!       One SFTP session, left running; prints its id and port.
-//!   bench upload --url CLIENT_UPLOAD_URL --file F --chunk BYTES [--create]
+//!   bench upload --url CLIENT_UPLOAD_URL --file F --chunk BYTES [--create] [--checksum]
 //!       A tus upload of F in PATCHes of BYTES (0 = one PATCH), read from the page cache; MB/s.
 //!       With --create the URL is a tus endpoint: the upload is created by POST first (a plain
 //!       tus server such as @tus/server).

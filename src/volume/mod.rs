@@ -452,6 +452,10 @@ pub trait Volume: Send + Sync + fmt::Display {
         let (Some(q), Some(qs)) = (self.quota(), vf.quota_scope.as_ref()) else {
             return Ok(None);
         };
+        // A scope without a limit is never full: no recount (a listing on object stores).
+        if q.usage(qs).await?.limit_bytes.is_none() {
+            return Ok(None);
+        }
         self.rescan_usage(vf).await?;
         let u = q.usage(qs).await?;
         Ok(match (u.used_bytes, u.limit_bytes) {

@@ -13,6 +13,7 @@ mod coord;
 mod crash;
 mod ctl;
 mod download;
+mod dashboard;
 mod dropin;
 mod filebrowser;
 mod hardening;
