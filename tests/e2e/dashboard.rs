@@ -41,7 +41,13 @@ fn type_check(schema: &Path, dashboard: &str) -> Result<(), String> {
     let out = Command::new("timeout")
         .arg("300")
         .arg(schema.join("node_modules/.bin/tsc"))
-        .args(["--noEmit", "--strict", "--skipLibCheck", "--target", "es2022"])
+        .args([
+            "--noEmit",
+            "--strict",
+            "--skipLibCheck",
+            "--target",
+            "es2022",
+        ])
         .args(["--module", "esnext", "--moduleResolution", "bundler"])
         .arg(&file)
         .current_dir(dir.path())
