@@ -500,7 +500,7 @@ async fn silent_connections_are_closed_and_capped() {
     // A client from 127.0.0.2 is served while 127.0.0.1 is at its cap.
     let other = reqwest::Client::builder()
         .local_address(Some("127.0.0.2".parse().unwrap()))
-        .timeout(Duration::from_secs(5))
+        .timeout(crate::common::PROMPT)
         .build()
         .unwrap();
     let port = addr.rsplit_once(':').unwrap().1;

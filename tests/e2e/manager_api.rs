@@ -687,7 +687,7 @@ async fn sigterm_checkpoints_an_upload_in_flight() {
         (d, code)
     });
     let mut buf = vec![0u8; 2048];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf))
+    let n = tokio::time::timeout(crate::common::OUTCOME, s.read(&mut buf))
         .await
         .unwrap()
         .unwrap();

@@ -285,7 +285,7 @@ async fn capacity_and_per_user_limits() {
     let mut last = first;
     let deadline = Instant::now() + crate::common::OUTCOME;
     while last.available != 0 && Instant::now() < deadline {
-        last = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        last = tokio::time::timeout(crate::common::OUTCOME, watch.message())
             .await
             .unwrap()
             .unwrap()
@@ -298,7 +298,7 @@ async fn capacity_and_per_user_limits() {
     // Updates arrive in order (starting → running, then the destroy); the freed slot shows up.
     let mut next = last;
     while next.available == 0 {
-        next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        next = tokio::time::timeout(crate::common::OUTCOME, watch.message())
             .await
             .expect("a capacity update after destroy")
             .unwrap()

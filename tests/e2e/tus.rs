@@ -591,7 +591,7 @@ async fn raw_patch_start(
 
 async fn read_status(s: &mut tokio::net::TcpStream) -> u16 {
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
+    let n = tokio::time::timeout(crate::common::OUTCOME, s.read(&mut buf))
         .await
         .unwrap()
         .unwrap();
