@@ -444,6 +444,25 @@ class AzuriteServer:
         self.proc.wait(30)
 
 
+class CephCluster:
+    """A single-node CephFS (scripts/ceph-single-node.sh: mon, mgr, memstore OSD, MDS,
+    ceph-fuse) on its own loopback ports."""
+
+    name = "ceph"
+
+    def __init__(self, work):
+        self.dir = work / "ceph-cluster"
+        self.script = ROOT / "scripts/ceph-single-node.sh"
+        env = {**os.environ, "CEPH_PORT_BASE": str(20000 + 100 * random.randrange(400))}
+        out = subprocess.run([self.script, "up", self.dir], capture_output=True, text=True, env=env, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError("ceph did not come up (scripts/testenv.sh ceph installs it): " + out.stderr[-2000:])
+        self.mnt = self.dir / "mnt"
+
+    def stop(self):
+        subprocess.run([self.script, "down", self.dir], capture_output=True, timeout=120)
+
+
 class LoopBtrfs:
     """A btrfs on a loop file with quotas on (what backend = "btrfs" needs)."""
 
@@ -772,6 +791,49 @@ class Bench:
                     f"usage of a {files}-file quota scope (btrfs), {cache} cache", name, "ms", v, better="lower"
                 )
 
+    def cephfs_usage(self):
+        """Usage of a quota scope on CephFS (single-node, ceph-fuse): the MDS's recursive
+        statistics (GET /quota-scope and /folder/usage of a cephfs volume) against our own walk
+        of the same tree (a vfs volume on the same directory) and du -s."""
+        files = 200 if self.smoke else 10_000
+        ceph = self.start(CephCluster(self.work))
+        vol = ceph.mnt / "vol1"
+        vol.mkdir()
+        sa = self.start(StorageAgent(self.work / "ceph", self.sa_bin, backend="cephfs", vol=vol))
+        walker = self.start(StorageAgent(self.work / "ceph-walk", self.sa_bin, backend="vfs", vol=vol))
+        vfid = sa.new_vfolder()
+        root = sa.vfolder_path(vfid)
+        make_tree(root, files)
+        os.sync()
+        qs = vfid.split("/")[0]
+        # Recursive statistics lag writes by a few seconds: wait until they hold the files' sizes.
+        # (A walk with lstat semantics, ours, the Python proxy's vfs or du, also adds directory
+        # sizes, which on CephFS are their rbytes: it overcounts.)
+        want = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        end = time.time() + 120
+        while sa.mgr("/folder/usage", {"volume": "vol1", "vfid": vfid}, method="GET")["used_bytes"] != want:
+            if time.time() > end:
+                raise RuntimeError("ceph.dir.rbytes never reached the files' sizes")
+            time.sleep(0.5)
+        steps = (
+            ("storage-agent GET /quota-scope (rbytes)",
+             lambda: sa.mgr("/quota-scope", {"volume": "vol1", "qsid": qs}, method="GET")),
+            ("storage-agent /folder/usage (rbytes)",
+             lambda: sa.mgr("/folder/usage", {"volume": "vol1", "vfid": vfid}, method="GET")),
+            ("storage-agent /folder/usage (walk, vfs)",
+             lambda: walker.mgr("/folder/usage", {"volume": "vol1", "vfid": vfid}, method="GET")),
+            ("du -s", lambda: run(["du", "-s", root])),
+        )
+        times = {name: [] for name, _ in steps}
+        for _ in range(self.rounds):
+            for name, step in steps:
+                step()
+                t = time.time()
+                step()
+                times[name].append((time.time() - t) * 1000)
+        for name, v in times.items():
+            self.results.add(f"usage of a {files}-file quota scope (CephFS), warm", name, "ms", v, better="lower")
+
     def s3(self):
         """An upload into an S3 bucket through us (tus, multipart parts as they fill) against
         boto3's own upload_file straight to the same service."""
@@ -974,7 +1036,7 @@ def main():
                     "object_uploads (e.g. the commit before a change)")
     ap.add_argument("--skip-sessions", action="store_true", help="without Docker")
     ap.add_argument("--only", help="one scenario (uploads, downloads, small_files, manager_api, "
-                    "archive, usage, quota, s3, object_uploads, concurrent, sessions); results are printed, RESULTS.md untouched")
+                    "archive, usage, quota, cephfs_usage, s3, object_uploads, concurrent, sessions); results are printed, RESULTS.md untouched")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (drop_caches, sshd, Docker)")
@@ -982,7 +1044,7 @@ def main():
     t0 = time.time()
     try:
         # Scenarios that start their own systems need none of the shared ones.
-        standalone = {"quota": b.quota, "s3": b.s3, "object_uploads": b.object_uploads, "sessions": b.sessions}
+        standalone = {"quota": b.quota, "cephfs_usage": b.cephfs_usage, "s3": b.s3, "object_uploads": b.object_uploads, "sessions": b.sessions}
         if args.only in standalone:
             standalone[args.only]()
             return
@@ -999,6 +1061,7 @@ def main():
             "archive": lambda: b.archive(sa, py),
             "usage": lambda: b.usage(sa, py),
             "quota": b.quota,
+            "cephfs_usage": b.cephfs_usage,
             "s3": b.s3,
             "object_uploads": b.object_uploads,
             "concurrent": lambda: b.concurrent(sa, py, tus),

@@ -62,13 +62,17 @@ phase azurite   scripts/testenv.sh azurite
 phase grafana   scripts/testenv.sh grafana-schema
 phase manager   scripts/testenv.sh manager
 phase vm        scripts/testenv.sh vm
+phase ceph      scripts/testenv.sh ceph
 phase fmt       cargo fmt --all -- --check
 phase clippy    cargo clippy --all-targets --locked -- -D warnings
 phase build     cargo build --all-targets --locked
 # The real manager's cluster (PostgreSQL, etcd, Redis, manager, both proxies) runs alone in its
 # own phase: on 2 cores it would starve the other tests' deadlines, and its time shows apart.
-phase test      cargo test --locked -- --test-threads="${TEST_THREADS:-4}" --skip backendai_manager
+phase test      cargo test --locked -- --test-threads="${TEST_THREADS:-4}" --skip backendai_manager --skip cephfs
 phase mgr-e2e   cargo test --locked --test e2e backendai_manager
+# Each CephFS test boots its own single-node cluster (mon, mgr, OSD, MDS, ceph-fuse): they run
+# apart, one at a time, so their clusters never compete for the 2 cores.
+phase cephfs    cargo test --locked --test e2e cephfs -- --test-threads=1
 phase bench     ./bench/run.sh --smoke
 phase smoke     smoke
 phase install   install

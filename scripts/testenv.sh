@@ -12,6 +12,8 @@
 #                                  and @tus/server (bench/peers)
 #   scripts/testenv.sh azurite     Azure's blob storage emulator (npm, in $SA_CACHE/azurite)
 #   scripts/testenv.sh grafana-schema  Grafana's dashboard schema types and tsc (npm)
+#   scripts/testenv.sh ceph        Debian's Ceph 16 (mon, osd, mds, mgr, ceph-fuse) and attr, for
+#                                  the single-node CephFS of tests/e2e/quota/cephfs.rs
 #   scripts/testenv.sh manager     a real Backend.AI 26.9.6 cluster's parts for
 #                                  tests/manager/stack.sh: PostgreSQL, etcd, Redis (apt) and a
 #                                  venv with backend.ai-manager, -client and the storage proxy
@@ -174,6 +176,20 @@ grafana_schema() {
   fi
 }
 
+# tests/e2e/quota/cephfs.rs boots single-node Ceph clusters (scripts/ceph-single-node.sh):
+# Debian's Ceph 16 daemons, ceph-fuse (this kernel has no ceph module) and getfattr.
+ceph_packages() {
+  local want=(ceph-mon ceph-osd ceph-mds ceph-mgr ceph-fuse ceph-common attr) missing=()
+  for p in "${want[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "apt: ${missing[*]} (a single-node CephFS for the cephfs tests; about 2 minutes)"
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    "${APT[@]}" install --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
 # tests/e2e/backendai_manager.rs runs the real manager (tests/manager/stack.sh, which starts
 # its own PostgreSQL, etcd and Redis on private ports: none of the system services are used).
 manager() {
@@ -228,7 +244,8 @@ case "${1:-all}" in
   vm) vm ;;
   azurite) azurite ;;
   grafana-schema) grafana_schema ;;
+  ceph) ceph_packages ;;
   manager) manager ;;
-  all) packages; docker_up; base_image; dufs >/dev/null; bai_venv; peers; azurite; grafana_schema; manager; vm ;;
-  *) echo "usage: $0 {packages|docker|base-image|dufs|bai-venv|peers|azurite|grafana-schema|manager|vm|all}" >&2; exit 2 ;;
+  all) packages; docker_up; base_image; dufs >/dev/null; bai_venv; peers; azurite; grafana_schema; manager; ceph_packages; vm ;;
+  *) echo "usage: $0 {packages|docker|base-image|dufs|bai-venv|peers|azurite|grafana-schema|manager|ceph|vm|all}" >&2; exit 2 ;;
 esac

@@ -22,7 +22,7 @@ pub use reader::{Problem, parse_duration, parse_size};
 use reader::{Problems, Section, absolutize};
 
 /// Volume backends this build can serve.
-pub const BACKENDS: &[&str] = &["vfs", "xfs", "btrfs", "s3", "azure-blob"];
+pub const BACKENDS: &[&str] = &["vfs", "xfs", "btrfs", "cephfs", "s3", "azure-blob"];
 
 /// Backends of Backend.AI's Python proxy that this build does not implement: refused by name.
 const PYTHON_ONLY_BACKENDS: &[&str] = &[

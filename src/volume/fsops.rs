@@ -369,7 +369,7 @@ pub fn rename_at(
 ) -> io::Result<()> {
     let (s, d) = (cstr(src)?, cstr(dst)?);
     let flags = if noreplace { libc::RENAME_NOREPLACE } else { 0 };
-    cvt(unsafe {
+    let renamed = cvt(unsafe {
         libc::renameat2(
             src_dir.as_raw_fd(),
             s.as_ptr(),
@@ -377,8 +377,68 @@ pub fn rename_at(
             d.as_ptr(),
             flags,
         )
+    });
+    match renamed {
+        // FUSE filesystems (ceph-fuse among them) refuse rename flags with EINVAL.
+        Err(e) if noreplace && e.raw_os_error() == Some(libc::EINVAL) => {
+            rename_noreplace_without_flags(src_dir, &s, dst_dir, &d)
+        }
+        r => r.map(|_| ()),
+    }
+}
+
+/// RENAME_NOREPLACE where the filesystem has no rename flags: a file is hard-linked to its new
+/// name (which fails with EEXIST if taken, atomically) and then unlinked from the old one; a
+/// directory (no hard links) is renamed after checking the name is free, which leaves a short
+/// window in which a name made meanwhile would be replaced.
+fn rename_noreplace_without_flags(
+    src_dir: BorrowedFd,
+    s: &CString,
+    dst_dir: BorrowedFd,
+    d: &CString,
+) -> io::Result<()> {
+    let st = fstatat_c(src_dir, s)?;
+    if (st.st_mode & libc::S_IFMT) != libc::S_IFDIR {
+        cvt(unsafe {
+            libc::linkat(
+                src_dir.as_raw_fd(),
+                s.as_ptr(),
+                dst_dir.as_raw_fd(),
+                d.as_ptr(),
+                0,
+            )
+        })?;
+        cvt(unsafe { libc::unlinkat(src_dir.as_raw_fd(), s.as_ptr(), 0) })?;
+        return Ok(());
+    }
+    match fstatat_c(dst_dir, d) {
+        Ok(_) => return Err(io::Error::from_raw_os_error(libc::EEXIST)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) => return Err(e),
+    }
+    cvt(unsafe {
+        libc::renameat(
+            src_dir.as_raw_fd(),
+            s.as_ptr(),
+            dst_dir.as_raw_fd(),
+            d.as_ptr(),
+        )
     })?;
     Ok(())
+}
+
+fn fstatat_c(dir: BorrowedFd, name: &CString) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    cvt(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: fstatat succeeded, so it filled the struct.
+    Ok(unsafe { st.assume_init() })
 }
 
 pub fn unlink_at(dir: BorrowedFd, name: impl AsRef<OsStr>, is_dir: bool) -> io::Result<()> {

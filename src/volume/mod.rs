@@ -467,6 +467,22 @@ pub trait Volume: Send + Sync + fmt::Display {
     /// Whether `needed` more bytes fit: within the scope's quota (when enforced) and the
     /// volume's free space. Refusing up front beats failing a transfer half way.
     async fn check_space(&self, qs: Option<&QuotaScopeId>, needed: u64) -> Result<()> {
+        self.check_quota(qs, needed).await?;
+        let fs = self.fs_usage().await?;
+        if needed > fs.available_bytes {
+            return Err(VolumeError::SpaceExceeded {
+                needed,
+                available: fs.available_bytes,
+                used: None,
+                limit: None,
+            });
+        }
+        self.check_local_staging().await
+    }
+
+    /// Whether `needed` more bytes fit within the scope's quota, where one is enforced (a
+    /// usage that cannot be read does not refuse).
+    async fn check_quota(&self, qs: Option<&QuotaScopeId>, needed: u64) -> Result<()> {
         if let (Some(q), Some(qs)) = (self.quota(), qs)
             && let Ok(u) = q.usage(qs).await
             && let (Some(used), Some(limit)) = (u.used_bytes, u.limit_bytes)
@@ -479,16 +495,7 @@ pub trait Volume: Send + Sync + fmt::Display {
                 limit: Some(limit),
             });
         }
-        let fs = self.fs_usage().await?;
-        if needed > fs.available_bytes {
-            return Err(VolumeError::SpaceExceeded {
-                needed,
-                available: fs.available_bytes,
-                used: None,
-                limit: None,
-            });
-        }
-        self.check_local_staging().await
+        Ok(())
     }
 
     /// Whether the local disk that stages uploads for a remote service has room for one more
@@ -684,7 +691,9 @@ impl Volumes {
                     .await,
                 ),
                 // xfs and btrfs keep vfs's layout; their quota scopes differ (`scopes/`).
-                "vfs" | "xfs" | "btrfs" => Arc::new(vfs::VfsVolume::open(c, cx.owner, cx.state)?),
+                "vfs" | "xfs" | "btrfs" | "cephfs" => {
+                    Arc::new(vfs::VfsVolume::open(c, cx.owner, cx.state)?)
+                }
                 b if crate::config::OBJECT_BACKENDS.contains(&b) => {
                     Arc::new(object::open(c, cx.state, cx.state_dir, cx.fuse.clone())?)
                 }

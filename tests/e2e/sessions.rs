@@ -2,7 +2,7 @@
 //! containers dying) against a real Docker engine.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use storage_agent::pb;
 

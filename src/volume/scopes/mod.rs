@@ -5,16 +5,19 @@
 //! * `xfs`: a directory with an XFS project id that everything inside inherits; the limit is the
 //!   project quota. Ids are allocated in the state database and reused once freed.
 //! * `btrfs`: a subvolume; the limit is its qgroup's.
+//! * `cephfs`: a directory with CephFS quota xattrs; scopes' and vfolders' usage are the MDS's
+//!   recursive statistics (no walk for vfolders either).
 //!
-//! Either way usage comes from the kernel in O(1), never from a walk. The layout below the scope
+//! Either way a scope's usage comes from the filesystem in O(1), never from a walk. The layout below the scope
 //! (shards, vfolders, `.upload/`) is the same for all three, so `vfs/` serves all of them.
 
 mod btrfs;
+mod cephfs;
 mod projfiles;
 pub mod sys;
 mod xfs;
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -47,6 +50,15 @@ pub trait Scopes: Send + Sync {
     fn backend(&self) -> &'static str;
     /// The limits, when this backend enforces any.
     fn quota(&self) -> Option<&dyn QuotaOps> {
+        None
+    }
+    /// Whether the filesystem counts every directory's tree itself (`tree_usage`), so usage
+    /// needs no walk (Backend.AI's `fast-size` capability).
+    fn counts_trees(&self) -> bool {
+        false
+    }
+    /// A directory's recursive usage as the filesystem counts it, when it does.
+    fn tree_usage(&self, _dir: BorrowedFd) -> Option<std::io::Result<super::TreeUsage>> {
         None
     }
     /// Makes the scope, which must not exist yet, with `limit`.
@@ -103,6 +115,7 @@ pub fn open(c: &VolumeConfig, root: Arc<OwnedFd>, state: &State) -> Result<Arc<d
     match c.backend.as_str() {
         "xfs" => Ok(Arc::new(xfs::XfsProjects::open(c, root, state.clone())?)),
         "btrfs" => Ok(Arc::new(btrfs::BtrfsSubvolumes::open(c, root)?)),
+        "cephfs" => Ok(Arc::new(cephfs::CephfsDirs::open(c, root)?)),
         _ => Ok(Arc::new(Plain { root })),
     }
 }
@@ -113,6 +126,7 @@ pub fn check(backend: &str, path: &Path) -> std::result::Result<(), String> {
     match backend {
         "xfs" => xfs::check(path),
         "btrfs" => btrfs::check(path),
+        "cephfs" => cephfs::check(path),
         _ => Ok(()),
     }
 }

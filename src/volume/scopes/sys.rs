@@ -1,6 +1,7 @@
 //! The kernel interfaces quota scopes use, in one place: filesystem magic numbers, XFS project
 //! ids (`FS_IOC_FS{GET,SET}XATTR`) and project quota (`quotactl` `Q_X*`), btrfs subvolumes and
-//! qgroups (`BTRFS_IOC_*`) and the qgroup counters in sysfs. The structs are the kernel's uapi
+//! qgroups (`BTRFS_IOC_*`), the qgroup counters in sysfs, and CephFS's quota and recursive
+//! statistics xattrs. The structs are the kernel's uapi
 //! layouts (`linux/fs.h`, `linux/dqblk_xfs.h`, `linux/btrfs.h`); no command-line tool is run, so
 //! nothing here can hang on a child process or misreport its exit code (`xfs_quota` exits 0 on
 //! failure).
@@ -400,6 +401,50 @@ pub fn btrfs_qgroup_usage(fsid: &str, qgroup: u64) -> io::Result<(u64, Option<u6
     let flags = read("limit_flags").unwrap_or(BTRFS_QGROUP_LIMIT_MAX_RFER);
     let limited = flags & BTRFS_QGROUP_LIMIT_MAX_RFER != 0 && limit != 0 && limit != u64::MAX;
     Ok((used, limited.then_some(limit)))
+}
+
+// ---- CephFS virtual xattrs -------------------------------------------------------------------
+
+/// A directory's extended attribute as a decimal number; None when it is not set (ENODATA:
+/// CephFS answers so for a quota that is 0 or was never set). Read through the fd's
+/// `/proc/self/fd` link, which also works for O_PATH fds.
+pub fn xattr_u64(fd: BorrowedFd, name: &str) -> io::Result<Option<u64>> {
+    let path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    let cname = CString::new(name)?;
+    let mut buf = [0u8; 64];
+    // SAFETY: both strings are NUL-terminated; the buffer and its length match.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            cname.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENODATA) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let text = std::str::from_utf8(&buf[..n as usize])
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{name} is not text")))?;
+    text.trim_end_matches('\0')
+        .trim()
+        .parse()
+        .map(Some)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{name} = {text:?}")))
+}
+
+/// Sets a directory's extended attribute to a decimal number.
+pub fn set_xattr_u64(fd: BorrowedFd, name: &str, value: u64) -> io::Result<()> {
+    let path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    let cname = CString::new(name)?;
+    let v = value.to_string();
+    // SAFETY: both strings are NUL-terminated; the value pointer and its length match.
+    cvt(unsafe { libc::setxattr(path.as_ptr(), cname.as_ptr(), v.as_ptr().cast(), v.len(), 0) })
+        .map(|_| ())
 }
 
 #[cfg(test)]

@@ -139,6 +139,7 @@ impl fmt::Display for VfsVolume {
         let kind = match self.scopes.backend() {
             "xfs" => "Xfs",
             "btrfs" => "Btrfs",
+            "cephfs" => "CephFS",
             _ => "Vfs",
         };
         write!(f, "{kind}({})", self.root.display())
@@ -163,10 +164,14 @@ impl Volume for VfsVolume {
         super::health::Target::Path(self.root.clone())
     }
     fn capabilities(&self) -> Vec<&'static str> {
-        match self.scopes.quota() {
-            Some(_) => vec!["vfolder", "quota"],
-            None => vec!["vfolder"],
+        let mut caps = vec!["vfolder"];
+        if self.scopes.quota().is_some() {
+            caps.push("quota");
         }
+        if self.scopes.counts_trees() {
+            caps.push("fast-size");
+        }
+        caps
     }
 
     async fn hwinfo(&self) -> HwInfo {
@@ -535,8 +540,15 @@ impl Volume for VfsVolume {
     async fn usage(&self, vf: &VFolderId) -> Result<TreeUsage> {
         let root = self.root();
         let vf = *vf;
+        let scopes = self.scopes.clone();
         blocking(move || {
             let fd = open_vfolder(root.as_fd(), &vf)?;
+            if let Some(counted) = scopes.tree_usage(fd.as_fd()) {
+                return counted.map_err(|e| VolumeError::Io {
+                    path: vf.to_string(),
+                    source: e,
+                });
+            }
             let t = scan::scan_tree(fd.as_fd(), scan_threads()).map_err(|e| VolumeError::Io {
                 path: vf.to_string(),
                 source: e,
@@ -552,8 +564,15 @@ impl Volume for VfsVolume {
     async fn used_bytes(&self, vf: &VFolderId) -> Result<u64> {
         let root = self.root();
         let vf = *vf;
+        let scopes = self.scopes.clone();
         blocking(move || {
             let fd = open_vfolder(root.as_fd(), &vf)?;
+            if let Some(counted) = scopes.tree_usage(fd.as_fd()) {
+                return counted.map(|t| t.used_bytes).map_err(|e| VolumeError::Io {
+                    path: vf.to_string(),
+                    source: e,
+                });
+            }
             scan::scan_tree(fd.as_fd(), scan_threads())
                 .map(|t| t.disk_bytes)
                 .map_err(|e| VolumeError::Io {

@@ -1,5 +1,5 @@
-//! The shared volume suite (`suite.rs`) against every backend: `vfs` on a directory, `s3` on
-//! a real S3 service (moto), `azure-blob` on Azurite, with the backend's storage read
+//! The shared volume suite (`suite.rs`) against every backend: `vfs` on a directory, `cephfs`
+//! on a single-node CephFS, `s3` on a real S3 service (moto), `azure-blob` on Azurite, with the backend's storage read
 //! independently (the filesystem, boto3, Azure's Python SDK).
 
 pub mod killed;
@@ -12,6 +12,18 @@ use crate::common::moto::Moto;
 #[tokio::test]
 async fn vfs_passes_the_volume_suite() {
     let d = Daemon::start().await;
+    let peek = |vfid: &str, rel: &str| std::fs::read(d.vfolder_path(vfid).join(rel)).ok();
+    suite::volume_suite(&d, &peek).await;
+}
+
+#[tokio::test]
+async fn cephfs_passes_the_volume_suite() {
+    let ceph = crate::common::ceph::CephCluster::up();
+    let d = Daemon::builder()
+        .set("volume.vol1.backend", "cephfs")
+        .set("volume.vol1.path", ceph.dir("vol1").display().to_string())
+        .start()
+        .await;
     let peek = |vfid: &str, rel: &str| std::fs::read(d.vfolder_path(vfid).join(rel)).ok();
     suite::volume_suite(&d, &peek).await;
 }

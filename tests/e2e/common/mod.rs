@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod azurite;
+pub mod ceph;
 pub mod cluster;
 pub mod loopfs;
 pub mod moto;

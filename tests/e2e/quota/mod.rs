@@ -2,6 +2,7 @@
 //! inside a VM booting Debian's kernel (this kernel has no XFS quota), and space checks on a small
 //! `vfs` volume that fills up. `suite.rs` holds the cases both quota backends pass.
 
+mod cephfs;
 mod suite;
 
 use std::path::Path;
@@ -287,6 +288,7 @@ fn quota_backends_refuse_a_filesystem_without_quota_and_say_how() {
     for (backend, says) in [
         ("xfs", "not on an XFS filesystem"),
         ("btrfs", "not on a btrfs"),
+        ("cephfs", "not on CephFS"),
     ] {
         let (code, out) = config_check(backend, &ext4.dir("vol1"));
         assert_ne!(code, 0);
@@ -359,9 +361,19 @@ async fn vfs_checks_free_space_before_bytes_arrive() {
 async fn small_scope_with_sessions(b: crate::common::Builder) -> (LoopFs, Daemon, uuid::Uuid) {
     require("btrfs", "apt-get install btrfs-progs");
     let fs = LoopFs::btrfs(512 * MIB);
+    let (d, user) = small_scope_on(b, "btrfs", &fs.dir("vol1")).await;
+    (fs, d, user)
+}
+
+/// A daemon whose vol1 is `backend` at `path`, and a user whose scope is limited to 5 MiB.
+async fn small_scope_on(
+    b: crate::common::Builder,
+    backend: &str,
+    path: &Path,
+) -> (Daemon, uuid::Uuid) {
     let d = b
-        .set("volume.vol1.backend", "btrfs")
-        .set("volume.vol1.path", fs.dir("vol1").display().to_string())
+        .set("volume.vol1.backend", backend)
+        .set("volume.vol1.path", path.display().to_string())
         .start()
         .await;
     let user = uuid::Uuid::new_v4();
@@ -373,7 +385,7 @@ async fn small_scope_with_sessions(b: crate::common::Builder) -> (LoopFs, Daemon
         )
         .await;
     assert_eq!(r.status, 204, "{}", r.text());
-    (fs, d, user)
+    (d, user)
 }
 
 /// The manager API still answers, and the scope holds less than its limit.

@@ -96,7 +96,9 @@ pub(super) async fn insufficient_storage(
             .await
             .is_ok_and(|fs| fs.available_bytes >= 1 << 20)
     };
-    let over_quota = errno == Some(libc::EDQUOT) || (limited && disk_has_room().await);
+    let refused_by_quota = matches!(e, VolumeError::SpaceExceeded { limit: Some(_), .. });
+    let over_quota =
+        errno == Some(libc::EDQUOT) || refused_by_quota || (limited && disk_has_room().await);
     let (kind, title, what) = if over_quota {
         (
             "storage/quota-exceeded",

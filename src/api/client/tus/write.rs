@@ -127,6 +127,17 @@ async fn precheck(
         return Err(offset_mismatch(rec.offset, offset));
     }
     checked?;
+    // What is left of the upload must still fit the scope's quota (others may have filled it
+    // since the token was minted): refused before a byte of this body is written, rather than
+    // left to the filesystem, whose enforcement can come late (CephFS stops a writer some
+    // megabytes past the limit).
+    let left = rec.size - rec.offset;
+    if left > 0
+        && let Err(e @ VolumeError::SpaceExceeded { .. }) =
+            v.check_quota(rec.vfid.quota_scope.as_ref(), left).await
+    {
+        return Err(insufficient_storage(v.as_ref(), &rec, rec.offset, &e).await);
+    }
     if rec.offset == rec.size && rec.size > 0 {
         // Everything is staged but the move into place failed before; try again. (An empty
         // upload takes the write path: its staging file is made by its one, empty, PATCH.)
