@@ -80,14 +80,23 @@ async fn cephfs_usage_comes_from_recursive_stats_and_a_killed_delete_resumes() {
             )
             .await
             .json();
+        let qs = vfid.split_once('/').unwrap().0;
+        let scope = d
+            .mgr("GET", "/quota-scope", json!({"volume": "vol1", "qsid": qs}))
+            .await
+            .json();
         // rentries counts the vfolder directory itself, as the Python proxy reports it.
-        if u["used_bytes"] == bytes && u["file_count"] == entries + 1 && used["used_bytes"] == bytes
+        if u["used_bytes"] == bytes
+            && u["file_count"] == entries + 1
+            && used["used_bytes"] == bytes
+            && scope["used_bytes"] == bytes
         {
             break;
         }
         assert!(
             start.elapsed() < OUTCOME,
-            "usage {u} and used-bytes {used}; the files hold {bytes} bytes in {entries} entries"
+            "usage {u}, used-bytes {used}, scope {scope}; the files hold {bytes} bytes in \
+             {entries} entries"
         );
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
