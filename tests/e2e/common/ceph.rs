@@ -71,6 +71,44 @@ impl CephCluster {
         }
     }
 
+    /// The filesystem mounted again with ceph-fuse as a client whose caps are `caps` (mon, mds,
+    /// osd, in `ceph auth` syntax), at a mount point under the cluster's directory.
+    pub fn mount_as(&self, client: &str, caps: &[(&str, &str)]) -> PathBuf {
+        let conf = self.dir.join("ceph.conf");
+        let keyring = self.dir.join(format!("{client}.keyring"));
+        let mut auth = Command::new("timeout");
+        auth.args(["120", "ceph", "-c"]).arg(&conf).args([
+            "auth",
+            "get-or-create",
+            &format!("client.{client}"),
+        ]);
+        for (kind, cap) in caps {
+            auth.args([*kind, *cap]);
+        }
+        let out = auth.arg("-o").arg(&keyring).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mnt = self.dir.join(format!("mnt-{client}"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        let out = Command::new("timeout")
+            .args(["120", "ceph-fuse", "-c"])
+            .arg(&conf)
+            .args(["--id", client, "-k"])
+            .arg(&keyring)
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        mnt
+    }
+
     /// A directory on the CephFS.
     pub fn dir(&self, name: &str) -> PathBuf {
         let p = self.mnt.join(name);

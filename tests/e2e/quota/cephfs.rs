@@ -186,3 +186,21 @@ async fn cephfs_sftp_past_the_quota_fails_in_the_client_and_the_node_keeps_worki
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// `config check` refuses a CephFS path whose client may not set quotas (no 'p' in its MDS
+/// caps), and says which cap is missing.
+#[tokio::test]
+async fn cephfs_without_the_quota_cap_is_refused_and_says_why() {
+    let ceph = CephCluster::up();
+    ceph.dir("vol1");
+    let mnt = ceph.mount_as(
+        "noquota",
+        &[("mon", "allow r"), ("mds", "allow rw"), ("osd", "allow rw")],
+    );
+    let (code, out) = super::config_check("cephfs", &mnt.join("vol1"));
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("'p' flag"), "{out}");
+    // The same directory through the admin client (which has 'p') is fine.
+    let (code, out) = super::config_check("cephfs", &ceph.mnt.join("vol1"));
+    assert_eq!(code, 0, "{out}");
+}
