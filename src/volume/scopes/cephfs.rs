@@ -9,9 +9,11 @@
 //! lock is older than `mds_scatter_nudge_interval` (5 s; `mds_tick_interval` 5 s). So a scope's
 //! usage can be up to about 10 s behind with stock settings.
 //!
-//! Quota is enforced by the CephFS *client* that writes (ceph-fuse or the kernel), and late: a
-//! writer is stopped a short time after it crosses the limit. Our own check before an upload is
-//! what makes a limit exact for uploads through the API (once recent writes have propagated).
+//! Quota is enforced by the CephFS *client* that writes (ceph-fuse or the kernel), against the
+//! realm's recursive statistics: writes in nested directories (every vfolder is three levels below
+//! its scope) count only once those propagate, so one fast write can go far past the limit, and
+//! the writes after it are refused. Our own checks, at the token and before each PATCH, are what
+//! make a limit exact for uploads through the API (once earlier writes have propagated).
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;

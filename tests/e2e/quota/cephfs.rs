@@ -119,9 +119,10 @@ async fn cephfs_usage_comes_from_recursive_stats_and_a_killed_delete_resumes() {
     assert!(!path.exists(), "{} is gone", path.display());
 }
 
-/// An SFTP session writing well past its scope's CephFS limit gets an error in the client (the
-/// ceph-fuse client stops it, a little late: no exact byte count is asserted), and the node
-/// goes on serving.
+/// An SFTP session on a full CephFS scope gets "disk quota exceeded" in the client, and the node
+/// goes on serving. CephFS checks a write against the quota realm's recursive statistics, which
+/// count writes in nested directories (a vfolder is three levels below its scope) only once they
+/// propagate: a first fast write may go past the limit whole, the writes after it are refused.
 #[tokio::test]
 async fn cephfs_sftp_past_the_quota_fails_in_the_client_and_the_node_keeps_working() {
     let ceph = CephCluster::up();
@@ -148,35 +149,32 @@ async fn cephfs_sftp_past_the_quota_fails_in_the_client_and_the_node_keeps_worki
         .session
         .unwrap();
     let port = s.endpoints[0].port as u16;
+    let scope = &scope_dir(&d, &format!("user:{user}"));
+    let put = |local: &std::path::Path, name: &str| {
+        sftp_key(
+            &key,
+            "work",
+            port,
+            &format!("put {} data/{name}\n", local.display()),
+        )
+    };
+
+    // 16 MiB into the 5 MiB scope: stopped or not (see above), it is counted once settled.
     let big = d.dir.path().join("big.bin");
     crate::common::random_file(&big, 16 * MIB, 7);
-    let out = sftp_key(
-        &key,
-        "work",
-        port,
-        &format!("put {} data/big.bin\n", big.display()),
-    );
-    assert!(
-        !out.status.success(),
-        "16 MiB into a 5 MiB scope: {}",
-        text(&out)
-    );
-    let written = std::fs::metadata(vf_path.join("big.bin")).map_or(0, |m| m.len());
-    assert!(written < 16 * MIB, "stopped before the end: {written}");
+    let _ = put(&big, "big.bin");
+    assert!(settled_rbytes(scope) > 5 * MIB);
 
+    // Past the limit, the next write fails in the client.
     let small = d.dir.path().join("small.bin");
     std::fs::write(&small, b"still fits").unwrap();
-    let out = sftp_key(
-        &key,
-        "work",
-        port,
-        &format!("rm data/big.bin\nput {} data/small.bin\n", small.display()),
+    let out = put(&small, "small.bin");
+    assert!(
+        !out.status.success(),
+        "a write into a full 5 MiB scope: {}",
+        text(&out)
     );
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(
-        std::fs::read(vf_path.join("small.bin")).unwrap(),
-        b"still fits"
-    );
+    // The node goes on serving, and says the scope is over its limit.
     let r = d
         .mgr(
             "GET",
@@ -185,6 +183,18 @@ async fn cephfs_sftp_past_the_quota_fails_in_the_client_and_the_node_keeps_worki
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["used_bytes"].as_u64().unwrap() > 5 * MIB);
+
+    // Room again (the big file removed, and the statistics caught up): the write goes through.
+    let out = sftp_key(&key, "work", port, "rm data/big.bin\n");
+    assert!(out.status.success(), "{}", text(&out));
+    settled_rbytes(scope);
+    let out = put(&small, "small.bin");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        std::fs::read(vf_path.join("small.bin")).unwrap(),
+        b"still fits"
+    );
 }
 
 /// `config check` refuses a CephFS path whose client may not set quotas (no 'p' in its MDS
