@@ -69,7 +69,7 @@ impl SessionManager {
                     let state = if read_only {
                         "is read-only"
                     } else {
-                        "becomes read-only once its files open for writing are closed"
+                        "is to be made read-only (not done yet: a file may be open for writing; the node's log says why)"
                     };
                     notices
                         .entry(s.id)
