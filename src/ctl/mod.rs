@@ -5,6 +5,7 @@
 mod conn;
 mod out;
 mod transfer;
+mod upload;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,6 +72,10 @@ enum CtlCommand {
         /// Bytes per PATCH (each checksummed): the most an interruption loses.
         #[arg(long, default_value = "16m", value_parser = parse_size)]
         chunk: u64,
+        /// Partial uploads sent at once for each file of 64 MiB or more (tus concatenation;
+        /// 1 sends one stream).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=16))]
+        streams: u64,
     },
     /// Downloads a file or a directory (resumable).
     Download {
@@ -293,13 +298,15 @@ async fn dispatch(conn: &Conn, out: &Out, command: CtlCommand) -> Result<()> {
             local,
             to,
             chunk,
+            streams,
         } => {
-            let up = transfer::Upload {
+            let up = upload::Upload {
                 conn,
                 volume: &volume,
                 vfid: &vfid,
                 to: &to,
                 chunk: chunk.max(1),
+                streams,
                 quiet: out.json,
             };
             let mut all = Vec::new();

@@ -12,6 +12,7 @@
 //! offset 0, a completed one) are written without an fsync of their own (`State::relaxed`); every
 //! acknowledged offset is written with one.
 
+mod concat;
 mod lock;
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use sqlx::Row;
 
+pub use concat::{is_partial_session, partial_id, partial_session};
 pub use lock::{LockError, UploadLock, UploadLocks};
 
 use crate::ids::VFolderId;
@@ -37,6 +39,9 @@ pub enum UploadState {
     Expired,
     /// Ended by tus termination: kept until expiry so its token cannot start it again.
     Terminated,
+    /// A partial upload whose bytes are now part of its final upload (tus concatenation): its
+    /// staging data is gone, the record stays until expiry.
+    Joined,
 }
 
 impl UploadState {
@@ -46,6 +51,7 @@ impl UploadState {
             UploadState::Done => "done",
             UploadState::Expired => "expired",
             UploadState::Terminated => "terminated",
+            UploadState::Joined => "joined",
         }
     }
     fn parse(s: &str) -> Self {
@@ -53,6 +59,7 @@ impl UploadState {
             "done" => UploadState::Done,
             "expired" => UploadState::Expired,
             "terminated" => UploadState::Terminated,
+            "joined" => UploadState::Joined,
             _ => UploadState::Active,
         }
     }
@@ -69,6 +76,29 @@ pub struct UploadRecord {
     pub state: UploadState,
     pub created_at: i64,
     pub expires_at: i64,
+    /// tus concatenation: the role of this upload.
+    pub concat: Concat,
+}
+
+impl UploadRecord {
+    /// Whether staging data of this upload may exist: it is being written, or it is a complete
+    /// partial upload waiting for its final upload.
+    pub fn holds_staging(&self) -> bool {
+        self.state == UploadState::Active
+            || (self.state == UploadState::Done && matches!(self.concat, Concat::Partial { .. }))
+    }
+}
+
+/// What an upload is to tus concatenation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Concat {
+    /// A plain upload: its bytes go to the token's destination.
+    None,
+    /// A partial upload of the upload (token session) named: its bytes wait in staging until a
+    /// final upload joins them.
+    Partial { parent: String },
+    /// The final upload: the token's destination made of these partials' sessions, in order.
+    Final { parts: Vec<String> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +136,16 @@ fn row_to_record(row: &sqlx::sqlite::SqliteRow) -> Result<UploadRecord, UploadEr
         state: UploadState::parse(row.get("state")),
         created_at: row.get("created_at"),
         expires_at: row.get("expires_at"),
+        concat: match (
+            row.get::<Option<String>, _>("parent"),
+            row.get::<Option<String>, _>("parts"),
+        ) {
+            (Some(parent), _) => Concat::Partial { parent },
+            (None, Some(parts)) => Concat::Final {
+                parts: parts.split_whitespace().map(str::to_string).collect(),
+            },
+            (None, None) => Concat::None,
+        },
     })
 }
 
@@ -126,8 +166,8 @@ impl Uploads {
     /// made by the first write.
     pub async fn ensure(&self, rec: &UploadRecord) -> Result<(), UploadError> {
         sqlx::query(
-            r#"INSERT OR IGNORE INTO uploads (session, volume, vfid, relpath, size, "offset", state, created_at, expires_at)
-               VALUES (?, ?, ?, ?, ?, 0, 'active', ?, ?)"#,
+            r#"INSERT OR IGNORE INTO uploads (session, volume, vfid, relpath, size, "offset", state, created_at, expires_at, parent, parts)
+               VALUES (?, ?, ?, ?, ?, 0, 'active', ?, ?, ?, ?)"#,
         )
         .bind(&rec.session)
         .bind(&rec.volume)
@@ -136,6 +176,8 @@ impl Uploads {
         .bind(rec.size as i64)
         .bind(rec.created_at)
         .bind(rec.expires_at)
+        .bind(rec.concat.parent())
+        .bind(rec.concat.parts())
         .execute(self.state.relaxed())
         .await?;
         Ok(())
@@ -252,6 +294,11 @@ impl Uploads {
                     continue;
                 }
             };
+            // A final upload's staging is its join, which knows from the bytes themselves how
+            // far it got: cutting it back to the recorded offset (0) would lose joined partials.
+            if matches!(rec.concat, Concat::Final { .. }) {
+                continue;
+            }
             let Ok(v) = self.volumes.get(&rec.volume) else {
                 tracing::warn!(session = %rec.session, volume = %rec.volume, "upload on a volume no longer configured");
                 continue;
@@ -310,7 +357,7 @@ impl Uploads {
             let Ok(_lock) = self.locks.try_lock(&rec.session) else {
                 continue;
             };
-            if rec.state == UploadState::Active
+            if rec.holds_staging()
                 && let Ok(v) = self.volumes.get(&rec.volume)
                 && let Err(e) = v.staging().discard(&rec.vfid, &rec.session).await
             {
@@ -334,7 +381,8 @@ impl Uploads {
 /// A deleted vfolder takes its pending uploads with it.
 pub async fn forget_vfolder(state: &State, volume: &dyn Volume, vfid: &VFolderId) {
     let rows = sqlx::query(
-        "SELECT session FROM uploads WHERE volume = ? AND vfid = ? AND state = 'active'",
+        "SELECT session FROM uploads WHERE volume = ? AND vfid = ?
+         AND (state = 'active' OR (state = 'done' AND parent IS NOT NULL))",
     )
     .bind(volume.name())
     .bind(vfid.to_string())

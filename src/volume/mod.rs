@@ -359,6 +359,9 @@ pub struct WritePlan {
     /// The body is kept whole or not at all (a checksum is verified after the write): nothing
     /// of it may become irrevocable before the write returns.
     pub atomic: bool,
+    /// A partial upload (tus concatenation): it never moves into place itself; `concat` joins
+    /// it. Object stores keep it where the join can take it (`dst` is the final upload's).
+    pub partial: bool,
 }
 
 /// What a presigned URL may do.
@@ -395,6 +398,20 @@ pub trait UploadStaging: Send + Sync {
         body: ByteStream,
         plan: WritePlan,
     ) -> Result<StagedWrite>;
+    /// Whether `concat` works here (tus concatenation is offered on this volume).
+    fn can_concat(&self) -> bool;
+    /// tus concatenation: joins the complete, staged partial uploads `parts` (sessions and
+    /// lengths, in order) into `dst`, as `finish` moves one upload: atomically (a reader never
+    /// sees a half-joined file) and durably. The partials' staging data is used up. Repeating a
+    /// join that was cut off (crash, full disk) completes it; repeating a finished one is a
+    /// no-op.
+    async fn concat(
+        &self,
+        vfid: &VFolderId,
+        session: &str,
+        parts: &[(String, u64)],
+        dst: &RelPath,
+    ) -> Result<()>;
     /// Moves the completed upload to `dst` in the vfolder (parents created, an existing file
     /// replaced atomically), durably.
     async fn finish(&self, vfid: &VFolderId, session: &str, dst: &RelPath) -> Result<()>;

@@ -454,6 +454,19 @@ struct RemoteStaging {
 
 #[async_trait]
 impl UploadStaging for RemoteStaging {
+    fn can_concat(&self) -> bool {
+        true // the mounted filesystem's own staging joins
+    }
+    async fn concat(
+        &self,
+        vf: &VFolderId,
+        session: &str,
+        parts: &[(String, u64)],
+        dst: &RelPath,
+    ) -> Result<()> {
+        let l = self.shared.lease().await?;
+        l.vol.staging().concat(vf, session, parts, dst).await
+    }
     async fn truncate(&self, vf: &VFolderId, session: &str, offset: u64) -> Result<u64> {
         let l = self.shared.lease().await?;
         l.vol.staging().truncate(vf, session, offset).await

@@ -84,6 +84,8 @@ async fn uploads_resume_downloads_round_trip_and_json_is_parseable() {
         src.to_str().unwrap(),
         "--chunk",
         "4m",
+        "--streams",
+        "1",
     ];
     let child = started_upload(&d, &args);
     std::thread::sleep(Duration::from_millis(400));
@@ -107,6 +109,7 @@ async fn uploads_resume_downloads_round_trip_and_json_is_parseable() {
     let second = json_of(&ctl(&d, &args).output().unwrap());
     let up = &second["results"][0]["uploaded"][0];
     assert_eq!(up["size"], 256 << 20);
+    assert_eq!(up["streams"], 1);
     assert!(
         up["resumed_from"].as_u64().unwrap() > 0,
         "resumed, not started over: {up}"
@@ -288,6 +291,94 @@ async fn sessions_from_the_command_line() {
     assert_eq!(gone["state"], "terminated");
     let cap = run_json(&d, &["capacity"]);
     assert!(cap["max_containers"].as_u64().unwrap() > 0);
+}
+
+/// `ctl upload --streams 4`: a big file goes as four partial uploads at once (tus
+/// concatenation), is interrupted with Ctrl-C, and the same command resumes every stream from
+/// where the server stands and joins them, byte-identical. Nothing is left in staging.
+#[tokio::test]
+async fn uploads_in_streams_resume_each_stream_and_join() {
+    let d = Daemon::start().await;
+    let vfid = run_json(&d, &["folder", "create", "vol1"])["vfid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let src = d.dir.path().join("streams.bin");
+    let len: u64 = (256 << 20) + 4321;
+    random_file(&src, len, 11);
+    let args = [
+        "--json",
+        "upload",
+        "vol1",
+        &vfid,
+        src.to_str().unwrap(),
+        "--chunk",
+        "4m",
+        "--streams",
+        "4",
+    ];
+    let child = started_upload(&d, &args);
+    // Interrupted once the streams are under way (the remembered upload lists its partials).
+    let remembered = d.dir.path().join("cache/storage-agent/ctl-uploads");
+    let deadline = Instant::now() + crate::common::OUTCOME;
+    loop {
+        let text = std::fs::read_dir(&remembered)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .collect::<String>();
+        if text.matches("partial=").count() == 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the streams never started: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let first = child.wait_with_output().unwrap();
+    if first.status.success() {
+        panic!("the upload finished before it could be interrupted; make the file bigger");
+    }
+    assert_eq!(
+        first.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let second = json_of(&ctl(&d, &args).output().unwrap());
+    let up = &second["results"][0]["uploaded"][0];
+    assert_eq!(up["size"], len);
+    assert_eq!(up["streams"], 4, "{up}");
+    assert!(
+        up["resumed_from"].as_u64().unwrap() > 0,
+        "resumed, not started over: {up}"
+    );
+    assert_eq!(
+        sha256_file(&d.vfolder_path(&vfid).join("streams.bin")),
+        sha256_file(&src),
+        "byte-identical after the resume"
+    );
+    let qs =
+        uuid::Uuid::parse_str(vfid.split_once(':').unwrap().1.split_once('/').unwrap().0).unwrap();
+    let staging_dir = d.vol_dir.join(qs.simple().to_string()).join(".upload");
+    assert!(
+        staging_dir.is_dir(),
+        "the streams were staged in {staging_dir:?}"
+    );
+    let staging: Vec<_> = std::fs::read_dir(&staging_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(staging.is_empty(), "staging left behind: {staging:?}");
 }
 
 /// `ctl upload` run again at once after a Ctrl-C, while the server is still finishing the PATCH

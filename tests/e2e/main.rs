@@ -33,4 +33,5 @@ mod sftp;
 mod tls;
 mod tus;
 mod tus_clients;
+mod tus_concat;
 mod volume_health;

@@ -80,6 +80,38 @@ async fn create_with_file(d: &Daemon, vfid: &str, name: &str, data: &[u8]) {
     assert_eq!(r.status, 204, "{}", r.text());
 }
 
+/// tus concatenation on a remote volume: the staging on the mounted filesystem joins (FUSE takes
+/// `copy_file_range` or its read/write fallback), and the joined file reads back whole.
+async fn partials_join_on_the_mount(d: &Daemon, vfid: &str) {
+    use crate::tus_concat::{patch_url, post_final, post_partial};
+    let data = crate::tus_concat::pattern(3 << 20, 4);
+    let t = d
+        .token(
+            "/folder/file/upload",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "joined.bin", "size": data.len()}),
+        )
+        .await;
+    let mut urls = Vec::new();
+    for part in data.chunks(1_000_003) {
+        let (r, url) = post_partial(d, &t, part.len() as u64, None).await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        assert_eq!(patch_url(d, &url, 0, part.to_vec()).await.status, 204);
+        urls.push(url);
+    }
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let r = post_final(d, &t, &urls).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let t = d
+        .token(
+            "/folder/file/download",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "joined.bin"}),
+        )
+        .await;
+    let r = d.get("client", &format!("/download?token={t}")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.body[..] == data[..], "the joined file reads back whole");
+}
+
 /// The SAS never shows in process lists, logs or API answers.
 async fn secret_stays_hidden(d: &Daemon) {
     // The daemon's and rclone's arguments (other tests' clients may carry SAS URLs of theirs).
@@ -151,6 +183,7 @@ async fn a_startup_volume_is_mounted_at_start_and_reported_healthy() {
     assert_eq!(r.json()["used_bytes"], 13, "{}", r.text());
     assert!(r.json()["file_count"].as_u64().unwrap() >= 1);
     secret_stays_hidden(&d).await;
+    partials_join_on_the_mount(&d, &vfid).await;
 }
 
 async fn sftp_session(d: &Daemon, user: &uuid::Uuid, vfid: &str, public: &str) -> pb::Session {

@@ -112,7 +112,7 @@ async fn options_advertises_the_extensions() {
     );
     assert_eq!(
         r.header("tus-extension").unwrap(),
-        "creation,creation-with-upload,termination,checksum,expiration"
+        "creation,creation-with-upload,termination,checksum,expiration,concatenation"
     );
     let algos = r.header("tus-checksum-algorithm").unwrap();
     for a in ["sha1", "sha256", "md5"] {

@@ -215,3 +215,120 @@ async fn tus_js_client_default_chunk_resumes_from_a_checkpoint() {
         "byte-identical"
     );
 }
+
+/// tus-js-client's `parallelUploads`: it splits the file into partial uploads, sends them at
+/// once, then creates the final upload naming them (tus concatenation). `upload_url` is the
+/// Backend.AI upload URL the client starts from (its endpoint). Returns what the client printed.
+pub fn tusjs_parallel(upload_url: &str, file: &Path, streams: usize) -> Vec<String> {
+    require("node", "apt-get install nodejs");
+    assert!(
+        clients_dir().join("node_modules/tus-js-client").is_dir(),
+        "tus-js-client is missing: (cd tests/clients && npm ci)"
+    );
+    let out = command(Client::TusJs, "parallel", upload_url, file)
+        .arg(CHUNK.to_string())
+        .arg(streams.to_string())
+        .output()
+        .expect("spawn tus-js-client");
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert!(
+        out.status.success() && lines.iter().any(|l| l == "done"),
+        "tus-js-client failed: {}\n{lines:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lines
+}
+
+#[tokio::test]
+async fn tus_js_client_parallel_uploads_are_concatenated() {
+    let d = Daemon::start().await;
+    let src = d.dir.path().join("src.bin");
+    random_file(&src, SIZE + 12_345, 43);
+    let u = mint(&d, "par/upload.bin", SIZE + 12_345).await;
+    let url = d.url("client", &format!("/upload?token={}", u.token));
+    let s = src.clone();
+    let lines = tokio::task::spawn_blocking(move || tusjs_parallel(&url, &s, 4))
+        .await
+        .unwrap();
+    let partials = lines
+        .iter()
+        .filter(|l| l.starts_with("created partial"))
+        .count();
+    let finals = lines
+        .iter()
+        .filter(|l| l.starts_with("created final;"))
+        .count();
+    assert_eq!((partials, finals), (4, 1), "{lines:?}");
+    assert_eq!(
+        sha256_file(&u.vfpath.join("par/upload.bin")),
+        sha256_file(&src),
+        "byte-identical"
+    );
+}
+
+/// tus-js-client's parallel uploads into the object stores: 4 partials of 25 MiB, joined by
+/// server-side copies (S3) or one block list (Azure).
+async fn tusjs_parallel_into(d: &Daemon, peek: &dyn Fn(&str, &str) -> Option<Vec<u8>>) {
+    let vfid = format!(
+        "user:{}/{}",
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let r = d
+        .mgr(
+            "POST",
+            "/folder/create",
+            serde_json::json!({"volume": "vol1", "vfid": vfid}),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let src = d.dir.path().join("src.bin");
+    random_file(&src, SIZE + 3, 44);
+    let t = d
+        .token(
+            "/folder/file/upload",
+            serde_json::json!({"volume": "vol1", "vfid": vfid, "relpath": "par.bin", "size": SIZE + 3}),
+        )
+        .await;
+    let url = d.url("client", &format!("/upload?token={t}"));
+    let s = src.clone();
+    let lines = tokio::task::spawn_blocking(move || tusjs_parallel(&url, &s, 4))
+        .await
+        .unwrap();
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.starts_with("created partial"))
+            .count(),
+        4,
+        "{lines:?}"
+    );
+    assert!(
+        peek(&vfid, "par.bin") == Some(std::fs::read(&src).unwrap()),
+        "byte-identical"
+    );
+}
+
+#[tokio::test]
+async fn tus_js_client_parallel_uploads_into_s3() {
+    let moto = crate::common::moto::Moto::start();
+    let d = Daemon::builder().s3(&moto.endpoint(), "tjs-").start().await;
+    let peek = |vfid: &str, rel: &str| {
+        crate::backends::s3_object(&moto, &crate::backends::bucket_of("tjs-", vfid), rel)
+    };
+    tusjs_parallel_into(&d, &peek).await;
+}
+
+#[tokio::test]
+async fn tus_js_client_parallel_uploads_into_azure() {
+    let az = crate::common::azurite::Azurite::start();
+    let d = Daemon::builder()
+        .azure(&az.endpoint(), "tjs-")
+        .start()
+        .await;
+    let peek = |vfid: &str, rel: &str| az.blob(&crate::backends::bucket_of("tjs-", vfid), rel);
+    tusjs_parallel_into(&d, &peek).await;
+}

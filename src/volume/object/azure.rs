@@ -264,6 +264,10 @@ impl Service for Azure {
         Ok(false)
     }
 
+    fn partials(&self) -> super::service::Partials {
+        super::service::Partials::BlocksOfTheBlob
+    }
+
     fn presign_binds_length(&self) -> bool {
         false
     }

@@ -6,6 +6,7 @@
 
 mod azure;
 mod files;
+mod join;
 mod registry;
 mod s3;
 mod sas;
@@ -170,7 +171,10 @@ impl ObjectVolume {
             }
             Layout::BucketPerVFolder { bucket_prefix } => {
                 let rest = bucket.strip_prefix(bucket_prefix.as_str()).unwrap_or("");
-                if rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                // `<prefix>partials` holds partial uploads (tus concatenation) of every vfolder.
+                if (rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit()))
+                    || (bucket.starts_with(bucket_prefix.as_str()) && rest == "partials")
+                {
                     return refuse(format!(
                         "bucket {bucket:?} is named as this volume names vfolders' buckets: \
                          it cannot be registered"

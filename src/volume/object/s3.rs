@@ -128,6 +128,19 @@ impl S3 {
         headers: &[(&str, String)],
         body: String,
     ) -> Result<reqwest::StatusCode> {
+        self.send_read(method, url, headers, body)
+            .await
+            .map(|(s, _)| s)
+    }
+
+    /// `send`, and the answer's body.
+    async fn send_read(
+        &self,
+        method: reqwest::Method,
+        url: Url,
+        headers: &[(&str, String)],
+        body: String,
+    ) -> Result<(reqwest::StatusCode, String)> {
         let what = format!("{method} {}", url.path());
         // Explicit even when empty: S3 wants a Content-Length on every PUT.
         let mut req = self
@@ -143,11 +156,15 @@ impl S3 {
             .await
             .map_err(|e| remote(&self.location(), format!("{what}: {}", error_chain(&e))))?;
         let status = resp.status();
-        if status.is_success() {
-            return Ok(status);
-        }
-        if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::CONFLICT {
-            return Ok(status);
+        if status.is_success()
+            || status == reqwest::StatusCode::NOT_FOUND
+            || status == reqwest::StatusCode::CONFLICT
+        {
+            let text = resp
+                .text()
+                .await
+                .map_err(|e| remote(&self.location(), format!("{what}: {}", error_chain(&e))))?;
+            return Ok((status, text));
         }
         let text = resp.text().await.unwrap_or_default();
         Err(remote(
@@ -298,6 +315,66 @@ impl Service for S3 {
             }),
             _ => Ok(true),
         }
+    }
+
+    async fn copy_part(
+        &self,
+        to: (&str, &str),
+        upload_id: &str,
+        part_number: u16,
+        from: (&str, &str),
+        range: (u64, u64),
+    ) -> Result<String> {
+        let b = self.signer(to.0)?;
+        let source = format!(
+            "/{}/{}",
+            from.0,
+            percent_encoding::utf8_percent_encode(from.1, COPY_SOURCE)
+        );
+        let bytes = format!("bytes={}-{}", range.0, range.1 - 1);
+        let mut action = b.upload_part(Some(&self.creds), to.1, part_number, upload_id);
+        action
+            .headers_mut()
+            .insert("x-amz-copy-source", source.clone());
+        action
+            .headers_mut()
+            .insert("x-amz-copy-source-range", bytes.clone());
+        let url = action.sign(OWN_REQUEST);
+        let (status, xml) = self
+            .send_read(
+                reqwest::Method::PUT,
+                url,
+                &[
+                    ("x-amz-copy-source", source),
+                    ("x-amz-copy-source-range", bytes),
+                ],
+                String::new(),
+            )
+            .await?;
+        // <CopyPartResult><ETag>"…"</ETag>…
+        let etag = xml
+            .split("<ETag>")
+            .nth(1)
+            .and_then(|r| r.split("</ETag>").next())
+            .map(|e| e.replace("&quot;", "\""));
+        match (status.is_success(), etag) {
+            (true, Some(e)) => Ok(e),
+            _ => Err(remote(
+                &self.location(),
+                format!(
+                    "UploadPartCopy of {}/{} into {}/{}: {status}: {}",
+                    from.0,
+                    from.1,
+                    to.0,
+                    to.1,
+                    s3_message(&xml)
+                ),
+            )),
+        }
+    }
+
+    fn partials(&self) -> super::service::Partials {
+        super::service::Partials::CopiedParts
     }
 
     fn presign_binds_length(&self) -> bool {

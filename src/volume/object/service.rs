@@ -60,6 +60,18 @@ impl BucketClients {
     }
 }
 
+/// Where a partial upload's bytes wait until the final upload joins them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Partials {
+    /// As uncommitted blocks of the destination blob, committed in the final upload's order by
+    /// one block list (Azure: blocks have any size, and a block list any order).
+    BlocksOfTheBlob,
+    /// As objects of their own outside every vfolder, joined by server-side part copies (S3: a
+    /// multipart upload's part numbers fix the order, and partials are numbered before the
+    /// final upload says their order).
+    CopiedParts,
+}
+
 #[async_trait]
 pub trait Service: Send + Sync {
     /// The backend name (`s3`).
@@ -82,6 +94,24 @@ pub trait Service: Send + Sync {
     /// Copies an object between buckets inside the service; `Ok(false)` when it cannot for
     /// this one (too large for one request), so the caller streams it instead.
     async fn copy_across(&self, from: (&str, &str), to: (&str, &str), size: u64) -> Result<bool>;
+    /// How partial uploads (tus concatenation) wait for their final upload here.
+    fn partials(&self) -> Partials;
+    /// S3's UploadPartCopy: part `part_number` of the multipart upload `upload_id` at `to`
+    /// (bucket, key) becomes bytes `range` (start, end exclusive) of the object `from`, copied
+    /// inside the service; returns the part's ETag.
+    async fn copy_part(
+        &self,
+        _to: (&str, &str),
+        _upload_id: &str,
+        _part_number: u16,
+        _from: (&str, &str),
+        _range: (u64, u64),
+    ) -> Result<String> {
+        Err(crate::volume::VolumeError::Unsupported {
+            backend: self.kind(),
+            op: "server-side part copies",
+        })
+    }
     /// A URL straight to the service for GET of `key`, or one PUT of exactly the upload's size
     /// where the service can bind it (else as narrow as it allows: see each service).
     fn presign(&self, bucket: &str, key: &str, access: Presign, expiry: Duration)

@@ -24,7 +24,7 @@ use sqlx::Row;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use super::Shared;
-use super::files::{Loc, payload};
+use super::files::payload;
 use crate::ids::VFolderId;
 use crate::volume::{
     ByteStream, RelPath, Result, StagedWrite, UploadStaging, VolumeError, WritePlan,
@@ -34,18 +34,20 @@ use crate::volume::{
 const MAX_PARTS: u64 = 10_000;
 
 pub struct ObjectStaging {
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
+    /// The bucket of S3 partial uploads, once made (bucket-per-vfolder volumes).
+    pub(super) scratch_bucket: tokio::sync::OnceCell<()>,
 }
 
 /// A multipart upload in progress, as SQLite has it.
-struct Upload {
-    bucket: String,
-    key: String,
-    upload_id: Option<String>,
+pub(super) struct Upload {
+    pub(super) bucket: String,
+    pub(super) key: String,
+    pub(super) upload_id: Option<String>,
     /// Bytes already stored as parts; the local buffer holds what follows.
-    base: u64,
-    part_size: u64,
-    parts: Vec<(u32, String)>,
+    pub(super) base: u64,
+    pub(super) part_size: u64,
+    pub(super) parts: Vec<(u32, String)>,
 }
 
 fn db(e: sqlx::Error) -> VolumeError {
@@ -72,7 +74,10 @@ fn now() -> i64 {
 
 impl ObjectStaging {
     pub fn new(shared: Arc<Shared>) -> Self {
-        ObjectStaging { shared }
+        ObjectStaging {
+            shared,
+            scratch_bucket: tokio::sync::OnceCell::new(),
+        }
     }
 
     fn volume(&self) -> &str {
@@ -83,14 +88,14 @@ impl ObjectStaging {
         self.shared.local_dir.join(format!("{session}.{base}"))
     }
 
-    async fn buffer_len(&self, session: &str, base: u64) -> u64 {
+    pub(super) async fn buffer_len(&self, session: &str, base: u64) -> u64 {
         tokio::fs::metadata(self.buffer(session, base))
             .await
             .map(|m| m.len())
             .unwrap_or(0)
     }
 
-    async fn load(&self, session: &str) -> Result<Option<Upload>> {
+    pub(super) async fn load(&self, session: &str) -> Result<Option<Upload>> {
         let pool = self.shared.state.pool();
         let Some(r) = sqlx::query(
             "SELECT bucket, key, upload_id, base, part_size FROM object_uploads
@@ -126,7 +131,7 @@ impl ObjectStaging {
         }))
     }
 
-    async fn create(&self, session: &str, loc: &Loc, key: &str, size: u64) -> Result<Upload> {
+    async fn create(&self, session: &str, bucket: &str, key: &str, size: u64) -> Result<Upload> {
         // Parts of whole MiB, at least the configured size, few enough for S3's 10 000.
         let needed = size.div_ceil(MAX_PARTS).div_ceil(1 << 20) << 20;
         let part_size = self.shared.cfg.part_size.max(needed);
@@ -140,7 +145,7 @@ impl ObjectStaging {
         )
         .bind(self.volume())
         .bind(session)
-        .bind(&loc.client.name)
+        .bind(bucket)
         .bind(key)
         .bind(part_size as i64)
         .bind(now())
@@ -148,7 +153,7 @@ impl ObjectStaging {
         .await
         .map_err(db)?;
         Ok(Upload {
-            bucket: loc.client.name.clone(),
+            bucket: bucket.to_string(),
             key: key.to_string(),
             upload_id: None,
             base: 0,
@@ -163,7 +168,7 @@ impl ObjectStaging {
 
     /// Sends the first `len` bytes of the buffer up as the next part, records it, and moves
     /// what follows them (after a whole-body write) into the next buffer.
-    async fn send_part(&self, session: &str, up: &mut Upload, len: u64) -> Result<()> {
+    pub(super) async fn send_part(&self, session: &str, up: &mut Upload, len: u64) -> Result<()> {
         let client = self.shared.service.bucket(&up.bucket)?;
         let path = object_store::path::Path::parse(&up.key)
             .map_err(|e| VolumeError::BadRequest(format!("{:?}: {e}", up.key)))?;
@@ -246,9 +251,31 @@ impl ObjectStaging {
         Ok(())
     }
 
-    /// Puts the whole upload in place at its key: the rest of the buffer as the last part and
-    /// the multipart upload completed, or one PUT when it never needed a part. Counts it.
+    /// Puts the whole upload in place at its key (`put_in_place`), counts it in the vfolder's
+    /// usage and forgets it.
     async fn complete(&self, vf: &VFolderId, session: &str, up: &mut Upload) -> Result<()> {
+        let (size, replaced) = self.put_in_place(session, up).await?;
+        self.count(vf, size, replaced).await;
+        self.forget(session).await
+    }
+
+    /// A new object of `size` bytes in vfolder `vf`, in place of one of `replaced` bytes.
+    pub(super) async fn count(&self, vf: &VFolderId, size: u64, replaced: Option<u64>) {
+        let objects = if replaced.is_some() { 0 } else { 1 };
+        let bytes = size as i64 - replaced.unwrap_or(0) as i64;
+        if let Err(e) = self.shared.registry.add(vf, objects, bytes).await {
+            tracing::warn!(error = %e, "cannot update usage counters after an upload");
+        }
+    }
+
+    /// The whole upload at its key: the rest of the buffer as the last part and the multipart
+    /// upload completed, or one PUT when it never needed a part. Returns its size and the size
+    /// of the object it replaced.
+    pub(super) async fn put_in_place(
+        &self,
+        session: &str,
+        up: &mut Upload,
+    ) -> Result<(u64, Option<u64>)> {
         while self.buffer_len(session, up.base).await > up.part_size {
             let part = up.part_size;
             self.send_part(session, up, part).await?;
@@ -297,16 +324,37 @@ impl ObjectStaging {
                     .map_err(err)?;
             }
         }
-        let objects = if replaced.is_some() { 0 } else { 1 };
-        let bytes = size as i64 - replaced.unwrap_or(0) as i64;
-        if let Err(e) = self.shared.registry.add(vf, objects, bytes).await {
-            tracing::warn!(error = %e, "cannot update usage counters after an upload");
-        }
-        self.forget(session).await
+        Ok((size, replaced))
+    }
+
+    /// Remembers the multipart upload a final upload's join copies into, so a join cut off is
+    /// aborted by the next attempt, or by `sweep` when nobody comes back.
+    pub(super) async fn record_join(
+        &self,
+        session: &str,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO object_uploads
+             (volume, session, bucket, key, upload_id, base, part_size, updated_at)
+             VALUES (?, ?, ?, ?, ?, 0, 0, ?)",
+        )
+        .bind(self.volume())
+        .bind(session)
+        .bind(bucket)
+        .bind(key)
+        .bind(upload_id)
+        .bind(now())
+        .execute(self.shared.state.pool())
+        .await
+        .map_err(db)?;
+        Ok(())
     }
 
     /// Drops what we keep about an upload (rows and buffers), not the service's side.
-    async fn forget(&self, session: &str) -> Result<()> {
+    pub(super) async fn forget(&self, session: &str) -> Result<()> {
         let pool = self.shared.state.pool();
         for sql in [
             "DELETE FROM object_upload_parts WHERE volume = ? AND session = ?",
@@ -338,6 +386,20 @@ impl ObjectStaging {
 
 #[async_trait]
 impl UploadStaging for ObjectStaging {
+    fn can_concat(&self) -> bool {
+        true
+    }
+
+    async fn concat(
+        &self,
+        vf: &VFolderId,
+        session: &str,
+        parts: &[(String, u64)],
+        dst: &RelPath,
+    ) -> Result<()> {
+        self.join(vf, session, parts, dst).await
+    }
+
     fn max_atomic_write(&self) -> Option<u64> {
         // The configured part size: an upload's own parts are never smaller.
         Some(self.shared.cfg.part_size)
@@ -401,8 +463,12 @@ impl UploadStaging for ObjectStaging {
         let mut up = match self.load(session).await? {
             Some(u) => u,
             None if plan.offset == 0 => {
-                self.create(session, &loc, &loc.key(&plan.dst), plan.size)
-                    .await?
+                let (bucket, key) = if plan.partial {
+                    self.partial_target(&loc, session, &plan.dst).await?
+                } else {
+                    (loc.client.name.clone(), loc.key(&plan.dst))
+                };
+                self.create(session, &bucket, &key, plan.size).await?
             }
             None => return Err(lost(session, "no multipart upload recorded".into())),
         };
@@ -521,7 +587,10 @@ impl UploadStaging for ObjectStaging {
         let mut up = match self.load(session).await? {
             Some(u) => u,
             // An empty upload that never wrote: an empty object.
-            None => self.create(session, &loc, &loc.key(dst), 0).await?,
+            None => {
+                self.create(session, &loc.client.name, &loc.key(dst), 0)
+                    .await?
+            }
         };
         if up.key != loc.key(dst) {
             return Err(VolumeError::Internal(format!(
@@ -534,7 +603,9 @@ impl UploadStaging for ObjectStaging {
     }
 
     async fn discard(&self, _vf: &VFolderId, session: &str) -> Result<()> {
-        self.abort(session).await
+        self.abort(session).await?;
+        self.remove_scratch(session).await;
+        Ok(())
     }
 
     async fn sweep(&self, older_than: SystemTime) -> Result<usize> {
@@ -561,7 +632,7 @@ impl UploadStaging for ObjectStaging {
 
 impl ObjectStaging {
     /// Aborts the service's multipart upload (its stored parts go) and forgets ours.
-    async fn abort(&self, session: &str) -> Result<()> {
+    pub(super) async fn abort(&self, session: &str) -> Result<()> {
         if let Some(up) = self.load(session).await?
             && let Some(id) = &up.upload_id
             && let Ok(client) = self.shared.service.bucket(&up.bucket)

@@ -3,6 +3,7 @@
 //! btrfs subvolumes with qgroups).
 
 mod copy;
+mod join;
 mod read;
 mod staging;
 

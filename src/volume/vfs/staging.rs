@@ -118,7 +118,7 @@ fn open_for_write(
 
 /// Moves the staged upload to `dst` in the vfolder (parents made, an existing file replaced
 /// atomically) and syncs the directory that now holds it.
-fn finish_at(
+pub(super) fn finish_at(
     root: BorrowedFd,
     owner: Option<Owner>,
     vf: &VFolderId,
@@ -156,7 +156,7 @@ pub struct VfsStaging {
     pub(super) owner: Option<Owner>,
 }
 
-fn staging_dir(vf: &VFolderId) -> RelPath {
+pub(super) fn staging_dir(vf: &VFolderId) -> RelPath {
     let base = match &vf.quota_scope {
         Some(qs) => RelPath::root().join_name(&qs.dir_name()),
         None => RelPath::root(),
@@ -180,6 +180,10 @@ impl VfsStaging {
 
 #[async_trait]
 impl UploadStaging for VfsStaging {
+    fn can_concat(&self) -> bool {
+        true
+    }
+
     async fn truncate(&self, vf: &VFolderId, session: &str, offset: u64) -> Result<u64> {
         let fd = self
             .open_staged(vf, session, libc::O_WRONLY)
@@ -207,6 +211,7 @@ impl UploadStaging for VfsStaging {
             finish_to,
             dst: _,
             atomic: _,
+            partial: _,
         } = plan;
         let root = self.root_fd.clone();
         let owner = self.owner;
@@ -344,6 +349,19 @@ impl UploadStaging for VfsStaging {
             body_error,
             finished,
         })
+    }
+
+    async fn concat(
+        &self,
+        vf: &VFolderId,
+        session: &str,
+        parts: &[(String, u64)],
+        dst: &RelPath,
+    ) -> Result<()> {
+        let (root, owner, vf) = (self.root_fd.clone(), self.owner, *vf);
+        let (session, parts, dst) = (session.to_string(), parts.to_vec(), dst.clone());
+        blocking(move || super::join::concat_at(root.as_fd(), owner, &vf, &session, &parts, &dst))
+            .await
     }
 
     async fn finish(&self, vf: &VFolderId, session: &str, dst: &RelPath) -> Result<()> {

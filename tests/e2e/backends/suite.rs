@@ -160,6 +160,8 @@ pub async fn volume_suite(d: &Daemon, peek: &Peek<'_>) {
     assert_eq!(upload(d, &vfid, "empty.txt", &empty, 1).await.status, 204);
     assert_eq!(peek(&vfid, "empty.txt").as_deref(), Some(&empty[..]));
 
+    partials_join(d, &vfid, peek).await;
+
     // mkdir and listings: files, directories from keys below them, empty directories.
     let r = op(
         d,
@@ -376,4 +378,43 @@ pub async fn volume_suite(d: &Daemon, peek: &Peek<'_>) {
         assert!(r.status == 404 || r.status == 400, "{}", r.text());
         assert!(peek(v, "big2.bin").is_none());
     }
+}
+
+/// tus concatenation: three partial uploads (one empty, one under S3's 5 MiB part minimum, cut
+/// at no block boundary), written out of order, joined by the final upload at the token's
+/// destination, where nothing was before.
+async fn partials_join(d: &Daemon, vfid: &str, peek: &Peek<'_>) {
+    use crate::tus_concat::{patch_url, post_final, post_partial};
+    let data = pattern(2 * MIB + 4097, 9);
+    let t = d
+        .token(
+            "/folder/file/upload",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "joined/parts.bin", "size": data.len()}),
+        )
+        .await;
+    let (r, first) = post_partial(d, &t, MIB as u64 + 3, None).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let (r, empty) = post_partial(d, &t, 0, Some(Vec::new())).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let rest = data[MIB + 3..].to_vec();
+    let (r, second) = post_partial(d, &t, rest.len() as u64, Some(rest)).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = patch_url(d, &first, 0, data[..MIB + 3].to_vec()).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(
+        peek(vfid, "joined/parts.bin"),
+        None,
+        "partials land nowhere"
+    );
+    let r = post_final(d, &t, &[&first, &empty, &second]).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(peek(vfid, "joined/parts.bin").as_deref(), Some(&data[..]));
+    let r = op(
+        d,
+        "/folder/file/delete",
+        vfid,
+        json!({"relpaths": ["joined"], "recursive": true}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
 }

@@ -142,13 +142,7 @@ enabled = false
             dir: self.dir,
             child: None,
             addrs: Default::default(),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(120))
-                // Below the daemon's idle-timeout (75 s): a connection the daemon may have
-                // closed is never reused (tests that block their runtime cannot notice a close).
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
+            http: http_client(),
             starts: 0,
             env: self.env,
         };
@@ -338,6 +332,9 @@ impl Daemon {
 
     pub async fn restart(&mut self) {
         self.kill9();
+        // Pooled connections went with the old process; a client reusing one would fail
+        // its first request.
+        self.http = http_client();
         self.spawn().await;
     }
 
@@ -485,6 +482,16 @@ impl Daemon {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        // Below the daemon's idle-timeout (75 s): a connection the daemon may have closed is
+        // never reused (tests that block their runtime cannot notice a close).
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 pub async fn send(req: reqwest::RequestBuilder) -> Resp {

@@ -94,6 +94,17 @@ impl Moto {
             .map(str::to_string)
             .collect()
     }
+
+    /// The keys in `bucket`.
+    pub fn keys(&self, bucket: &str) -> Vec<String> {
+        self.boto(&format!(
+            "print('\\n'.join(o['Key'] for o in s3.list_objects_v2(Bucket='{bucket}').get('Contents', [])))"
+        ))
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+    }
 }
 
 impl Drop for Moto {

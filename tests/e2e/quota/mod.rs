@@ -47,6 +47,7 @@ async fn btrfs_quota_scopes_are_subvolumes_with_qgroup_limits() {
     let fs = LoopFs::btrfs(512 * MIB);
     let mut d = daemon_on("btrfs", &fs.dir("vol1")).await;
     quota_scopes(&mut d, &btrfs_used).await;
+    suite::partials_join_by_reflink_within_the_quota(&d).await;
 
     // Every scope is a subvolume of its own (what a restart found again, too).
     let list = run(Command::new("btrfs")

@@ -254,3 +254,42 @@ pub async fn quota_scopes(d: &mut Daemon, kernel_used: &KernelUsage) {
     let r = mint(d, &vfid, "six.bin", 6 * MIB).await;
     assert_eq!(r.problem(413)["data"]["reason"], "quota");
 }
+
+/// Partial uploads in a scope and the join, on a filesystem that reflinks (btrfs): 8 MiB staged
+/// as two block-aligned partials in a 10 MiB scope join into place although a second copy of a
+/// partial would not fit, because `copy_file_range` clones the extents. A partial that would
+/// take the scope past its limit is refused when it is created, before any byte.
+pub async fn partials_join_by_reflink_within_the_quota(d: &Daemon) {
+    use crate::tus_concat::{patch_url, post_final, post_partial};
+    let qs = qsid();
+    let r = scope(d, "POST", &qs, Some(10 * MIB)).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let (vf, path) = vfolder_in(d, &qs).await;
+    let data = pattern(8 * MIB as usize);
+    let r = mint(d, &vf, "joined.bin", 8 * MIB).await;
+    let t = r.json()["token"].as_str().unwrap().to_string();
+    let mut urls = Vec::new();
+    for half in data.chunks(4 * MIB as usize) {
+        let (r, url) = post_partial(d, &t, half.len() as u64, None).await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        let r = patch_url(d, &url, 0, half.to_vec()).await;
+        assert_eq!(r.status, 204, "{}", r.text());
+        urls.push(url);
+    }
+    let r = post_final(d, &t, &[&urls[0], &urls[1]]).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(std::fs::read(path.join("joined.bin")).unwrap(), data);
+    let (used, _) = usage(d, &qs).await;
+    assert!(used <= 10 * MIB, "{used}");
+
+    // A token minted while 1.5 MiB fit; then 1 MiB more is written: its partial is refused
+    // when created, before any byte, saying it was the quota.
+    let late = MIB + MIB / 2;
+    let r = mint(d, &vf, "late.bin", late).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let t = r.json()["token"].as_str().unwrap().to_string();
+    let r = upload(d, &vf, "more.bin", MIB, 1).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let (r, _) = post_partial(d, &t, late, None).await;
+    assert_eq!(r.problem(413)["data"]["reason"], "quota", "{}", r.text());
+}

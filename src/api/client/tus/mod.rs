@@ -27,9 +27,10 @@ use crate::api::extract::ApiQuery;
 use crate::api::token::check_upload_destination;
 use crate::api::token::{TokenError, UploadClaims};
 use crate::state::now_unix;
-use crate::upload::{UploadLock, UploadRecord, UploadState};
+use crate::upload::{Concat, UploadLock, UploadRecord, UploadState};
 use crate::volume::{ByteStream, Checkpointing, RelPath, VolumeError, WritePlan};
 
+mod concat;
 mod errors;
 mod write;
 
@@ -63,6 +64,9 @@ pub struct UploadQuery {
     token: Option<String>,
     #[serde(default)]
     dst_dir: Option<String>,
+    /// One of the token's partial uploads (tus concatenation).
+    #[serde(default)]
+    partial: Option<String>,
 }
 
 // ---- helpers --------------------------------------------------------------------------------
@@ -130,6 +134,7 @@ fn from_claims(c: &UploadClaims) -> UploadRecord {
         state: UploadState::Active,
         created_at: now_unix(),
         expires_at: c.exp,
+        concat: Concat::None,
     }
 }
 
@@ -146,6 +151,41 @@ fn usable(rec: &UploadRecord, c: &UploadRecord) -> ApiResult<()> {
         return Err(gone(rec.expires_at));
     }
     Ok(())
+}
+
+/// The upload a request addresses: one of the token's partial uploads (`partial=`), or the
+/// token's own.
+async fn addressed(st: &AppState, c: &UploadClaims, q: &UploadQuery) -> ApiResult<UploadRecord> {
+    match q.partial.as_deref() {
+        Some(id) => concat::partial(st, c, id).await,
+        None => load(st, c).await,
+    }
+}
+
+fn put_header(h: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(HeaderName::from_static(name), v);
+    }
+}
+
+fn token_location(token: &str) -> String {
+    format!(
+        "upload?token={}",
+        percent_encoding::utf8_percent_encode(token, percent_encoding::NON_ALPHANUMERIC)
+    )
+}
+
+/// The upload's URL, relative to `/upload`'s, as `Location` gives it.
+fn location(q: &UploadQuery) -> String {
+    let mut location = token_location(q.token.as_deref().unwrap_or(""));
+    if let Some(d) = q.dst_dir.as_deref().filter(|d| !d.is_empty()) {
+        location.push_str("&dst_dir=");
+        location.push_str(
+            &percent_encoding::utf8_percent_encode(d, percent_encoding::NON_ALPHANUMERIC)
+                .to_string(),
+        );
+    }
+    location
 }
 
 /// The upload a token describes, as recorded, or new (not written until something is written).
@@ -215,7 +255,7 @@ pub async fn options(State(st): State<AppState>) -> Response {
     put("tus-max-size", &st.config.proxy.max_upload_size.to_string());
     put(
         "tus-extension",
-        "creation,creation-with-upload,termination,checksum,expiration",
+        "creation,creation-with-upload,termination,checksum,expiration,concatenation",
     );
     put("tus-checksum-algorithm", checksum::ALGORITHMS);
     put("access-control-max-age", "86400");
@@ -232,9 +272,13 @@ pub async fn head(
     ApiQuery(q): ApiQuery<UploadQuery>,
 ) -> ApiResult<Response> {
     let c = upload_claims(&st, q.token.as_deref())?;
-    let rec = load(&st, &c).await?;
+    let rec = addressed(&st, &c, &q).await?;
     destination(&q, &rec)?;
-    Ok((StatusCode::OK, upload_headers(&rec, offset_of(&rec))).into_response())
+    let mut h = upload_headers(&rec, offset_of(&rec));
+    if let Some(v) = concat::header_of(&rec, q.token.as_deref().unwrap_or("")) {
+        put_header(&mut h, "upload-concat", &v);
+    }
+    Ok((StatusCode::OK, h).into_response())
 }
 
 #[utoipa::path(delete, path = "/upload", tag = "tus", summary = "Terminate an upload",
@@ -247,7 +291,7 @@ pub async fn delete(
 ) -> ApiResult<Response> {
     check_resumable(&headers)?;
     let c = upload_claims(&st, q.token.as_deref())?;
-    let rec = load(&st, &c).await?;
+    let rec = addressed(&st, &c, &q).await?;
     let _lock = st
         .uploads
         .locks
@@ -255,6 +299,10 @@ pub async fn delete(
         .await
         .map_err(|_| locked())?;
     st.uploads.terminate(&rec).await?;
+    if q.partial.is_none() {
+        // The upload's partial uploads go with it.
+        st.uploads.terminate_partials(&c.session).await?;
+    }
     Ok((
         StatusCode::NO_CONTENT,
         [(HeaderName::from_static("tus-resumable"), TUS_VERSION)],
@@ -314,8 +362,12 @@ async fn patch_with(
         )));
     }
     let expected = expected_checksum(headers)?;
-    // The record is read once, under the upload's lock (`precheck`).
-    let rec = from_claims(&c);
+    // The record is read once, under the upload's lock (`precheck`); a partial upload exists
+    // only once created.
+    let rec = match q.partial.as_deref() {
+        Some(id) => concat::partial(st, &c, id).await?,
+        None => from_claims(&c),
+    };
     let dst = destination(q, &rec)?;
     let announced = parse_u64_header(headers, "content-length")?;
     let offset = write_at(st, &rec, dst, offset, announced, expected, body).await?;
@@ -365,6 +417,10 @@ async fn create(
 ) -> ApiResult<Response> {
     check_resumable(headers)?;
     let c = upload_claims(st, q.token.as_deref())?;
+    let concat = concat::parse(headers)?;
+    if let Some(concat::UploadConcat::Final(ids)) = concat {
+        return concat::create_final(st, q, headers, &c, ids).await;
+    }
     if headers.contains_key("upload-defer-length") {
         return Err(bad_header(
             "upload-defer-length",
@@ -375,6 +431,9 @@ async fn create(
         .ok_or_else(|| bad_header("upload-length", "is required"))?;
     if length > st.config.proxy.max_upload_size {
         return Err(too_large(st.config.proxy.max_upload_size));
+    }
+    if let Some(concat::UploadConcat::Partial) = concat {
+        return concat::create_partial(st, q, headers, body, &c, length).await;
     }
     if length != c.size {
         return Err(bad_header(
@@ -401,25 +460,9 @@ async fn create(
     } else {
         offset_of(&rec)
     };
-    let mut location = format!(
-        "upload?token={}",
-        percent_encoding::utf8_percent_encode(
-            q.token.as_deref().unwrap_or(""),
-            percent_encoding::NON_ALPHANUMERIC
-        )
-    );
-    if let Some(d) = q.dst_dir.as_deref().filter(|d| !d.is_empty()) {
-        location.push_str("&dst_dir=");
-        location.push_str(
-            &percent_encoding::utf8_percent_encode(d, percent_encoding::NON_ALPHANUMERIC)
-                .to_string(),
-        );
-    }
     let mut h = upload_headers(&rec, offset);
     h.remove(header::CACHE_CONTROL);
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        h.insert(header::LOCATION, v);
-    }
+    put_header(&mut h, "location", &location(q));
     Ok((StatusCode::CREATED, h).into_response())
 }
 

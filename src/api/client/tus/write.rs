@@ -116,6 +116,14 @@ async fn precheck(
             (claimed.clone(), !whole)
         }
     };
+    if let Concat::Final { .. } = rec.concat {
+        return Err(ApiError::problem(
+            StatusCode::FORBIDDEN,
+            "storage/tus-final-upload",
+            "A final upload cannot be modified",
+        )
+        .msg("this upload is made of partial uploads; PATCH those (or repeat the final POST)"));
+    }
     if rec.state == UploadState::Done {
         return if offset == rec.size {
             Ok(Precheck::Done(rec.size))
@@ -141,7 +149,7 @@ async fn precheck(
     if rec.offset == rec.size && rec.size > 0 {
         // Everything is staged but the move into place failed before; try again. (An empty
         // upload takes the write path: its staging file is made by its one, empty, PATCH.)
-        st.uploads.complete(&rec, dst).await?;
+        complete(st, &rec, dst).await?;
         return Ok(Precheck::Done(rec.size));
     }
     Ok(Precheck::Write(Box::new(rec), recorded, v))
@@ -271,9 +279,10 @@ async fn write_locked(
                 size: rec.size,
                 checkpoints,
                 // With a checksum the move waits for the digest; without, it is part of the
-                // write.
-                finish_to: expected.is_none().then(|| dst.clone()),
+                // write. A partial upload stays in staging until its final upload joins it.
+                finish_to: (expected.is_none() && rec.concat == Concat::None).then(|| dst.clone()),
                 atomic: expected.is_some(),
+                partial: matches!(rec.concat, Concat::Partial { .. }),
             },
         )
         .await;
@@ -380,7 +389,7 @@ async fn write_locked(
                 tracing::warn!(session = %rec.session, error = %e, "cannot record a completed upload");
             }
         } else {
-            st.uploads.complete(&rec, &dst).await?;
+            complete(st, &rec, &dst).await?;
         }
         tracing::info!(session = %rec.session, size = rec.size, dst = %dst, "upload complete");
     } else if new_offset > committed
@@ -394,6 +403,16 @@ async fn write_locked(
     }
     drop(lock);
     Ok(new_offset)
+}
+
+/// A completely staged upload is done: moved into place, or, for a partial upload, kept in
+/// staging (synced by the write) for its final upload.
+async fn complete(st: &AppState, rec: &UploadRecord, dst: &RelPath) -> ApiResult<()> {
+    match rec.concat {
+        Concat::Partial { .. } => st.uploads.record_done(rec).await?,
+        _ => st.uploads.complete(rec, dst).await?,
+    }
+    Ok(())
 }
 
 /// Commits each checkpoint's offset as the staging layer reports it durable (recording the
