@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import uuid
 from pathlib import Path
 
@@ -910,6 +911,43 @@ class Bench:
             for (how, name), v in res.items():
                 self.results.add(f"upload {size >> 20} MiB into {service}, {how}", name, "MB/s", v)
 
+    def streams(self):
+        """`ctl upload` of one big file in 1, 2 and 4 streams (tus concatenation: partial
+        uploads sent at once, joined by the final upload) into a vfs volume and into S3 (moto).
+        "storage-agent" is ctl's default (4 streams); the ratio says what the streams bring."""
+        size = (64 << 20) if self.smoke else (1 << 30)
+        src = self.work / "streamsrc.bin"
+        random_file(src, size)
+        warm(src)
+        moto = self.start(MotoServer(self.work))
+        s3 = (f'endpoint = "{moto.endpoint}"\nregion = "us-east-1"\naccess-key = "bench"\n'
+              'secret-key = "bench-secret"\nbucket-prefix = "bench-"\npart-size = "16m"\n')
+        targets = {
+            "vfs": self.start(StorageAgent(self.work / "st-vfs", self.sa_bin)),
+            "S3 (moto)": self.start(StorageAgent(self.work / "st-s3", self.sa_bin, backend="s3", volume_extra=s3)),
+        }
+        env = dict(os.environ, XDG_CACHE_HOME=str(self.work / "ctl-cache"))
+        names = {1: "--streams 1", 2: "--streams 2", 4: "storage-agent"}
+        for target, sa in targets.items():
+            res = {n: [] for n in names}
+            for r in range(self.rounds):
+                # Alternating who goes first: a service slows down as it fills.
+                for n in (names if r % 2 == 0 else list(names)[::-1]):
+                    vfid = sa.new_vfolder()
+                    t = time.time()
+                    subprocess.run(
+                        [self.sa_bin, "ctl", "--config", sa.dir / "storage-agent.toml", "--json", "upload", "vol1",
+                         vfid, src, "--streams", str(n)],
+                        check=True, capture_output=True, env=env,
+                    )
+                    res[n].append(size / (time.time() - t) / MB)
+                    try:
+                        sa.mgr("/folder/delete", {"volume": "vol1", "vfid": vfid})
+                    except urllib.error.HTTPError as e:
+                        log(f"deleting {vfid}: {e.code} {e.read()[:300]!r}")
+            for n, v in res.items():
+                self.results.add(f"ctl upload {size >> 20} MiB into {target}", names[n], "MB/s", v)
+
     # -- concurrency, memory
 
     def concurrent(self, sa, py, tus):
@@ -1036,7 +1074,7 @@ def main():
                     "object_uploads (e.g. the commit before a change)")
     ap.add_argument("--skip-sessions", action="store_true", help="without Docker")
     ap.add_argument("--only", help="one scenario (uploads, downloads, small_files, manager_api, "
-                    "archive, usage, quota, cephfs_usage, s3, object_uploads, concurrent, sessions); results are printed, RESULTS.md untouched")
+                    "archive, usage, quota, cephfs_usage, s3, object_uploads, streams, concurrent, sessions); results are printed, RESULTS.md untouched")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (drop_caches, sshd, Docker)")
@@ -1044,7 +1082,8 @@ def main():
     t0 = time.time()
     try:
         # Scenarios that start their own systems need none of the shared ones.
-        standalone = {"quota": b.quota, "cephfs_usage": b.cephfs_usage, "s3": b.s3, "object_uploads": b.object_uploads, "sessions": b.sessions}
+        standalone = {"quota": b.quota, "cephfs_usage": b.cephfs_usage, "s3": b.s3, "object_uploads": b.object_uploads,
+                      "streams": b.streams, "sessions": b.sessions}
         if args.only in standalone:
             standalone[args.only]()
             return
@@ -1064,6 +1103,7 @@ def main():
             "cephfs_usage": b.cephfs_usage,
             "s3": b.s3,
             "object_uploads": b.object_uploads,
+            "streams": b.streams,
             "concurrent": lambda: b.concurrent(sa, py, tus),
         }
         if args.only:

@@ -605,3 +605,22 @@ async fn s3_partials_and_join_survive_kill_9() {
     ));
     assert_eq!(pending.trim(), "0", "no multipart upload left behind");
 }
+
+#[tokio::test]
+async fn an_upload_takes_a_bounded_number_of_partials() {
+    let d = Daemon::start().await;
+    let u = mint(&d, "many.bin", 1000).await;
+    let mut urls = Vec::new();
+    for _ in 0..16 {
+        let (r, url) = post_partial(&d, &u.token, 1, None).await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        urls.push(url);
+    }
+    let r = post_partial(&d, &u.token, 1, None).await.0;
+    let why = r.problem(400)["data"]["upload-concat"].to_string();
+    assert!(why.contains("at most 16"), "{why}");
+    // Terminating one makes room for another.
+    let r = send(d.http.delete(&urls[0]).header("Tus-Resumable", "1.0.0")).await;
+    assert_eq!(r.status, 204);
+    assert_eq!(post_partial(&d, &u.token, 1, None).await.0.status, 201);
+}

@@ -5,8 +5,9 @@
 //! What is promised:
 //! - A partial has no destination of its own: its bytes wait in the volume's staging, where
 //!   nothing can download them, until the final upload joins them.
-//! - The partials of one token together may hold at most the token's size, so splitting an
-//!   upload into streams never gets around its length or the quota check, which counts the
+//! - The partials of one token together may hold at most the token's size, and there are at
+//!   most `MAX_PARTIALS` of them, so splitting an upload into streams never gets around its
+//!   length, the staging bounds of security review 2 (G2) or the quota check, which counts the
 //!   whole upload when the partials are created.
 //! - The final upload lands at once: the join happens in staging and moves into place like any
 //!   completed upload. A join cut off (kill -9, full disk) completes when the final POST is
@@ -18,6 +19,11 @@
 
 use super::*;
 use crate::upload::{Concat, partial_id, partial_session};
+
+/// Live partial uploads one upload may have. Each holds staging of its own (on object volumes
+/// up to two parts in a local buffer, and a multipart upload), so their number is bounded like
+/// an upload's length is; no client needs more streams than this to fill a path.
+pub(super) const MAX_PARTIALS: usize = 16;
 
 /// What an `Upload-Concat` header asks for.
 pub(super) enum UploadConcat {
@@ -165,6 +171,12 @@ pub(super) async fn create_partial(
     check_upload_destination(v.as_ref(), &c.vfid, &dst).await?;
     let others = st.uploads.partials_of(&c.session).await?;
     let live = |p: &&UploadRecord| matches!(p.state, UploadState::Active | UploadState::Done);
+    if others.iter().filter(live).count() >= MAX_PARTIALS {
+        return Err(bad_concat(format!(
+            "an upload takes at most {MAX_PARTIALS} partial uploads at a time (terminate unused \
+             ones first)"
+        )));
+    }
     let claimed: u64 = others.iter().filter(live).map(|p| p.size).sum();
     if claimed.saturating_add(length) > c.size {
         return Err(ApiError::problem(

@@ -264,8 +264,8 @@ pub async fn options(State(st): State<AppState>) -> Response {
     (StatusCode::OK, h).into_response()
 }
 
-#[utoipa::path(head, path = "/upload", tag = "tus", summary = "Where an upload stands",
-    params(("token" = String, Query, description = "The JWT the manager API minted")),
+#[utoipa::path(head, path = "/upload", tag = "tus", summary = "Where an upload stands (Upload-Concat for partial and final uploads)",
+    params(("token" = String, Query, description = "The JWT the manager API minted"), ("partial" = Option<String>, Query, description = "One of the upload's partial uploads (tus concatenation), as its Location named it")),
     responses((status = 200, description = "Upload-Offset, Upload-Length, Upload-Expires"), (status = "4XX", description = "Refused", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn head(
     State(st): State<AppState>,
@@ -281,8 +281,8 @@ pub async fn head(
     Ok((StatusCode::OK, h).into_response())
 }
 
-#[utoipa::path(delete, path = "/upload", tag = "tus", summary = "Terminate an upload",
-    params(("token" = String, Query, description = "The JWT the manager API minted")),
+#[utoipa::path(delete, path = "/upload", tag = "tus", summary = "Terminate an upload (with its partial uploads), or one partial upload",
+    params(("token" = String, Query, description = "The JWT the manager API minted"), ("partial" = Option<String>, Query, description = "One of the upload's partial uploads (tus concatenation), as its Location named it")),
     responses((status = 204, description = "Terminated"), (status = "4XX", description = "Refused", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn delete(
     State(st): State<AppState>,
@@ -311,7 +311,7 @@ pub async fn delete(
 }
 
 #[utoipa::path(patch, path = "/upload", tag = "tus", summary = "Append bytes at Upload-Offset (Upload-Checksum optional)",
-    params(("token" = String, Query, description = "The JWT the manager API minted"), ("dst_dir" = Option<String>, Query, description = "Backend.AI's destination directory override")),
+    params(("token" = String, Query, description = "The JWT the manager API minted"), ("dst_dir" = Option<String>, Query, description = "Backend.AI's destination directory override"), ("partial" = Option<String>, Query, description = "One of the upload's partial uploads (tus concatenation), as its Location named it")),
     request_body(content = Vec<u8>, content_type = "application/offset+octet-stream"),
     responses((status = 204, description = "Upload-Offset: the new durable offset"), (status = 460, description = "Checksum mismatch: nothing kept"), (status = 507, description = "Quota or disk full: the offset is intact", body = crate::api::error::ProblemDoc, content_type = "application/problem+json"), (status = "4XX", description = "Refused", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn patch(
@@ -383,8 +383,8 @@ fn expected_checksum(headers: &HeaderMap) -> ApiResult<Option<Expected>> {
 
 /// `POST /upload?token=…`: tus creation for clients that create their own uploads. The record
 /// exists since the token was minted; POST confirms its length and answers with its URL.
-#[utoipa::path(post, path = "/upload", tag = "tus", summary = "Create an upload (tus creation, with-upload)",
-    params(("token" = String, Query, description = "The JWT the manager API minted")),
+#[utoipa::path(post, path = "/upload", tag = "tus", summary = "Create an upload (tus creation, with-upload), a partial upload (Upload-Concat: partial) or the final upload joining partials (Upload-Concat: final;<urls>)",
+    params(("token" = String, Query, description = "The JWT the manager API minted"), ("Upload-Concat" = Option<String>, Header, description = "partial, or final;<partial upload URLs separated by spaces>")),
     responses((status = 201, description = "Location of the upload; Upload-Offset when data came with it"), (status = "4XX", description = "Refused", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn post(
     state: State<AppState>,
