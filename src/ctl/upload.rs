@@ -30,9 +30,18 @@ use super::transfer::{bar, io, join, local_tree};
 /// Files smaller than this go in one stream whatever `streams` says: below it a stream's setup
 /// costs more than its share of the bandwidth gains.
 const PARALLEL_MIN: u64 = 64 << 20;
-/// Partial uploads start at multiples of this (reflinks need block-aligned offsets; S3 parts are
-/// at least 5 MiB).
-const ALIGN: u64 = 1 << 20;
+/// Partial uploads start at multiples of this, at least: reflinks need block-aligned offsets,
+/// and an S3 volume puts a partial straight into the destination's multipart upload when it
+/// starts at a whole number of parts (power-of-two part sizes up to this, or, for uploads so
+/// big that parts must be larger, at least the size 10 000 parts need).
+const ALIGN: u64 = 64 << 20;
+
+/// Where streams of a `len`-byte file may start: a multiple of `ALIGN` and of the part size S3
+/// needs for `len` bytes in 10 000 parts (rounded up to a power of two, as the server does).
+fn align_for(len: u64) -> u64 {
+    let needed = (len.div_ceil(10_000).div_ceil(1 << 20) << 20).next_power_of_two();
+    ALIGN.max(needed)
+}
 /// How long an upload waits for the server to settle a PATCH it was still finishing.
 const SETTLE: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -90,9 +99,11 @@ impl Saved {
     }
 }
 
-/// `len` bytes cut into at most `n` ranges starting at whole MiB (the last takes the rest).
+/// `len` bytes cut into at most `n` ranges starting at multiples of `align_for(len)` (the last
+/// takes the rest).
 fn cut(len: u64, n: u64) -> Vec<(u64, u64)> {
-    let each = len.div_ceil(n.max(1)).div_ceil(ALIGN) * ALIGN;
+    let align = align_for(len);
+    let each = len.div_ceil(n.max(1)).div_ceil(align) * align;
     let mut v = Vec::new();
     let mut start = 0;
     while start < len {
@@ -275,6 +286,9 @@ impl Upload<'_> {
                 .header("Tus-Resumable", "1.0.0")
                 .header("Upload-Concat", "partial")
                 .header("Upload-Length", l)
+                // Where it goes in the file: an S3 volume can then put its bytes straight into
+                // place (no copy when joining).
+                .header("Storage-Agent-Partial-Offset", start)
                 .send()
                 .await
                 .map_err(|e| {
@@ -373,6 +387,14 @@ impl Upload<'_> {
         pb: &ProgressBar,
     ) -> Result<()> {
         let len = s.len;
+        // An object volume holds a checksummed body back until it is verified, so it takes
+        // them no longer than a part: its HEAD says how long.
+        let mut chunk = match self.head(&s.url).await {
+            Some(h) => header_u64(&h, "storage-agent-max-checksummed-body")
+                .filter(|m| *m > 0)
+                .map_or(self.chunk, |m| m.min(self.chunk)),
+            None => self.chunk,
+        };
         let mut shown = offset;
         pb.inc(offset);
         let mut f = tokio::fs::File::open(local)
@@ -398,7 +420,7 @@ impl Upload<'_> {
             f.seek(std::io::SeekFrom::Start(s.start + offset))
                 .await
                 .map_err(|e| io(local, e))?;
-            let n = self.chunk.min(len - offset) as usize;
+            let n = chunk.min(len - offset) as usize;
             let mut buf = vec![0u8; n];
             f.read_exact(&mut buf).await.map_err(|e| io(local, e))?;
             let sum = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&buf));
@@ -453,6 +475,17 @@ impl Upload<'_> {
             if status.as_u16() != 204 {
                 resync(&mut shown, offset);
                 let body = r.bytes().await.unwrap_or_default();
+                // The same limit, learnt from a refusal (a server that does not say it in HEAD).
+                if status.as_u16() == 413
+                    && let Some(max) = serde_json::from_slice::<Value>(&body)
+                        .ok()
+                        .and_then(|p| p["data"]["max_checksummed_body"].as_u64())
+                    && max > 0
+                    && max < chunk
+                {
+                    chunk = max;
+                    continue;
+                }
                 let mut e = CtlError::from_answer(status.as_u16(), &body);
                 e.message = format!("{dst}: {}", e.message);
                 return Err(e);
@@ -472,6 +505,11 @@ impl Upload<'_> {
 
     /// Where the server stands on an upload (HEAD), or None when it does not know it.
     async fn server_offset(&self, url: &str) -> Option<u64> {
+        header_u64(&self.head(url).await?, "upload-offset")
+    }
+
+    /// The upload's HEAD answer, when the server knows the upload.
+    async fn head(&self, url: &str) -> Option<reqwest::header::HeaderMap> {
         let r = self
             .conn
             .http
@@ -480,14 +518,14 @@ impl Upload<'_> {
             .send()
             .await
             .ok()?;
-        if !r.status().is_success() {
-            return None;
-        }
-        r.headers()
-            .get("upload-offset")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
+        r.status().is_success().then(|| r.headers().clone())
     }
+}
+
+fn header_u64(h: &reqwest::header::HeaderMap, name: &str) -> Option<u64> {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 #[cfg(test)]
@@ -495,7 +533,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn streams_start_at_whole_mib_and_cover_the_file() {
+    fn streams_start_at_whole_parts_and_cover_the_file() {
         let len = 100 * ALIGN + 12_345;
         let parts = cut(len, 4);
         assert_eq!(parts.len(), 4);
@@ -504,5 +542,9 @@ mod tests {
         assert!(parts.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0));
         // Fewer streams than asked when the file is small for them.
         assert_eq!(cut(3 * ALIGN, 8).len(), 3);
+        // A file needing parts above 64 MiB (over 640 GB) is cut at those.
+        let huge = 1u64 << 40;
+        assert_eq!(align_for(huge), 128 << 20);
+        assert!(cut(huge, 4).iter().all(|(s, _)| s % (128 << 20) == 0));
     }
 }

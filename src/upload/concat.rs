@@ -7,7 +7,19 @@ use super::*;
 impl Concat {
     pub fn parent(&self) -> Option<&str> {
         match self {
-            Concat::Partial { parent } => Some(parent),
+            Concat::Partial { parent, .. } => Some(parent),
+            _ => None,
+        }
+    }
+
+    /// What a volume's staging needs to know of a partial upload.
+    pub fn partial_of(&self) -> Option<crate::volume::PartialOf> {
+        match self {
+            Concat::Partial { parent, at, total } => Some(crate::volume::PartialOf {
+                parent: parent.clone(),
+                at: *at,
+                total: *total,
+            }),
             _ => None,
         }
     }
@@ -61,6 +73,15 @@ impl Uploads {
         .execute(self.state.pool())
         .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    /// Forgets that `session` is a final upload, whose join was refused before it began.
+    pub async fn abandon_final(&self, session: &str) -> Result<(), UploadError> {
+        sqlx::query("UPDATE uploads SET parts = NULL WHERE session = ? AND state = 'active'")
+            .bind(session)
+            .execute(self.state.pool())
+            .await?;
+        Ok(())
     }
 
     /// Joins the final upload's partials into `dst` (the volume's durable step), then remembers

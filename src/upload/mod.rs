@@ -95,8 +95,13 @@ pub enum Concat {
     /// A plain upload: its bytes go to the token's destination.
     None,
     /// A partial upload of the upload (token session) named: its bytes wait in staging until a
-    /// final upload joins them.
-    Partial { parent: String },
+    /// final upload joins them. `at`: where the client declared it starts in the final upload
+    /// (`Storage-Agent-Partial-Offset`), if it did; `total`: the upload's length.
+    Partial {
+        parent: String,
+        at: Option<u64>,
+        total: u64,
+    },
     /// The final upload: the token's destination made of these partials' sessions, in order.
     Final { parts: Vec<String> },
 }
@@ -140,7 +145,11 @@ fn row_to_record(row: &sqlx::sqlite::SqliteRow) -> Result<UploadRecord, UploadEr
             row.get::<Option<String>, _>("parent"),
             row.get::<Option<String>, _>("parts"),
         ) {
-            (Some(parent), _) => Concat::Partial { parent },
+            (Some(parent), _) => Concat::Partial {
+                parent,
+                at: row.get::<Option<i64>, _>("partial_at").map(|v| v as u64),
+                total: row.get::<Option<i64>, _>("partial_total").unwrap_or(0) as u64,
+            },
             (None, Some(parts)) => Concat::Final {
                 parts: parts.split_whitespace().map(str::to_string).collect(),
             },
@@ -166,8 +175,8 @@ impl Uploads {
     /// made by the first write.
     pub async fn ensure(&self, rec: &UploadRecord) -> Result<(), UploadError> {
         sqlx::query(
-            r#"INSERT OR IGNORE INTO uploads (session, volume, vfid, relpath, size, "offset", state, created_at, expires_at, parent, parts)
-               VALUES (?, ?, ?, ?, ?, 0, 'active', ?, ?, ?, ?)"#,
+            r#"INSERT OR IGNORE INTO uploads (session, volume, vfid, relpath, size, "offset", state, created_at, expires_at, parent, partial_at, partial_total, parts)
+               VALUES (?, ?, ?, ?, ?, 0, 'active', ?, ?, ?, ?, ?, ?)"#,
         )
         .bind(&rec.session)
         .bind(&rec.volume)
@@ -177,6 +186,8 @@ impl Uploads {
         .bind(rec.created_at)
         .bind(rec.expires_at)
         .bind(rec.concat.parent())
+        .bind(rec.concat.partial_of().and_then(|p| p.at).map(|v| v as i64))
+        .bind(rec.concat.partial_of().map(|p| p.total as i64))
         .bind(rec.concat.parts())
         .execute(self.state.relaxed())
         .await?;

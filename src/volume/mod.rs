@@ -361,7 +361,19 @@ pub struct WritePlan {
     pub atomic: bool,
     /// A partial upload (tus concatenation): it never moves into place itself; `concat` joins
     /// it. Object stores keep it where the join can take it (`dst` is the final upload's).
-    pub partial: bool,
+    pub partial: Option<PartialOf>,
+}
+
+/// A partial upload, as its staging may arrange it for the join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartialOf {
+    /// The upload it is part of (its session).
+    pub parent: String,
+    /// Where its client declared it starts in the final upload, if it did: an object store may
+    /// then put its bytes straight where they belong.
+    pub at: Option<u64>,
+    /// The whole upload's length.
+    pub total: u64,
 }
 
 /// What a presigned URL may do.

@@ -624,3 +624,123 @@ async fn an_upload_takes_a_bounded_number_of_partials() {
     assert_eq!(r.status, 204);
     assert_eq!(post_partial(&d, &u.token, 1, None).await.0.status, 201);
 }
+
+/// S3, partials whose client declared their offsets (`Storage-Agent-Partial-Offset`) at whole
+/// parts: their bytes go straight into the destination's multipart upload, so the join copies
+/// nothing (no partials' bucket is ever made). A final naming them against their declared
+/// order is refused and loses nothing; a partial without a declared offset joins them by a
+/// server-side copy.
+#[tokio::test]
+async fn s3_places_partials_with_declared_offsets() {
+    use crate::backends::{bucket_of, s3_object};
+    let moto = crate::common::moto::Moto::start();
+    let d = Daemon::builder().s3(&moto.endpoint(), "dec-").start().await;
+    let vfid = format!(
+        "user:{}/{}",
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let r = d
+        .mgr(
+            "POST",
+            "/folder/create",
+            json!({"volume": "vol1", "vfid": vfid}),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    // The volume's part size for partials: its configured 5 MiB, up to a power of two.
+    const PS: usize = 8 << 20;
+    let data = pattern(2 * PS + 3, 8);
+    let t = d
+        .token(
+            "/folder/file/upload",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "placed.bin", "size": data.len()}),
+        )
+        .await;
+    let declared = |at: usize, len: usize| {
+        d.http
+            .post(d.url("client", &format!("/upload?token={t}")))
+            .header("Tus-Resumable", "1.0.0")
+            .header("Upload-Concat", "partial")
+            .header("Upload-Length", len.to_string())
+            .header("Storage-Agent-Partial-Offset", at.to_string())
+    };
+    // Overlapping or overlong declarations are refused.
+    let (r, a) = {
+        let r = send(declared(0, PS)).await;
+        let url = d.url(
+            "client",
+            &format!("/{}", r.header("location").unwrap_or_default()),
+        );
+        (r, url)
+    };
+    assert_eq!(r.status, 201, "{}", r.text());
+    send(declared(PS / 2, PS)).await.problem(409);
+    send(declared(2 * PS, 4)).await.problem(400);
+    let r = send(declared(PS, PS + 3)).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let b = d.url("client", &format!("/{}", r.header("location").unwrap()));
+    // Written out of order, in pieces.
+    assert_eq!(patch_url(&d, &b, 0, data[PS..].to_vec()).await.status, 204);
+    assert_eq!(
+        patch_url(&d, &a, 0, data[..PS / 2].to_vec()).await.status,
+        204
+    );
+    assert_eq!(
+        patch_url(&d, &a, (PS / 2) as u64, data[PS / 2..PS].to_vec())
+            .await
+            .status,
+        204
+    );
+    // Named against their declared order: refused, nothing lost.
+    let why = post_final(&d, &t, &[&b, &a]).await.problem(400)["msg"].to_string();
+    assert!(why.contains("declared"), "{why}");
+    let r = post_final(&d, &t, &[&a, &b]).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(
+        s3_object(&moto, &bucket_of("dec-", &vfid), "placed.bin").as_deref() == Some(&data[..]),
+        "byte-identical"
+    );
+    assert!(
+        !moto.buckets().contains(&"dec-partials".to_string()),
+        "nothing was copied: no partial needed an object of its own"
+    );
+
+    // One partial declared, one not: the undeclared one is copied in after the placed one.
+    let t = d
+        .token(
+            "/folder/file/upload",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "mixed.bin", "size": data.len()}),
+        )
+        .await;
+    let r = send(
+        d.http
+            .post(d.url("client", &format!("/upload?token={t}")))
+            .header("Tus-Resumable", "1.0.0")
+            .header("Upload-Concat", "partial")
+            .header("Upload-Length", PS.to_string())
+            .header("Storage-Agent-Partial-Offset", "0")
+            .header("Content-Type", "application/offset+octet-stream")
+            .body(data[..PS].to_vec()),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let a = d.url("client", &format!("/{}", r.header("location").unwrap()));
+    let (r, b) = post_partial(&d, &t, (PS + 3) as u64, Some(data[PS..].to_vec())).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = post_final(&d, &t, &[&a, &b]).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(
+        s3_object(&moto, &bucket_of("dec-", &vfid), "mixed.bin").as_deref() == Some(&data[..]),
+        "byte-identical"
+    );
+    assert!(
+        moto.keys("dec-partials").is_empty(),
+        "the copied partial's object is gone"
+    );
+    let pending = moto.boto(&format!(
+        "print(len(s3.list_multipart_uploads(Bucket='{}').get('Uploads', [])))",
+        bucket_of("dec-", &vfid)
+    ));
+    assert_eq!(pending.trim(), "0", "no multipart upload left behind");
+}

@@ -5,14 +5,19 @@
 //!   of the destination blob itself; the join sends each partial's buffered rest as one more
 //!   block and commits all blocks, in the final upload's order, with one Put Block List. No
 //!   byte is copied.
-//! - **S3** (`Partials::CopiedParts`): a part number fixes a part's place, and partials are
-//!   numbered before the final upload names their order (tus-js-client creates them all at
-//!   once, so they arrive in any order). So each partial is a multipart upload of its own that
-//!   the join completes into an object outside every vfolder; the final is one multipart upload
-//!   whose parts are server-side copies of them (UploadPartCopy, up to 5 GiB each). S3 wants
-//!   every part but the last at 5 MiB or more: a partial shorter than that is read and sent
-//!   with the start of the next one (at most 5 MiB held in memory). The partials' objects go
-//!   once the final upload is complete.
+//! - **S3** (`Partials::CopiedParts`): a part number fixes a part's place, so a partial's parts
+//!   can go straight into the destination's multipart upload only where the partial's place is
+//!   known before the final upload names the order: its client declared it
+//!   (`Storage-Agent-Partial-Offset`, which `ctl upload --streams` sends) at a whole number of
+//!   parts, and it is whole parts long or ends the upload. Those partials share one multipart
+//!   upload at the destination, numbered from their offset, and the join only sends their last
+//!   parts and completes it: no byte is copied. Any other partial (tus-js-client's, whose
+//!   partials are made all at once and so arrive in any order) is a multipart upload of its own
+//!   that the join completes into an object outside every vfolder; the final is then a
+//!   multipart upload whose parts are server-side copies of them (UploadPartCopy, up to 5 GiB
+//!   each). S3 wants every part but the last at 5 MiB or more: a partial shorter than that is
+//!   read and sent with the start of the next one (at most 5 MiB held in memory). The
+//!   partials' objects go once the final upload is complete.
 //!
 //! A join cut off (kill -9, a service error) is repeated whole: partial objects already
 //! completed stay, a half-copied final multipart upload is aborted and started again. If the
@@ -22,12 +27,14 @@ use bytes::Bytes;
 use object_store::ObjectStoreExt;
 use object_store::multipart::PartId;
 
+use sqlx::Row;
+
 use super::files::{Loc, payload};
 use super::service::Partials;
-use super::staging::ObjectStaging;
+use super::staging::{MAX_PARTS, ObjectStaging, Upload, db, now};
 use crate::config::object::Layout;
 use crate::ids::VFolderId;
-use crate::volume::{RelPath, Result, VolumeError};
+use crate::volume::{PartialOf, RelPath, Result, VolumeError};
 
 /// S3's smallest part but the last.
 const MIN_PART: u64 = 5 << 20;
@@ -46,29 +53,186 @@ fn parse_key(key: &str) -> Result<object_store::path::Path> {
         .map_err(|e| VolumeError::BadRequest(format!("{key:?}: {e}")))
 }
 
+/// The multipart upload at a final upload's destination that its placed partials share.
+struct SharedUpload {
+    upload_id: String,
+    part_size: u64,
+}
+
 impl ObjectStaging {
-    /// Where a partial upload's bytes go (bucket, key): the destination blob (Azure), or its own
-    /// object outside every vfolder (S3).
-    pub(super) async fn partial_target(
+    /// The part size of an upload of `total` bytes made of partials: a power of two (so the
+    /// offsets `ctl` cuts at are whole parts), at least the configured size (8 MiB for 5 MiB),
+    /// few enough parts, at most 4 GiB (S3 takes 5).
+    fn shared_part_size(&self, total: u64) -> u64 {
+        let needed = total.div_ceil(MAX_PARTS).div_ceil(1 << 20) << 20;
+        self.shared
+            .cfg
+            .part_size
+            .max(needed)
+            .next_power_of_two()
+            .min(4 << 30)
+    }
+
+    /// The staging of a new partial upload (see the module's comment for where its bytes go).
+    pub(super) async fn create_partial(
         &self,
-        loc: &Loc,
         session: &str,
+        loc: &Loc,
         dst: &RelPath,
-    ) -> Result<(String, String)> {
-        match self.shared.service.partials() {
-            Partials::BlocksOfTheBlob => Ok((loc.client.name.clone(), loc.key(dst))),
-            Partials::CopiedParts => {
-                let (bucket, key) = self.scratch(session);
-                if let Layout::BucketPerVFolder { .. } = self.shared.cfg.layout {
-                    self.scratch_bucket
-                        .get_or_try_init(|| async {
-                            self.shared.service.create_bucket(&bucket).await.map(|_| ())
-                        })
-                        .await?;
-                }
-                Ok((bucket, key))
-            }
+        p: &PartialOf,
+        size: u64,
+    ) -> Result<Upload> {
+        if self.shared.service.partials() == Partials::BlocksOfTheBlob {
+            return self
+                .create(session, &loc.client.name, &loc.key(dst), size)
+                .await;
         }
+        let ps = self.shared_part_size(p.total);
+        if let Some(at) = p.at
+            && size > 0
+            && at % ps == 0
+            && (size % ps == 0 || at + size == p.total)
+        {
+            let key = loc.key(dst);
+            let sh = self
+                .shared_upload(&p.parent, &loc.client.name, &key, ps)
+                .await?;
+            let mut up = self.create(session, &loc.client.name, &key, size).await?;
+            up.upload_id = Some(sh.upload_id);
+            up.part_size = sh.part_size;
+            up.part_base = u32::try_from(at / ps)
+                .map_err(|_| VolumeError::Internal("part index out of range".into()))?;
+            up.shared = true;
+            sqlx::query(
+                "UPDATE object_uploads SET upload_id = ?, part_size = ?, part_base = ?, shared = 1
+                 WHERE volume = ? AND session = ?",
+            )
+            .bind(&up.upload_id)
+            .bind(up.part_size as i64)
+            .bind(up.part_base as i64)
+            .bind(&self.shared.name)
+            .bind(session)
+            .execute(self.shared.state.pool())
+            .await
+            .map_err(db)?;
+            return Ok(up);
+        }
+        let (bucket, key) = self.scratch(session);
+        if let Layout::BucketPerVFolder { .. } = self.shared.cfg.layout {
+            self.scratch_bucket
+                .get_or_try_init(|| async {
+                    self.shared.service.create_bucket(&bucket).await.map(|_| ())
+                })
+                .await?;
+        }
+        self.create(session, &bucket, &key, size).await
+    }
+
+    /// The multipart upload `parent`'s placed partials share, made by the first of them.
+    async fn shared_upload(
+        &self,
+        parent: &str,
+        bucket: &str,
+        key: &str,
+        part_size: u64,
+    ) -> Result<SharedUpload> {
+        let _one_at_a_time = self.shared_lock.lock().await;
+        if let Some(sh) = self.load_shared(parent).await? {
+            return Ok(sh);
+        }
+        let client = self.shared.service.bucket(bucket)?;
+        let upload_id = client
+            .multipart
+            .create_multipart(&parse_key(key)?)
+            .await
+            .map_err(|e| super::service::store_err(bucket, key, e))?;
+        sqlx::query(
+            "INSERT INTO object_shared_uploads
+             (volume, parent, bucket, key, upload_id, part_size, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&self.shared.name)
+        .bind(parent)
+        .bind(bucket)
+        .bind(key)
+        .bind(&upload_id)
+        .bind(part_size as i64)
+        .bind(now())
+        .execute(self.shared.state.pool())
+        .await
+        .map_err(db)?;
+        Ok(SharedUpload {
+            upload_id,
+            part_size,
+        })
+    }
+
+    async fn load_shared(&self, parent: &str) -> Result<Option<SharedUpload>> {
+        let row = sqlx::query(
+            "SELECT upload_id, part_size FROM object_shared_uploads WHERE volume = ? AND parent = ?",
+        )
+        .bind(&self.shared.name)
+        .bind(parent)
+        .fetch_optional(self.shared.state.pool())
+        .await
+        .map_err(db)?;
+        Ok(row.map(|r| SharedUpload {
+            upload_id: r.get(0),
+            part_size: r.get::<i64, _>(1) as u64,
+        }))
+    }
+
+    async fn forget_shared(&self, parent: &str) -> Result<()> {
+        sqlx::query("DELETE FROM object_shared_uploads WHERE volume = ? AND parent = ?")
+            .bind(&self.shared.name)
+            .bind(parent)
+            .execute(self.shared.state.pool())
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// Aborts the multipart upload `parent`'s partials shared (the upload was terminated or
+    /// expired), if there is one.
+    pub(super) async fn abort_shared(&self, parent: &str) -> Result<()> {
+        let row = sqlx::query(
+            "SELECT bucket, key, upload_id FROM object_shared_uploads WHERE volume = ? AND parent = ?",
+        )
+        .bind(&self.shared.name)
+        .bind(parent)
+        .fetch_optional(self.shared.state.pool())
+        .await
+        .map_err(db)?;
+        let Some(r) = row else { return Ok(()) };
+        let (bucket, key, id): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        if let (Ok(client), Ok(path)) = (self.shared.service.bucket(&bucket), parse_key(&key))
+            && let Err(e) = client.multipart.abort_multipart(&path, &id).await
+        {
+            tracing::warn!(parent, error = %e, "cannot abort a shared multipart upload (the service's lifecycle rules will)");
+        }
+        self.forget_shared(parent).await
+    }
+
+    /// Shared multipart uploads no partial wrote to since `cutoff` (unix seconds): aborted.
+    pub(super) async fn sweep_shared(&self, cutoff: i64) -> Result<usize> {
+        let stale: Vec<String> = sqlx::query(
+            "SELECT parent FROM object_shared_uploads s WHERE volume = ? AND updated_at < ?
+             AND NOT EXISTS (SELECT 1 FROM object_uploads u WHERE u.volume = s.volume
+                             AND u.shared = 1 AND u.updated_at >= ? AND u.session LIKE s.parent || '-%')",
+        )
+        .bind(&self.shared.name)
+        .bind(cutoff)
+        .bind(cutoff)
+        .fetch_all(self.shared.state.pool())
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+        for p in &stale {
+            self.abort_shared(p).await?;
+        }
+        Ok(stale.len())
     }
 
     /// An S3 partial upload's object: under `.storage-agent/partials/` of the shared bucket
@@ -212,11 +376,22 @@ impl ObjectStaging {
         path: &object_store::path::Path,
     ) -> Result<bool> {
         let mut any = false;
+        let mut placed = Vec::new();
         for (p, _) in parts {
-            if let Some(mut up) = self.load(p).await? {
-                self.put_in_place(p, &mut up).await?;
-                self.forget(p).await?;
+            match self.load(p).await? {
+                Some(up) if up.shared => placed.push((p.clone(), up)),
+                Some(mut up) => {
+                    self.put_in_place(p, &mut up).await?;
+                    self.forget(p).await?;
+                }
+                None => {}
             }
+        }
+        if !placed.is_empty() {
+            return self
+                .join_placed(loc, session, parts, placed, key, path)
+                .await
+                .map(|()| true);
         }
         // Are the partials' objects there (a join before may have used them up)?
         let mut sources = Vec::new();
@@ -327,5 +502,104 @@ impl ObjectStaging {
             .map_err(err)?;
         self.forget(session).await?;
         Ok(true)
+    }
+
+    /// S3, with partials placed in the destination's shared multipart upload: the partials in
+    /// the final's order must follow their declared offsets; each placed one sends its last
+    /// part, each other one is copied in as whole parts (server-side), and the shared upload
+    /// is completed. A client that declared offsets and then named the partials otherwise is
+    /// refused (nothing is lost: it may name them as declared).
+    async fn join_placed(
+        &self,
+        loc: &Loc,
+        session: &str,
+        parts: &[(String, u64)],
+        mut placed: Vec<(String, Upload)>,
+        key: &str,
+        path: &object_store::path::Path,
+    ) -> Result<()> {
+        let sh = self.load_shared(session).await?.ok_or_else(|| {
+            VolumeError::Internal(format!(
+                "upload {session}: its shared multipart upload is gone"
+            ))
+        })?;
+        let ps = sh.part_size;
+        let disorder = |what: String| {
+            VolumeError::BadRequest(format!(
+                "the final upload must name the partial uploads in the order their declared \
+                 offsets give ({what})"
+            ))
+        };
+        let mut done: Vec<PartId> = Vec::new();
+        let mut pos = 0u64;
+        for (i, (p, size)) in parts.iter().enumerate() {
+            let last = i + 1 == parts.len();
+            if size % ps != 0 && !last {
+                return Err(disorder(format!(
+                    "partial {p} is not whole parts long and does not end the upload"
+                )));
+            }
+            if let Some(at) = placed.iter().position(|(s, _)| s == p) {
+                let (_, mut up) = placed.swap_remove(at);
+                if u64::from(up.part_base) * ps != pos {
+                    return Err(disorder(format!(
+                        "partial {p} was declared at byte {}, it comes at {pos}",
+                        u64::from(up.part_base) * ps
+                    )));
+                }
+                let rest = self.buffer_len(p, up.base).await;
+                if rest > 0 {
+                    self.send_part(p, &mut up, rest).await?;
+                }
+                for (k, (idx, content_id)) in up.parts.iter().enumerate() {
+                    if *idx as usize != done.len() || *idx != up.part_base + k as u32 {
+                        return Err(VolumeError::Internal(format!(
+                            "partial {p}: part {idx} is not where its offset puts it"
+                        )));
+                    }
+                    done.push(PartId {
+                        content_id: content_id.clone(),
+                    });
+                }
+            } else if *size > 0 {
+                // Its own object, copied in as whole parts where the parts before end.
+                let (b, k) = self.scratch(p);
+                let mut a = 0;
+                while a < *size {
+                    let z = (a + ps).min(*size);
+                    let number = u16::try_from(done.len() + 1)
+                        .map_err(|_| VolumeError::Internal("more than 65535 parts".into()))?;
+                    let etag = self
+                        .shared
+                        .service
+                        .copy_part(
+                            (&loc.client.name, key),
+                            &sh.upload_id,
+                            number,
+                            (&b, &k),
+                            (a, z),
+                        )
+                        .await?;
+                    done.push(PartId { content_id: etag });
+                    a = z;
+                }
+            }
+            pos += size;
+        }
+        let client = self.shared.service.bucket(&loc.client.name)?;
+        let err = |e| super::service::store_err(&loc.client.name, key, e);
+        if let Err(e) = client
+            .multipart
+            .complete_multipart(path, &sh.upload_id, done)
+            .await
+        {
+            // Completed by a join before, whose end was not recorded (the upload id is gone
+            // then): the destination holds it.
+            match client.store.head(path).await {
+                Ok(m) if m.size == pos => {}
+                _ => return Err(err(e)),
+            }
+        }
+        self.forget_shared(session).await
     }
 }

@@ -31,12 +31,15 @@ use crate::volume::{
 };
 
 /// S3 allows 10 000 parts per upload: larger uploads get larger parts.
-const MAX_PARTS: u64 = 10_000;
+pub(super) const MAX_PARTS: u64 = 10_000;
 
 pub struct ObjectStaging {
     pub(super) shared: Arc<Shared>,
     /// The bucket of S3 partial uploads, once made (bucket-per-vfolder volumes).
     pub(super) scratch_bucket: tokio::sync::OnceCell<()>,
+    /// Held while a final upload's shared multipart upload is looked up or made, so partials
+    /// starting at once make one.
+    pub(super) shared_lock: tokio::sync::Mutex<()>,
 }
 
 /// A multipart upload in progress, as SQLite has it.
@@ -48,13 +51,19 @@ pub(super) struct Upload {
     pub(super) base: u64,
     pub(super) part_size: u64,
     pub(super) parts: Vec<(u32, String)>,
+    /// The index of its first part: a partial upload's parts in the destination's multipart
+    /// upload start after those of the bytes before it.
+    pub(super) part_base: u32,
+    /// Its multipart upload is the final upload's, shared with other partials: never aborted
+    /// for this one alone.
+    pub(super) shared: bool,
 }
 
-fn db(e: sqlx::Error) -> VolumeError {
+pub(super) fn db(e: sqlx::Error) -> VolumeError {
     VolumeError::Internal(format!("state database: {e}"))
 }
 
-fn local(path: &std::path::Path, e: std::io::Error) -> VolumeError {
+pub(super) fn local(path: &std::path::Path, e: std::io::Error) -> VolumeError {
     VolumeError::Io {
         path: path.display().to_string(),
         source: e,
@@ -68,7 +77,7 @@ fn lost(session: &str, what: String) -> VolumeError {
     }
 }
 
-fn now() -> i64 {
+pub(super) fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
@@ -77,6 +86,7 @@ impl ObjectStaging {
         ObjectStaging {
             shared,
             scratch_bucket: tokio::sync::OnceCell::new(),
+            shared_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -98,7 +108,7 @@ impl ObjectStaging {
     pub(super) async fn load(&self, session: &str) -> Result<Option<Upload>> {
         let pool = self.shared.state.pool();
         let Some(r) = sqlx::query(
-            "SELECT bucket, key, upload_id, base, part_size FROM object_uploads
+            "SELECT bucket, key, upload_id, base, part_size, part_base, shared FROM object_uploads
              WHERE volume = ? AND session = ?",
         )
         .bind(self.volume())
@@ -128,10 +138,18 @@ impl ObjectStaging {
             base: r.get::<i64, _>(3) as u64,
             part_size: r.get::<i64, _>(4) as u64,
             parts,
+            part_base: r.get::<i64, _>(5) as u32,
+            shared: r.get::<i64, _>(6) != 0,
         }))
     }
 
-    async fn create(&self, session: &str, bucket: &str, key: &str, size: u64) -> Result<Upload> {
+    pub(super) async fn create(
+        &self,
+        session: &str,
+        bucket: &str,
+        key: &str,
+        size: u64,
+    ) -> Result<Upload> {
         // Parts of whole MiB, at least the configured size, few enough for S3's 10 000.
         let needed = size.div_ceil(MAX_PARTS).div_ceil(1 << 20) << 20;
         let part_size = self.shared.cfg.part_size.max(needed);
@@ -159,6 +177,8 @@ impl ObjectStaging {
             base: 0,
             part_size,
             parts: Vec::new(),
+            part_base: 0,
+            shared: false,
         })
     }
 
@@ -201,7 +221,7 @@ impl ObjectStaging {
                 id
             }
         };
-        let idx = up.parts.len();
+        let idx = up.part_base as usize + up.parts.len();
         let part = client
             .multipart
             .put_part(&path, &id, idx, payload(Bytes::from(data)))
@@ -462,14 +482,16 @@ impl UploadStaging for ObjectStaging {
         }
         let mut up = match self.load(session).await? {
             Some(u) => u,
-            None if plan.offset == 0 => {
-                let (bucket, key) = if plan.partial {
-                    self.partial_target(&loc, session, &plan.dst).await?
-                } else {
-                    (loc.client.name.clone(), loc.key(&plan.dst))
-                };
-                self.create(session, &bucket, &key, plan.size).await?
-            }
+            None if plan.offset == 0 => match &plan.partial {
+                Some(p) => {
+                    self.create_partial(session, &loc, &plan.dst, p, plan.size)
+                        .await?
+                }
+                None => {
+                    self.create(session, &loc.client.name, &loc.key(&plan.dst), plan.size)
+                        .await?
+                }
+            },
             None => return Err(lost(session, "no multipart upload recorded".into())),
         };
         let held = up.base + self.buffer_len(session, up.base).await;
@@ -605,7 +627,8 @@ impl UploadStaging for ObjectStaging {
     async fn discard(&self, _vf: &VFolderId, session: &str) -> Result<()> {
         self.abort(session).await?;
         self.remove_scratch(session).await;
-        Ok(())
+        // An upload made of partials: the multipart upload they shared goes with it.
+        self.abort_shared(session).await
     }
 
     async fn sweep(&self, older_than: SystemTime) -> Result<usize> {
@@ -626,7 +649,7 @@ impl UploadStaging for ObjectStaging {
         for s in &stale {
             self.abort(s).await?;
         }
-        Ok(stale.len())
+        Ok(stale.len() + self.sweep_shared(cutoff).await?)
     }
 }
 
@@ -634,6 +657,7 @@ impl ObjectStaging {
     /// Aborts the service's multipart upload (its stored parts go) and forgets ours.
     pub(super) async fn abort(&self, session: &str) -> Result<()> {
         if let Some(up) = self.load(session).await?
+            && !up.shared
             && let Some(id) = &up.upload_id
             && let Ok(client) = self.shared.service.bucket(&up.bucket)
             && let Ok(path) = object_store::path::Path::parse(&up.key)

@@ -190,6 +190,7 @@ pub(super) async fn create_partial(
             c.size
         )));
     }
+    let at = declared_offset(headers, &others, length, c.size)?;
     // The whole upload must fit, not only this stream: what the partials staged so far is
     // counted in the scope's usage already.
     let staged: u64 = others.iter().filter(live).map(offset_of).sum();
@@ -203,6 +204,8 @@ pub(super) async fn create_partial(
         size: length,
         concat: Concat::Partial {
             parent: c.session.clone(),
+            at,
+            total: c.size,
         },
         ..from_claims(c)
     };
@@ -225,6 +228,43 @@ pub(super) async fn create_partial(
         &partial_location(q.token.as_deref().unwrap_or(""), &id),
     );
     Ok((StatusCode::CREATED, h).into_response())
+}
+
+/// Where a partial upload starts in the final upload, as its client declares it with
+/// `Storage-Agent-Partial-Offset` (our extension; `ctl upload --streams` sends it): an object
+/// store may then put its bytes where they belong at once (S3: parts of the destination's
+/// multipart upload, no copy at the join). The range must lie within the upload and overlap no
+/// other partial's declared range; the final upload must then name the partials in that order.
+fn declared_offset(
+    headers: &HeaderMap,
+    others: &[UploadRecord],
+    length: u64,
+    size: u64,
+) -> ApiResult<Option<u64>> {
+    const NAME: &str = "storage-agent-partial-offset";
+    let Some(at) = parse_u64_header(headers, NAME)? else {
+        return Ok(None);
+    };
+    if at.saturating_add(length) > size {
+        return Err(bad_header(
+            NAME,
+            format!("{length} bytes at {at} go past the upload's {size}"),
+        ));
+    }
+    for o in others {
+        let live = matches!(o.state, UploadState::Active | UploadState::Done);
+        if let (true, Some(p)) = (live, o.concat.partial_of().and_then(|p| p.at))
+            && at < p + o.size
+            && p < at + length
+        {
+            return Err(conflict(format!(
+                "bytes {at}..{} overlap another partial upload's {p}..{}",
+                at + length,
+                p + o.size
+            )));
+        }
+    }
+    Ok(Some(at))
 }
 
 /// POST with `Upload-Concat: final;<urls>`: the token's upload, made of the partials named.
@@ -286,6 +326,11 @@ pub(super) async fn create_final(
         }
     }
     if let Err(e) = st.uploads.join(&fin, &dst).await {
+        if let crate::upload::UploadError::Volume(VolumeError::BadRequest(_)) = e {
+            // Refused before anything was joined (the partials named against the order they
+            // declared): the upload is open for another final upload.
+            st.uploads.abandon_final(&c.session).await?;
+        }
         return Err(match e {
             crate::upload::UploadError::Volume(ref ve @ VolumeError::Io { ref source, .. })
                 if matches!(

@@ -278,6 +278,15 @@ pub async fn head(
     if let Some(v) = concat::header_of(&rec, q.token.as_deref().unwrap_or("")) {
         put_header(&mut h, "upload-concat", &v);
     }
+    // Where the volume holds checksummed bodies back (object stores), how long one may be:
+    // a client sizes its PATCHes by it instead of learning it from a 413.
+    if let Some(max) = st.uploads.volume(&rec.volume)?.staging().max_atomic_write() {
+        put_header(
+            &mut h,
+            "storage-agent-max-checksummed-body",
+            &max.to_string(),
+        );
+    }
     Ok((StatusCode::OK, h).into_response())
 }
 

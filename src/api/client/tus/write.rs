@@ -282,7 +282,7 @@ async fn write_locked(
                 // write. A partial upload stays in staging until its final upload joins it.
                 finish_to: (expected.is_none() && rec.concat == Concat::None).then(|| dst.clone()),
                 atomic: expected.is_some(),
-                partial: matches!(rec.concat, Concat::Partial { .. }),
+                partial: rec.concat.partial_of(),
             },
         )
         .await;
