@@ -90,8 +90,8 @@ impl ObjectStaging {
         let ps = self.shared_part_size(p.total);
         if let Some(at) = p.at
             && size > 0
-            && at % ps == 0
-            && (size % ps == 0 || at + size == p.total)
+            && at.is_multiple_of(ps)
+            && (size.is_multiple_of(ps) || at + size == p.total)
         {
             let key = loc.key(dst);
             let sh = self
@@ -534,7 +534,7 @@ impl ObjectStaging {
         let mut pos = 0u64;
         for (i, (p, size)) in parts.iter().enumerate() {
             let last = i + 1 == parts.len();
-            if size % ps != 0 && !last {
+            if !size.is_multiple_of(ps) && !last {
                 return Err(disorder(format!(
                     "partial {p} is not whole parts long and does not end the upload"
                 )));
