@@ -924,7 +924,10 @@ class Bench:
               'secret-key = "bench-secret"\nbucket-prefix = "bench-"\npart-size = "16m"\n')
         targets = {
             "vfs": self.start(StorageAgent(self.work / "st-vfs", self.sa_bin)),
-            "S3 (moto)": self.start(StorageAgent(self.work / "st-s3", self.sa_bin, backend="s3", volume_extra=s3)),
+            # moto (one Python process) stalls for seconds while it completes a 1 GiB multipart
+            # upload: the volume's health probe must outwait it, or the volume goes offline.
+            "S3 (moto)": self.start(StorageAgent(self.work / "st-s3", self.sa_bin, backend="s3", volume_extra=s3,
+                                                 daemon_extra='volume-check-timeout = "120s"\n')),
         }
         env = dict(os.environ, XDG_CACHE_HOME=str(self.work / "ctl-cache"))
         names = {1: "--streams 1", 2: "--streams 2", 4: "storage-agent"}

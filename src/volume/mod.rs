@@ -410,6 +410,11 @@ pub trait UploadStaging: Send + Sync {
         body: ByteStream,
         plan: WritePlan,
     ) -> Result<StagedWrite>;
+    /// A partial upload has all its bytes (checksums verified): whatever its join will need
+    /// that can be done now is done now, while its streams still run in parallel (object
+    /// stores send its last part). Repeating it does nothing; failing it leaves the work to
+    /// `concat`.
+    async fn seal(&self, vfid: &VFolderId, session: &str) -> Result<()>;
     /// Whether `concat` works here (tus concatenation is offered on this volume).
     fn can_concat(&self) -> bool;
     /// tus concatenation: joins the complete, staged partial uploads `parts` (sessions and

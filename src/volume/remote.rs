@@ -457,6 +457,10 @@ impl UploadStaging for RemoteStaging {
     fn can_concat(&self) -> bool {
         true // the mounted filesystem's own staging joins
     }
+    async fn seal(&self, vf: &VFolderId, session: &str) -> Result<()> {
+        let l = self.shared.lease().await?;
+        l.vol.staging().seal(vf, session).await
+    }
     async fn concat(
         &self,
         vf: &VFolderId,

@@ -507,9 +507,19 @@ async fn azure_joins_partials_by_one_block_list() {
 /// S3, kill -9 twice: once with a partial half written (it resumes from its offset after the
 /// restart), once just after the final POST went out (the join, wherever it was, is repeated
 /// after the restart). The result is byte-identical, and neither the partials' objects nor a
-/// half-copied multipart upload is left behind.
+/// half-copied multipart upload is left behind. Partials of their own (joined by copies), and
+/// partials placed in the destination's multipart upload by their declared offsets.
 #[tokio::test]
 async fn s3_partials_and_join_survive_kill_9() {
+    s3_kill_9(false).await;
+}
+
+#[tokio::test]
+async fn s3_placed_partials_and_join_survive_kill_9() {
+    s3_kill_9(true).await;
+}
+
+async fn s3_kill_9(declare: bool) {
     use crate::backends::{bucket_of, s3_object};
     let moto = crate::common::moto::Moto::start();
     let mut d = Daemon::builder()
@@ -529,7 +539,8 @@ async fn s3_partials_and_join_survive_kill_9() {
         )
         .await;
     assert_eq!(r.status, 204, "{}", r.text());
-    const PART: usize = 12 << 20;
+    // Whole parts (of 8 MiB: the configured 5 MiB rounded up) so declared partials are placed.
+    const PART: usize = 16 << 20;
     let data = pattern(4 * PART, 33);
     let t = d
         .token(
@@ -538,12 +549,20 @@ async fn s3_partials_and_join_survive_kill_9() {
         )
         .await;
     // Paths only: a restarted daemon listens on new ports.
-    let path_of = |u: &str| u[u.find("/upload").unwrap()..].to_string();
     let mut paths = Vec::new();
-    for _ in 0..4 {
-        let (r, url) = post_partial(&d, &t, PART as u64, None).await;
+    for i in 0..4 {
+        let mut req = d
+            .http
+            .post(d.url("client", &format!("/upload?token={t}")))
+            .header("Tus-Resumable", "1.0.0")
+            .header("Upload-Concat", "partial")
+            .header("Upload-Length", PART.to_string());
+        if declare {
+            req = req.header("Storage-Agent-Partial-Offset", (i * PART).to_string());
+        }
+        let r = send(req).await;
         assert_eq!(r.status, 201, "{}", r.text());
-        paths.push(path_of(&url));
+        paths.push(format!("/{}", r.header("location").unwrap()));
     }
     let pieces: Vec<&[u8]> = data.chunks(PART).collect();
     for (p, piece) in paths.iter().zip(&pieces).take(3) {
@@ -595,10 +614,17 @@ async fn s3_partials_and_join_survive_kill_9() {
         s3_object(&moto, &bucket_of("kill-", &vfid), "k.bin").as_deref() == Some(&data[..]),
         "byte-identical"
     );
-    assert!(
-        moto.keys("kill-partials").is_empty(),
-        "partials' objects removed"
-    );
+    if declare {
+        assert!(
+            !moto.buckets().contains(&"kill-partials".to_string()),
+            "placed partials need no objects of their own"
+        );
+    } else {
+        assert!(
+            moto.keys("kill-partials").is_empty(),
+            "partials' objects removed"
+        );
+    }
     let pending = moto.boto(&format!(
         "print(len(s3.list_multipart_uploads(Bucket='{}').get('Uploads', [])))",
         bucket_of("kill-", &vfid)

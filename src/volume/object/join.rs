@@ -235,6 +235,25 @@ impl ObjectStaging {
         Ok(stale.len())
     }
 
+    /// A complete partial upload's last bytes go up now: as its last part (a block on Azure, a
+    /// part of the shared upload on S3), or, for an S3 partial of its own, by completing it into
+    /// its object (the join then only copies).
+    pub(super) async fn seal_partial(&self, session: &str) -> Result<()> {
+        let Some(mut up) = self.load(session).await? else {
+            return Ok(()); // sealed before (or empty, never written)
+        };
+        let own_object = self.shared.service.partials() == Partials::CopiedParts && !up.shared;
+        if own_object {
+            self.put_in_place(session, &mut up).await?;
+            return self.forget(session).await;
+        }
+        let rest = self.buffer_len(session, up.base).await;
+        if rest > 0 {
+            self.send_part(session, &mut up, rest).await?;
+        }
+        Ok(())
+    }
+
     /// An S3 partial upload's object: under `.storage-agent/partials/` of the shared bucket
     /// (vfolders are `<scope>/<vfolder>/` prefixes there), or in the volume's own
     /// `<bucket-prefix>partials` bucket (no vfolder's bucket, and refused for registration).

@@ -420,6 +420,10 @@ impl UploadStaging for ObjectStaging {
         self.join(vf, session, parts, dst).await
     }
 
+    async fn seal(&self, _vf: &VFolderId, session: &str) -> Result<()> {
+        self.seal_partial(session).await
+    }
+
     fn max_atomic_write(&self) -> Option<u64> {
         // The configured part size: an upload's own parts are never smaller.
         Some(self.shared.cfg.part_size)

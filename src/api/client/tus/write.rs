@@ -409,7 +409,15 @@ async fn write_locked(
 /// staging (synced by the write) for its final upload.
 async fn complete(st: &AppState, rec: &UploadRecord, dst: &RelPath) -> ApiResult<()> {
     match rec.concat {
-        Concat::Partial { .. } => st.uploads.record_done(rec).await?,
+        Concat::Partial { .. } => {
+            // What the join can be spared is done now, while the other streams still run; if
+            // it fails, the join does it.
+            let v = st.uploads.volume(&rec.volume)?;
+            if let Err(e) = v.staging().seal(&rec.vfid, &rec.session).await {
+                tracing::warn!(session = %rec.session, error = %e, "cannot seal a partial upload; its join will");
+            }
+            st.uploads.record_done(rec).await?
+        }
         _ => st.uploads.complete(rec, dst).await?,
     }
     Ok(())
