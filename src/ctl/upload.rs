@@ -423,7 +423,15 @@ impl Upload<'_> {
             let n = chunk.min(len - offset) as usize;
             let mut buf = vec![0u8; n];
             f.read_exact(&mut buf).await.map_err(|e| io(local, e))?;
-            let sum = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&buf));
+            // Hashed off the runtime's threads: the other streams keep sending meanwhile, and
+            // with several streams both cores hash.
+            let (buf, sum) = tokio::task::spawn_blocking(move || {
+                let sum =
+                    base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&buf));
+                (buf, sum)
+            })
+            .await
+            .map_err(|e| CtlError::usage(format!("hashing a chunk failed: {e}")))?;
             // Sent in slices, so the bar moves with the bytes, not per chunk.
             let data = bytes::Bytes::from(buf);
             let pbc = pb.clone();
