@@ -5,6 +5,7 @@ ALTER TABLE uploads ADD COLUMN parent TEXT;
 ALTER TABLE uploads ADD COLUMN partial_at INTEGER;
 ALTER TABLE uploads ADD COLUMN partial_total INTEGER;
 ALTER TABLE uploads ADD COLUMN parts TEXT;
+CREATE INDEX uploads_parent ON uploads (parent) WHERE parent IS NOT NULL;
 
 -- S3 partial uploads whose bytes are whole parts go straight into one multipart upload of the
 -- final destination (`object_shared_uploads`, one per upload), numbered from `part_base`.

@@ -61,6 +61,17 @@ impl Uploads {
         rows.iter().map(row_to_record).collect()
     }
 
+    /// Whether `parent` has partial uploads that are not terminated, joined or expired.
+    pub async fn has_live_partials(&self, parent: &str) -> Result<bool, UploadError> {
+        let row = sqlx::query(
+            "SELECT 1 FROM uploads WHERE parent = ? AND state IN ('active', 'done') LIMIT 1",
+        )
+        .bind(parent)
+        .fetch_optional(self.state.pool())
+        .await?;
+        Ok(row.is_some())
+    }
+
     /// Records `rec` as the final upload of its partials (before the join starts, so a crash
     /// mid-join is known as one). Only an upload nothing was written to can become one.
     pub async fn begin_final(&self, rec: &UploadRecord) -> Result<bool, UploadError> {

@@ -126,6 +126,8 @@ pub struct Uploads {
     state: State,
     volumes: Volumes,
     pub locks: UploadLocks,
+    /// Held while a partial upload is created (tus concatenation): see `api::client::tus`.
+    pub partial_creation: tokio::sync::Mutex<()>,
 }
 
 fn row_to_record(row: &sqlx::sqlite::SqliteRow) -> Result<UploadRecord, UploadError> {
@@ -164,6 +166,7 @@ impl Uploads {
             state,
             volumes,
             locks: UploadLocks::new(stale_after),
+            partial_creation: tokio::sync::Mutex::new(()),
         })
     }
 

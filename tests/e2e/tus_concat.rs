@@ -365,7 +365,7 @@ async fn a_join_cut_off_by_kill_9_completes_when_repeated() {
             urls.push(url);
         }
     }
-    let joining = crate::tus::staging_file(&d, &u);
+    let joining = crate::tus::staging_file(&d, &u).with_extension("join");
     let (http, final_url) = (
         d.http.clone(),
         d.url("client", &format!("/upload?token={}", u.token)),
@@ -378,7 +378,8 @@ async fn a_join_cut_off_by_kill_9_completes_when_repeated() {
             .send()
             .await
     });
-    // Watch the join: its staging file (the first partial, renamed) grows part by part.
+    // Watch the join: its file (the first partial, renamed to `<session>.join`) grows part by
+    // part.
     let deadline = std::time::Instant::now() + crate::common::OUTCOME;
     let mut caught = None;
     while std::time::Instant::now() < deadline && !req.is_finished() {
@@ -395,6 +396,17 @@ async fn a_join_cut_off_by_kill_9_completes_when_repeated() {
     let _ = req.await;
     eprintln!("killed with the join at {caught:?} bytes");
     d.restart().await;
+    if caught.is_some() {
+        // A partial of a join under way cannot be terminated on its own.
+        let p = format!("/upload{}", urls[1].split_once("/upload").unwrap().1);
+        let r = send(
+            d.http
+                .delete(d.url("client", &p))
+                .header("Tus-Resumable", "1.0.0"),
+        )
+        .await;
+        r.problem(409);
+    }
     let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
     let r = post_final(&d, &u.token, &urls).await;
     assert_eq!(r.status, 201, "{}", r.text());
@@ -769,4 +781,75 @@ async fn s3_places_partials_with_declared_offsets() {
         bucket_of("dec-", &vfid)
     ));
     assert_eq!(pending.trim(), "0", "no multipart upload left behind");
+}
+
+/// A token whose plain upload left staging behind at offset 0 (a checksummed chunk refused),
+/// then made of partials: the join never takes that file for its own.
+#[tokio::test]
+async fn a_plain_uploads_leftover_staging_is_not_taken_for_a_join() {
+    let d = Daemon::start().await;
+    let data = pattern(3000, 5);
+    let u = mint(&d, "left.bin", 3000).await;
+    let r = crate::tus::patch(
+        &d,
+        &u.token,
+        0,
+        data[..1000].to_vec(),
+        &[(
+            "upload-checksum",
+            "sha256 AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )],
+    )
+    .await;
+    assert_eq!(r.status, 460, "{}", r.text());
+    assert!(
+        crate::tus::staging_file(&d, &u).exists(),
+        "left behind, at 0"
+    );
+    let (_, a) = post_partial(&d, &u.token, 1000, Some(data[..1000].to_vec())).await;
+    let (_, b) = post_partial(&d, &u.token, 2000, Some(data[1000..].to_vec())).await;
+    let r = post_final(&d, &u.token, &[&a, &b]).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(std::fs::read(u.vfpath.join("left.bin")).unwrap(), data);
+    assert_eq!(staging_names(&d, &u), Vec::<String>::new());
+}
+
+/// Backend.AI's `dst_dir`: partials made under an upload URL with it carry it in their own URLs,
+/// and the final upload lands below it.
+#[tokio::test]
+async fn partials_keep_the_uploads_dst_dir() {
+    let d = Daemon::start().await;
+    let u = mint(&d, "d.bin", 2000).await;
+    let base = d.url(
+        "client",
+        &format!("/upload?token={}&dst_dir=sub%2Fdir", u.token),
+    );
+    let mut urls = Vec::new();
+    for b in [1u8, 2] {
+        let r = send(
+            d.http
+                .post(&base)
+                .header("Tus-Resumable", "1.0.0")
+                .header("Upload-Concat", "partial")
+                .header("Upload-Length", "1000")
+                .header("Content-Type", "application/offset+octet-stream")
+                .body(vec![b; 1000]),
+        )
+        .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        let loc = r.header("location").unwrap();
+        assert!(loc.contains("dst_dir=sub%2Fdir"), "{loc}");
+        urls.push(d.url("client", &format!("/{loc}")));
+    }
+    let r = send(
+        d.http
+            .post(&base)
+            .header("Tus-Resumable", "1.0.0")
+            .header("Upload-Concat", format!("final;{} {}", urls[0], urls[1])),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let mut want = vec![1u8; 1000];
+    want.extend(vec![2u8; 1000]);
+    assert_eq!(std::fs::read(u.vfpath.join("sub/dir/d.bin")).unwrap(), want);
 }

@@ -36,6 +36,29 @@ use crate::config::object::Layout;
 use crate::ids::VFolderId;
 use crate::volume::{PartialOf, RelPath, Result, VolumeError};
 
+fn unquote(etag: &str) -> &str {
+    etag.trim_matches('"')
+}
+
+/// The ETag S3 gives an object made of these parts: the MD5 of their MD5s, then "-<count>".
+/// None where a part's ETag is not an MD5 (a service that does otherwise).
+fn multipart_etag(parts: &[PartId]) -> Option<String> {
+    use md5::Digest;
+    let mut all = Vec::with_capacity(parts.len() * 16);
+    for p in parts {
+        let hex = unquote(&p.content_id);
+        if hex.len() != 32 {
+            return None;
+        }
+        for i in (0..32).step_by(2) {
+            all.push(u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()?);
+        }
+    }
+    let sum = md5::Md5::digest(&all);
+    let hex: String = sum.iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!("{hex}-{}", parts.len()))
+}
+
 /// S3's smallest part but the last.
 const MIN_PART: u64 = 5 << 20;
 /// S3's largest part (and largest UploadPartCopy).
@@ -97,25 +120,40 @@ impl ObjectStaging {
             let sh = self
                 .shared_upload(&p.parent, &loc.client.name, &key, ps)
                 .await?;
-            let mut up = self.create(session, &loc.client.name, &key, size).await?;
-            up.upload_id = Some(sh.upload_id);
-            up.part_size = sh.part_size;
-            up.part_base = u32::try_from(at / ps)
+            let part_base = u32::try_from(at / ps)
                 .map_err(|_| VolumeError::Internal("part index out of range".into()))?;
-            up.shared = true;
+            // One statement: a row is a placed partial's from the start, or not there at all
+            // (never one that would complete itself over the destination).
             sqlx::query(
-                "UPDATE object_uploads SET upload_id = ?, part_size = ?, part_base = ?, shared = 1
-                 WHERE volume = ? AND session = ?",
+                "INSERT OR REPLACE INTO object_uploads
+                 (volume, session, bucket, key, upload_id, base, part_size, updated_at,
+                  part_base, shared)
+                 VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, 1)",
             )
-            .bind(&up.upload_id)
-            .bind(up.part_size as i64)
-            .bind(up.part_base as i64)
             .bind(&self.shared.name)
             .bind(session)
+            .bind(&loc.client.name)
+            .bind(&key)
+            .bind(&sh.upload_id)
+            .bind(sh.part_size as i64)
+            .bind(now())
+            .bind(part_base as i64)
             .execute(self.shared.state.pool())
             .await
             .map_err(db)?;
-            return Ok(up);
+            tokio::fs::create_dir_all(&self.shared.local_dir)
+                .await
+                .map_err(|e| super::staging::local(&self.shared.local_dir, e))?;
+            return Ok(Upload {
+                bucket: loc.client.name.clone(),
+                key,
+                upload_id: Some(sh.upload_id),
+                base: 0,
+                part_size: sh.part_size,
+                parts: Vec::new(),
+                part_base,
+                shared: true,
+            });
         }
         let (bucket, key) = self.scratch(session);
         if let Layout::BucketPerVFolder { .. } = self.shared.cfg.layout {
@@ -312,16 +350,14 @@ impl ObjectStaging {
             Partials::BlocksOfTheBlob => self.join_blocks(&loc, parts, &key, &path).await?,
             Partials::CopiedParts => self.join_copies(&loc, session, parts, &key, &path).await?,
         };
-        if !joined {
-            // Nothing left to join: a join before completed (the crash came before it was
-            // recorded), or the partials are lost.
-            return if replaced == Some(total) {
-                Ok(())
-            } else {
-                Err(lost(format!("the partial uploads of {dst}")))
-            };
+        if joined {
+            self.count(vf, total, replaced).await;
+        } else if replaced != Some(total) {
+            // Nothing left to join and nothing in place: the partials are lost.
+            return Err(lost(format!("the partial uploads of {dst}")));
         }
-        self.count(vf, total, replaced).await;
+        // (Not joined now but in place: a join before completed, and the crash came before its
+        // cleanup. What it did not clean up goes now.)
         for (p, _) in parts {
             self.forget(p).await?;
             self.remove_scratch(p).await;
@@ -394,13 +430,27 @@ impl ObjectStaging {
         key: &str,
         path: &object_store::path::Path,
     ) -> Result<bool> {
-        let mut any = false;
+        let mut missing = 0;
         let mut placed = Vec::new();
         for (p, _) in parts {
             match self.load(p).await? {
                 Some(up) if up.shared => placed.push((p.clone(), up)),
                 Some(mut up) => {
-                    self.put_in_place(p, &mut up).await?;
+                    if let Err(e) = self.put_in_place(p, &mut up).await {
+                        // Completed already (by a seal or a join cut off before forgetting
+                        // it)? Then its object is there, whole.
+                        let (b, k) = self.scratch(p);
+                        let whole = match self.shared.service.bucket(&b) {
+                            Ok(c) => matches!(
+                                c.store.head(&parse_key(&k)?).await,
+                                Ok(m) if m.size == up.base + self.buffer_len(p, up.base).await
+                            ),
+                            Err(_) => false,
+                        };
+                        if !whole {
+                            return Err(e);
+                        }
+                    }
                     self.forget(p).await?;
                 }
                 None => {}
@@ -409,8 +459,7 @@ impl ObjectStaging {
         if !placed.is_empty() {
             return self
                 .join_placed(loc, session, parts, placed, key, path)
-                .await
-                .map(|()| true);
+                .await;
         }
         // Are the partials' objects there (a join before may have used them up)?
         let mut sources = Vec::new();
@@ -418,20 +467,22 @@ impl ObjectStaging {
             let (b, k) = self.scratch(p);
             let client = self.shared.service.bucket(&b)?;
             match client.store.head(&parse_key(&k)?).await {
-                Ok(m) if m.size == *size => any = true,
+                Ok(m) if m.size == *size => {}
                 Ok(m) => {
                     return Err(VolumeError::Internal(format!(
                         "partial upload {p} holds {} bytes, not its {size}",
                         m.size
                     )));
                 }
-                Err(object_store::Error::NotFound { .. }) => {}
+                Err(object_store::Error::NotFound { .. }) => missing += 1,
                 Err(e) => return Err(super::service::store_err(&b, &k, e)),
             }
             sources.push((b, k, *size));
         }
         let all_empty = sources.is_empty();
-        if !any && !all_empty {
+        if missing > 0 {
+            // Partials' objects go only after the final is complete: one gone means a join
+            // before completed (and its cleanup was cut off).
             return Ok(false);
         }
         let client = self.shared.service.bucket(&loc.client.name)?;
@@ -536,12 +587,11 @@ impl ObjectStaging {
         mut placed: Vec<(String, Upload)>,
         key: &str,
         path: &object_store::path::Path,
-    ) -> Result<()> {
-        let sh = self.load_shared(session).await?.ok_or_else(|| {
-            VolumeError::Internal(format!(
-                "upload {session}: its shared multipart upload is gone"
-            ))
-        })?;
+    ) -> Result<bool> {
+        // Its record goes right after the completion, first of all: gone means completed.
+        let Some(sh) = self.load_shared(session).await? else {
+            return Ok(false);
+        };
         let ps = sh.part_size;
         let disorder = |what: String| {
             VolumeError::BadRequest(format!(
@@ -607,18 +657,21 @@ impl ObjectStaging {
         }
         let client = self.shared.service.bucket(&loc.client.name)?;
         let err = |e| super::service::store_err(&loc.client.name, key, e);
+        let expected = multipart_etag(&done);
         if let Err(e) = client
             .multipart
             .complete_multipart(path, &sh.upload_id, done)
             .await
         {
             // Completed by a join before, whose end was not recorded (the upload id is gone
-            // then): the destination holds it.
-            match client.store.head(path).await {
-                Ok(m) if m.size == pos => {}
+            // then): the destination is exactly that object, as its ETag (made from its parts'
+            // ETags) proves.
+            match (client.store.head(path).await, expected) {
+                (Ok(m), Some(want)) if m.e_tag.as_deref().map(unquote) == Some(want.as_str()) => {}
                 _ => return Err(err(e)),
             }
         }
-        self.forget_shared(session).await
+        self.forget_shared(session).await?;
+        Ok(true)
     }
 }

@@ -1,7 +1,8 @@
 //! tus concatenation on a local filesystem: the partial uploads' staging files become the final
 //! upload's, then it moves into place like any completed upload.
 //!
-//! The first partial is renamed to be the final upload's staging file (no copy); each next one
+//! The first partial is renamed to be the join's file, `<session>.join` (no copy; a name no
+//! plain upload's staging has, so a leftover of one is never taken for a join); each next one
 //! is appended with `copy_file_range` (std's `io::copy` between files: reflinks where the
 //! filesystem can, btrfs and XFS with block-aligned offsets; an in-kernel copy elsewhere; a
 //! read/write loop where neither works), synced, and only then deleted. So a join never needs
@@ -39,6 +40,11 @@ fn is_enoent(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ENOENT)
 }
 
+/// The file a final upload's join builds (`session`'s own staging name is a plain upload's).
+pub(super) fn joining(session: &str) -> String {
+    format!("{session}.join")
+}
+
 /// Joins the staged partials `parts` (sessions and lengths, in order) into `dst`, as the staging
 /// of `session` (see the module's comment).
 pub(super) fn concat_at(
@@ -64,7 +70,10 @@ pub(super) fn concat_at(
     let mut at = parts.first().map(|p| p.1).unwrap_or(0);
     for (part, size) in parts.iter().skip(1) {
         let end = at + size;
-        let len = joined.metadata().map_err(|e| lost(session, e))?.len();
+        let len = joined
+            .metadata()
+            .map_err(|e| lost(&joining(session), e))?
+            .len();
         if len < end {
             append(sdir.as_fd(), &mut joined, part, at, *size)
                 .map_err(|e| VolumeError::io(dst, e))?;
@@ -76,14 +85,23 @@ pub(super) fn concat_at(
         }
         at = end;
     }
-    let len = joined.metadata().map_err(|e| lost(session, e))?.len();
+    let len = joined
+        .metadata()
+        .map_err(|e| lost(&joining(session), e))?
+        .len();
     if len != total {
         return Err(VolumeError::Internal(format!(
             "the join of upload {session} holds {len} bytes, its partials {total}"
         )));
     }
     drop(joined);
-    finish_at(root, owner, vf, session, dst)
+    finish_at(root, owner, vf, &joining(session), dst)?;
+    // A plain upload's staging the token left before its partials (nothing acknowledged).
+    match fsops::unlink_at(sdir.as_fd(), session, false) {
+        Err(e) if !is_enoent(&e) => tracing::warn!(session, error = %e, "cannot remove staging"),
+        _ => {}
+    }
+    Ok(())
 }
 
 /// The final upload's staging file: as a join before left it, or else the first partial's,
@@ -99,17 +117,18 @@ fn start(
     dst: &RelPath,
     total: u64,
 ) -> Result<Option<File>> {
-    match open_rw(sdir, session) {
+    let join = joining(session);
+    match open_rw(sdir, &join) {
         Ok(f) => return Ok(Some(f)),
-        Err(e) if !is_enoent(&e) => return Err(lost(session, e)),
+        Err(e) if !is_enoent(&e) => return Err(lost(&join, e)),
         Err(_) => {}
     }
     let first = parts.first().map(|(p, n)| (p.as_str(), *n));
-    // A plain rename: the final's staging file was just found missing, under the upload's lock
-    // (and rclone's FUSE answers RENAME_NOREPLACE with EIO).
+    // A plain rename: the join's file was just found missing, under the upload's lock (and
+    // rclone's FUSE answers RENAME_NOREPLACE with EIO).
     match first {
-        Some((p, _)) => match fsops::rename_at(sdir, p, sdir, OsStr::new(session), false) {
-            Ok(()) => fsops::fsync_dir(sdir).map_err(|e| lost(session, e))?,
+        Some((p, _)) => match fsops::rename_at(sdir, p, sdir, OsStr::new(&join), false) {
+            Ok(()) => fsops::fsync_dir(sdir).map_err(|e| lost(&join, e))?,
             Err(e) if is_enoent(&e) => {
                 if already_placed(root, sdir, vf, dst, total, first)? {
                     return Ok(None);
@@ -119,13 +138,11 @@ fn start(
             Err(e) => return Err(lost(p, e)),
         },
         None => {
-            let f = fsops::create_at(sdir, session, 0o644).map_err(|e| lost(session, e))?;
-            fsops::fchown(f.as_fd(), owner).map_err(|e| lost(session, e))?;
+            let f = fsops::create_at(sdir, &join, 0o644).map_err(|e| lost(&join, e))?;
+            fsops::fchown(f.as_fd(), owner).map_err(|e| lost(&join, e))?;
         }
     }
-    open_rw(sdir, session)
-        .map(Some)
-        .map_err(|e| lost(session, e))
+    open_rw(sdir, &join).map(Some).map_err(|e| lost(&join, e))
 }
 
 /// Neither the final's staging file nor its first partial's exists: either a join finished and

@@ -426,11 +426,16 @@ impl UploadStaging for VfsStaging {
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
                 Err(e) => return Err(io_err(".upload", e)),
             };
-            match fsops::unlink_at(sdir.as_fd(), OsStr::new(&session), false) {
-                Ok(()) => Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-                Err(e) => Err(io_err(".upload", e)),
+            // The upload's own staging, and a join's (a final upload's) if one was cut off.
+            for name in [session.clone(), super::join::joining(&session)] {
+                match fsops::unlink_at(sdir.as_fd(), OsStr::new(&name), false) {
+                    Err(e) if e.raw_os_error() != Some(libc::ENOENT) => {
+                        return Err(io_err(".upload", e));
+                    }
+                    _ => {}
+                }
             }
+            Ok(())
         })
         .await
     }

@@ -154,6 +154,26 @@ fn open_for_partials(rec: &UploadRecord) -> ApiResult<()> {
     }
 }
 
+/// A partial upload named by a final upload whose join is under way (cut off, to be repeated)
+/// cannot be terminated on its own: the repeat would fail for good.
+pub(super) async fn check_terminable(
+    st: &AppState,
+    c: &UploadClaims,
+    partial: &UploadRecord,
+) -> ApiResult<()> {
+    if let Some(parent) = st.uploads.get(&c.session).await?
+        && parent.state == UploadState::Active
+        && let Concat::Final { parts } = &parent.concat
+        && parts.contains(&partial.session)
+    {
+        return Err(conflict(
+            "this partial upload is being joined; repeat the final upload's POST, or terminate \
+             the whole upload",
+        ));
+    }
+    Ok(())
+}
+
 /// POST with `Upload-Concat: partial`: a new partial upload of the token's upload.
 pub(super) async fn create_partial(
     st: &AppState,
@@ -163,6 +183,9 @@ pub(super) async fn create_partial(
     c: &UploadClaims,
     length: u64,
 ) -> ApiResult<Response> {
+    // One creation at a time (they are short: no body is read under it), so each sees the
+    // partials before it and together they stay within the limits.
+    let creating = st.uploads.partial_creation.lock().await;
     let parent = load(st, c).await?;
     let v = st.uploads.volume(&parent.volume)?.clone();
     refused_on_volume(v.as_ref())?;
@@ -210,6 +233,7 @@ pub(super) async fn create_partial(
         ..from_claims(c)
     };
     st.uploads.ensure(&rec).await?;
+    drop(creating);
     let with_data = header_str(headers, "content-type")
         .is_some_and(|t| t.eq_ignore_ascii_case(OFFSET_OCTET_STREAM));
     let offset = if with_data {
@@ -222,11 +246,9 @@ pub(super) async fn create_partial(
     let mut h = upload_headers(&rec, offset);
     h.remove(header::CACHE_CONTROL);
     put_header(&mut h, "upload-concat", "partial");
-    put_header(
-        &mut h,
-        "location",
-        &partial_location(q.token.as_deref().unwrap_or(""), &id),
-    );
+    // With the upload's dst_dir, if it has one: its PATCHes then check the same destination
+    // the final upload joins at.
+    put_header(&mut h, "location", &format!("{}&partial={id}", location(q)));
     Ok((StatusCode::CREATED, h).into_response())
 }
 

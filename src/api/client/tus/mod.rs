@@ -307,6 +307,9 @@ pub async fn delete(
         .lock(&rec.session)
         .await
         .map_err(|_| locked())?;
+    if q.partial.is_some() {
+        concat::check_terminable(&st, &c, &rec).await?;
+    }
     st.uploads.terminate(&rec).await?;
     if q.partial.is_none() {
         // The upload's partial uploads go with it.

@@ -134,6 +134,20 @@ async fn precheck(
     if offset != rec.offset {
         return Err(offset_mismatch(rec.offset, offset));
     }
+    // An upload being made of partials is not also written in one stream (its staging would
+    // double, and the partials would wait for nothing).
+    if rec.concat == Concat::None
+        && rec.offset == 0
+        && st.uploads.has_live_partials(&rec.session).await?
+    {
+        return Err(ApiError::problem(
+            StatusCode::CONFLICT,
+            "storage/tus-concatenation-conflict",
+            "Upload is made of partial uploads",
+        )
+        .code("storage-proxy_update_conflict")
+        .msg("this upload has partial uploads; PATCH those, or terminate them first"));
+    }
     checked?;
     // What is left of the upload must still fit the scope's quota (others may have filled it
     // since the token was minted): refused before a byte of this body is written, rather than
@@ -410,13 +424,15 @@ async fn write_locked(
 async fn complete(st: &AppState, rec: &UploadRecord, dst: &RelPath) -> ApiResult<()> {
     match rec.concat {
         Concat::Partial { .. } => {
+            // Done first: a crash while sealing then leaves a done partial whose join does the
+            // rest, never one that looks complete but is not done.
+            st.uploads.record_done(rec).await?;
             // What the join can be spared is done now, while the other streams still run; if
             // it fails, the join does it.
             let v = st.uploads.volume(&rec.volume)?;
             if let Err(e) = v.staging().seal(&rec.vfid, &rec.session).await {
                 tracing::warn!(session = %rec.session, error = %e, "cannot seal a partial upload; its join will");
             }
-            st.uploads.record_done(rec).await?
         }
         _ => st.uploads.complete(rec, dst).await?,
     }
