@@ -367,9 +367,17 @@ impl Uploads {
             let Ok(rec) = row_to_record(row) else {
                 continue;
             };
-            // Never reap an upload someone is writing right now; the next round will.
+            // Never reap an upload someone is writing right now, nor a partial upload while its
+            // upload is locked (a final upload may be joining it); the next round will.
             let Ok(_lock) = self.locks.try_lock(&rec.session) else {
                 continue;
+            };
+            let _parent = match rec.concat.parent() {
+                Some(p) => match self.locks.try_lock(p) {
+                    Ok(l) => Some(l),
+                    Err(_) => continue,
+                },
+                None => None,
             };
             if rec.holds_staging()
                 && let Ok(v) = self.volumes.get(&rec.volume)

@@ -853,3 +853,32 @@ async fn partials_keep_the_uploads_dst_dir() {
     want.extend(vec![2u8; 1000]);
     assert_eq!(std::fs::read(u.vfpath.join("sub/dir/d.bin")).unwrap(), want);
 }
+
+/// Partial uploads expire with their token: the reaper deletes their staging, done ones
+/// (waiting for a final upload) as well as unfinished ones.
+#[tokio::test]
+async fn expired_partials_are_reaped() {
+    let d = Daemon::builder()
+        .set("storage-proxy.session-expire", "2s")
+        .set("storage-agent.upload-reap-interval", "1s")
+        .start()
+        .await;
+    let u = mint(&d, "exp.bin", 2000).await;
+    let (r, done) = post_partial(&d, &u.token, 1000, Some(vec![1; 1000])).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let (r, _unfinished) = post_partial(&d, &u.token, 1000, Some(vec![2; 500])).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(staging_names(&d, &u).len(), 2);
+    let deadline = std::time::Instant::now() + crate::common::OUTCOME;
+    while !staging_names(&d, &u).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reaper left {:?}",
+            staging_names(&d, &u)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let r = send(d.http.head(&done).header("Tus-Resumable", "1.0.0")).await;
+    assert_eq!(r.status, 410);
+    assert!(!u.vfpath.join("exp.bin").exists());
+}

@@ -50,11 +50,11 @@ pub const CORS: &[(&str, &str)] = &[
     ),
     (
         "access-control-allow-headers",
-        "Tus-Resumable, Upload-Length, Upload-Metadata, Upload-Offset, Content-Type, Upload-Checksum, Upload-Defer-Length, Upload-Concat, X-HTTP-Method-Override, X-Requested-With",
+        "Tus-Resumable, Upload-Length, Upload-Metadata, Upload-Offset, Content-Type, Upload-Checksum, Upload-Defer-Length, Upload-Concat, Storage-Agent-Partial-Offset, X-HTTP-Method-Override, X-Requested-With",
     ),
     (
         "access-control-expose-headers",
-        "Tus-Resumable, Tus-Version, Tus-Max-Size, Tus-Extension, Tus-Checksum-Algorithm, Upload-Length, Upload-Metadata, Upload-Offset, Upload-Expires, Location, Content-Type",
+        "Tus-Resumable, Tus-Version, Tus-Max-Size, Tus-Extension, Tus-Checksum-Algorithm, Upload-Length, Upload-Metadata, Upload-Offset, Upload-Expires, Upload-Concat, Storage-Agent-Max-Checksummed-Body, Location, Content-Type",
     ),
 ];
 
