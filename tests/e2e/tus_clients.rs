@@ -272,19 +272,7 @@ async fn tus_js_client_parallel_uploads_are_concatenated() {
 /// tus-js-client's parallel uploads into the object stores: 4 partials of 25 MiB, joined by
 /// server-side copies (S3) or one block list (Azure).
 async fn tusjs_parallel_into(d: &Daemon, peek: &dyn Fn(&str, &str) -> Option<Vec<u8>>) {
-    let vfid = format!(
-        "user:{}/{}",
-        uuid::Uuid::new_v4(),
-        uuid::Uuid::new_v4().simple()
-    );
-    let r = d
-        .mgr(
-            "POST",
-            "/folder/create",
-            serde_json::json!({"volume": "vol1", "vfid": vfid}),
-        )
-        .await;
-    assert_eq!(r.status, 204, "{}", r.text());
+    let vfid = d.new_vfolder().await;
     let src = d.dir.path().join("src.bin");
     random_file(&src, SIZE + 3, 44);
     let t = d

@@ -427,19 +427,7 @@ async fn a_join_cut_off_by_kill_9_completes_when_repeated() {
 /// start of the next; Azure commits the partials' blocks in the final's order. The partials are
 /// created in one order and joined in another (as tus-js-client's racing POSTs may leave them).
 async fn object_volume_joins(d: &Daemon, peek: &dyn Fn(&str, &str) -> Option<Vec<u8>>) {
-    let vfid = format!(
-        "user:{}/{}",
-        uuid::Uuid::new_v4(),
-        uuid::Uuid::new_v4().simple()
-    );
-    let r = d
-        .mgr(
-            "POST",
-            "/folder/create",
-            json!({"volume": "vol1", "vfid": vfid}),
-        )
-        .await;
-    assert_eq!(r.status, 204, "{}", r.text());
+    let vfid = d.new_vfolder().await;
     let sizes = [7 << 20, 1 << 20, (6 << 20) + 5, 3];
     let data = pattern(sizes.iter().sum(), 21);
     let t = d
@@ -538,19 +526,7 @@ async fn s3_kill_9(declare: bool) {
         .s3(&moto.endpoint(), "kill-")
         .start()
         .await;
-    let vfid = format!(
-        "user:{}/{}",
-        uuid::Uuid::new_v4(),
-        uuid::Uuid::new_v4().simple()
-    );
-    let r = d
-        .mgr(
-            "POST",
-            "/folder/create",
-            json!({"volume": "vol1", "vfid": vfid}),
-        )
-        .await;
-    assert_eq!(r.status, 204, "{}", r.text());
+    let vfid = d.new_vfolder().await;
     // Whole parts (of 8 MiB: the configured 5 MiB rounded up) so declared partials are placed.
     const PART: usize = 16 << 20;
     let data = pattern(4 * PART, 33);
@@ -673,19 +649,7 @@ async fn s3_places_partials_with_declared_offsets() {
     use crate::backends::{bucket_of, s3_object};
     let moto = crate::common::moto::Moto::start();
     let d = Daemon::builder().s3(&moto.endpoint(), "dec-").start().await;
-    let vfid = format!(
-        "user:{}/{}",
-        uuid::Uuid::new_v4(),
-        uuid::Uuid::new_v4().simple()
-    );
-    let r = d
-        .mgr(
-            "POST",
-            "/folder/create",
-            json!({"volume": "vol1", "vfid": vfid}),
-        )
-        .await;
-    assert_eq!(r.status, 204, "{}", r.text());
+    let vfid = d.new_vfolder().await;
     // The volume's part size for partials: its configured 5 MiB, up to a power of two.
     const PS: usize = 8 << 20;
     let data = pattern(2 * PS + 3, 8);

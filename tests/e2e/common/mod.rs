@@ -379,6 +379,14 @@ impl Daemon {
 
     /// Creates a quota scope and vfolder; returns the vfid and its directory on disk.
     pub async fn create_vfolder(&self) -> (String, PathBuf) {
+        let vfid = self.new_vfolder().await;
+        let path = self.vfolder_path(&vfid);
+        assert!(path.is_dir());
+        (vfid, path)
+    }
+
+    /// Creates a quota scope and vfolder on vol1, whatever its backend; returns the vfid.
+    pub async fn new_vfolder(&self) -> String {
         let qs = format!("user:{}", uuid::Uuid::new_v4());
         let vfid = format!("{qs}/{}", uuid::Uuid::new_v4().simple());
         let r = self
@@ -389,9 +397,7 @@ impl Daemon {
             )
             .await;
         assert_eq!(r.status, 204, "{}", r.text());
-        let path = self.vfolder_path(&vfid);
-        assert!(path.is_dir());
-        (vfid, path)
+        vfid
     }
 
     pub fn vfolder_path(&self, vfid: &str) -> PathBuf {
