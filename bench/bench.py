@@ -226,8 +226,9 @@ class Proxy:
 class StorageAgent(Proxy):
     name = "storage-agent"
 
-    def __init__(self, work, binary, agent_ports=None, backend="vfs", vol=None, volume_extra="", daemon_extra=""):
-        self.dir = work / "sa"
+    def __init__(self, work, binary, agent_ports=None, backend="vfs", vol=None, volume_extra="", daemon_extra="",
+                 subdir="sa"):
+        self.dir = work / subdir
         self.vol = vol or self.dir / "vol1"
         self.vol.mkdir(parents=True, exist_ok=True)
         (self.dir / "state").mkdir(parents=True)
@@ -616,14 +617,18 @@ class Bench:
 
     def downloads(self, sa, py, nginx_root):
         size = self.big
-        vf_sa, vf_py = sa.new_vfolder(), py.new_vfolder()
+        # The same binary with zero-copy downloads off: what splice saves, in the same run.
+        copying = self.start(StorageAgent(self.work, self.sa_bin, subdir="sa-copying",
+                                          daemon_extra="zero-copy-downloads = false\n"))
+        vf_sa, vf_py, vf_copy = sa.new_vfolder(), py.new_vfolder(), copying.new_vfolder()
         src = self.work / "src.bin"
-        for p in (sa.vfolder_path(vf_sa), py.vfolder_path(vf_py)):
+        for p in (sa.vfolder_path(vf_sa), py.vfolder_path(vf_py), copying.vfolder_path(vf_copy)):
             shutil.copy(src, p / "dl.bin")
         shutil.copy(src, nginx_root / "dl.bin")
         nginx = self.start(Nginx(self.work, nginx_root))
         urls = {
             "storage-agent": (sa.download_url(vf_sa, "dl.bin"), sa.pid),
+            "storage-agent, copying": (copying.download_url(vf_copy, "dl.bin"), copying.pid),
             "python-proxy": (py.download_url(vf_py, "dl.bin"), py.pid),
             "nginx sendfile": (nginx.url("dl.bin"), nginx.pid),
         }

@@ -97,6 +97,7 @@ pub struct Metrics {
     pub bgtask_done: Family<TaskLabels, Counter>,
     pub bgtask_seconds: Family<Labels1, Histogram>,
     pub upload_bytes: Counter,
+    pub spliced_bytes: Counter,
     pub patches_in_flight: Gauge,
     // Read at scrape time.
     pub(crate) uploads: Family<StateLabel, Gauge>,
@@ -135,6 +136,7 @@ impl Metrics {
             bgtask_done: Family::default(),
             bgtask_seconds: Family::new_with_constructor(duration_histogram),
             upload_bytes: Counter::default(),
+            spliced_bytes: Counter::default(),
             patches_in_flight: Gauge::default(),
             uploads: Family::default(),
             bgtasks: Family::default(),
@@ -191,6 +193,11 @@ impl Metrics {
             "storage_agent_upload_bytes",
             "Upload bytes made durable in staging",
             m.upload_bytes.clone(),
+        );
+        r.register(
+            "storage_agent_download_spliced_bytes",
+            "Download bytes sent from the page cache to the socket by splice, never copied through the process",
+            m.spliced_bytes.clone(),
         );
         r.register(
             "storage_agent_upload_patches_in_flight",

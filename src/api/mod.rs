@@ -12,6 +12,7 @@ mod probes;
 mod scrape;
 pub mod serve;
 pub mod token;
+pub mod zerocopy;
 
 use std::sync::Arc;
 

@@ -1,7 +1,8 @@
 //! One accept loop for every listener (manager, client, internal, gRPC): plain or TLS, HTTP/1.1
 //! and HTTP/2 (gRPC needs h2), graceful drain on shutdown. TLS handshakes run in the connection
 //! task, so a slow client never stalls accepting. Connection caps and the per-connection
-//! watchdog (silent, idle and stalled connections) are in `conn.rs`.
+//! watchdog (silent, idle and stalled connections) are in `conn.rs`; zero-copy file bodies
+//! over plain HTTP/1 in `zerocopy.rs`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::conn::{self, Admission, ConnState, Watched};
+use super::zerocopy::SpliceSocket;
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,8 +83,17 @@ pub async fn serve(
         let state = ConnState::new();
         let router = router.clone();
         let counter = state.clone();
+        let socket = SpliceSocket::new(stream);
+        // Zero-copy file bodies only where hyper passes body chunks to the socket untouched:
+        // plain HTTP/1 (TLS encrypts them, HTTP/2 frames them).
+        let zero_copy = acceptor.is_none().then(|| socket.zero_copy());
         let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
+            if let Some(z) = &zero_copy
+                && req.version() <= hyper::Version::HTTP_11
+            {
+                req.extensions_mut().insert(z.clone());
+            }
             let router = router.clone();
             let in_flight = counter.request_started();
             async move {
@@ -99,7 +110,7 @@ pub async fn serve(
         let limits = *admission.limits();
         tokio::spawn(async move {
             let _admitted = admitted;
-            let io = Watched::new(stream, state.clone());
+            let io = Watched::new(socket, state.clone());
             let served = conn::supervise(
                 async {
                     match acceptor {
@@ -137,7 +148,7 @@ pub async fn serve(
             match served {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    tracing::debug!(api = name, %peer, error = %e, "connection ended with an error")
+                    tracing::debug!(api = name, %peer, error = ?e, "connection ended with an error")
                 }
                 Err(why) => tracing::debug!(api = name, %peer, reason = why, "connection closed"),
             }

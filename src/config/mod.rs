@@ -184,6 +184,9 @@ pub struct DaemonConfig {
     /// Zip archives being produced at once on this node, and per download token.
     pub max_archives: usize,
     pub max_archives_per_owner: usize,
+    /// Files downloaded over plain HTTP/1 go from the page cache to the socket by `splice`,
+    /// never copied through the process (off: read and written, as over TLS).
+    pub zero_copy_downloads: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -437,6 +440,7 @@ fn read(table: &toml::Table, problems: &Problems, source: ConfigSource, base: &P
             let key = ours.first_of(&["max-archives-per-owner", "max-archives-per-token"]);
             ours.int_in(key, 1, 4096, 2) as usize
         },
+        zero_copy_downloads: ours.bool("zero-copy-downloads", true),
     };
     let c = &daemon.conn;
     if daemon.upload_checkpoint_bytes == 0 {

@@ -274,6 +274,11 @@ pub trait ReadHandle: Send + Sync {
     fn stat(&self) -> &EntryStat;
     /// Bytes `start..end` (end exclusive) as a stream of chunks.
     fn read_range(&self, start: u64, end: u64) -> ByteStream;
+    /// The open file behind the handle, when it is one the kernel can send from (a local or
+    /// mounted filesystem); None for object stores.
+    fn local_file(&self) -> Option<Arc<std::fs::File>> {
+        None
+    }
 }
 
 /// What `/folder/mount` tells a compute agent about where a vfolder is.

@@ -35,3 +35,4 @@ mod tus;
 mod tus_clients;
 mod tus_concat;
 mod volume_health;
+mod zero_copy;

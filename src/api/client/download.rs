@@ -3,6 +3,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -10,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 
 use super::archive::{self, Root};
@@ -19,7 +21,8 @@ use crate::api::error::{ApiError, ApiResult};
 use crate::api::extract::{ApiQuery, query_bool};
 use crate::api::token::check_archive_filename;
 use crate::api::token::{ArchiveClaims, DownloadClaims, TokenError};
-use crate::volume::{EntryKind, EntryStat, ReadHandle, RelPath, VolumeError};
+use crate::api::zerocopy::ZeroCopy;
+use crate::volume::{ByteStream, EntryKind, EntryStat, ReadHandle, RelPath, VolumeError};
 
 #[derive(Deserialize)]
 pub struct DownloadQuery {
@@ -128,14 +131,43 @@ fn parse_date(h: &HeaderMap, name: header::HeaderName) -> Option<SystemTime> {
         .and_then(|s| httpdate::parse_http_date(s).ok())
 }
 
+/// Ranges shorter than this are copied, never spliced (measured in bench/ANALYSIS.md).
+const SPLICE_FROM: u64 = 256 << 10;
+
+/// How the bytes of an opened file reach the client.
+struct Source {
+    handle: Box<dyn ReadHandle>,
+    zero_copy: Option<(ZeroCopy, Counter)>,
+}
+
+impl Source {
+    /// Bytes `a..b`: handed to the kernel where the connection and the volume allow it, read
+    /// and copied otherwise. Small ranges are always read: copying a few pages costs less
+    /// than a pipe and a hand-over to a blocking thread, and a read from the page cache needs
+    /// no hand-over at all.
+    fn range(&self, a: u64, b: u64) -> ByteStream {
+        match (&self.zero_copy, self.handle.local_file()) {
+            (Some((z, counted)), Some(file)) if b - a >= SPLICE_FROM => {
+                z.file_range(file, a, b, counted.clone())
+            }
+            _ => self.handle.read_range(a, b),
+        }
+    }
+}
+
 /// Serves an opened regular file with conditional requests and ranges.
 pub fn serve_file(
     req: &HeaderMap,
     h: Box<dyn ReadHandle>,
+    zero_copy: Option<(ZeroCopy, Counter)>,
     filename: &str,
     no_cache: bool,
 ) -> Response {
-    let stat = h.stat().clone();
+    let h = Source {
+        handle: h,
+        zero_copy,
+    };
+    let stat = h.handle.stat().clone();
     let size = stat.size;
     let etag = etag_of(&stat);
     let mtime = http_date_secs(stat.modified);
@@ -191,12 +223,7 @@ pub fn serve_file(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/octet-stream"),
             );
-            (
-                StatusCode::OK,
-                headers,
-                Body::from_stream(h.read_range(0, size)),
-            )
-                .into_response()
+            (StatusCode::OK, headers, Body::from_stream(h.range(0, size))).into_response()
         }
         RangeRequest::Unsatisfiable => {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
@@ -217,7 +244,7 @@ pub fn serve_file(
             (
                 StatusCode::PARTIAL_CONTENT,
                 headers,
-                Body::from_stream(h.read_range(a, b)),
+                Body::from_stream(h.range(a, b)),
             )
                 .into_response()
         }
@@ -244,12 +271,7 @@ fn if_range_holds(req: &HeaderMap, etag: &str, mtime: SystemTime) -> bool {
 }
 
 /// `multipart/byteranges` with an exact Content-Length, streamed part by part.
-fn multipart(
-    mut headers: HeaderMap,
-    h: Box<dyn ReadHandle>,
-    rs: &[(u64, u64)],
-    size: u64,
-) -> Response {
+fn multipart(mut headers: HeaderMap, h: Source, rs: &[(u64, u64)], size: u64) -> Response {
     let boundary = uuid::Uuid::new_v4().simple().to_string();
     let mut total = 0u64;
     let mut parts = Vec::new();
@@ -260,7 +282,7 @@ fn multipart(
         );
         total += head.len() as u64 + (b - a);
         parts.push(futures::stream::once(futures::future::ready(Ok(Bytes::from(head)))).boxed());
-        parts.push(h.read_range(a, b));
+        parts.push(h.range(a, b));
     }
     let tail = format!("\r\n--{boundary}--\r\n");
     total += tail.len() as u64;
@@ -293,6 +315,7 @@ fn zip_response(body: Body, filename: &str, no_cache: bool) -> Response {
     responses((status = 200, description = "The file", content_type = "application/octet-stream"), (status = 206, description = "The ranges asked for"), (status = 304, description = "Not modified"), (status = 416, description = "Range not satisfiable"), (status = "4XX", description = "Refused", body = crate::api::error::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn download(
     State(st): State<AppState>,
+    zero_copy: Option<Extension<ZeroCopy>>,
     method: Method,
     ApiQuery(q): ApiQuery<DownloadQuery>,
     headers: HeaderMap,
@@ -319,7 +342,10 @@ pub async fn download(
     match v.open_read(&c.vfid, &path).await {
         Ok(h) => {
             let name = path.file_name().unwrap_or("download").to_string();
-            return Ok(serve_file(&headers, h, &name, no_cache));
+            let zero_copy = zero_copy
+                .filter(|_| st.config.daemon.zero_copy_downloads)
+                .map(|Extension(z)| (z, st.metrics.spliced_bytes.clone()));
+            return Ok(serve_file(&headers, h, zero_copy, &name, no_cache));
         }
         Err(e) if is_dir(&e) => {}
         Err(e) => return Err(not_found_or(e, shown)),

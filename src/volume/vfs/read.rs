@@ -19,11 +19,39 @@ use crate::volume::{ByteStream, EntryKind, EntryStat, ReadHandle, RelPath, WalkE
 const CHUNK: u64 = 1 << 20;
 const READ_AHEAD: usize = 2;
 
-/// `pread` of exactly `len` bytes at `off` into a fresh buffer, without zero-filling it first
-/// (for downloads that would be one more pass over every byte served).
-fn pread_exact(file: &File, off: u64, len: usize) -> std::io::Result<Bytes> {
+/// The bytes at `off` if the page cache holds all of them, read without waiting for the disk
+/// (`RWF_NOWAIT`): a warm read then needs no hand-over to a blocking thread. What the cache
+/// held of a partly cached range is returned to be completed by a blocking read.
+fn pread_cached(file: &File, off: u64, len: usize) -> BytesMut {
     use std::os::fd::AsRawFd;
     let mut buf = BytesMut::with_capacity(len);
+    let spare = buf.spare_capacity_mut();
+    let iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    // EAGAIN (not cached), EOPNOTSUPP (a filesystem without it) or any other error: nothing
+    // read here; the blocking read decides.
+    let n = unsafe {
+        libc::preadv2(
+            file.as_raw_fd(),
+            &iov,
+            1,
+            off as libc::off_t,
+            libc::RWF_NOWAIT,
+        )
+    };
+    if n > 0 {
+        // The kernel wrote `n` bytes into the spare capacity.
+        unsafe { buf.set_len(n as usize) };
+    }
+    buf
+}
+
+/// Reads bytes `buf.len()..len` of the range at `off` into `buf` (blocking), without
+/// zero-filling the buffer first (for downloads that would be one more pass over every byte).
+fn pread_rest(file: &File, off: u64, mut buf: BytesMut, len: usize) -> std::io::Result<Bytes> {
+    use std::os::fd::AsRawFd;
     while buf.len() < len {
         let (filled, want) = (buf.len(), len - buf.len());
         let spare = buf.spare_capacity_mut();
@@ -101,6 +129,10 @@ impl ReadHandle for VfsReadHandle {
         &self.stat
     }
 
+    fn local_file(&self) -> Option<Arc<File>> {
+        Some(self.file.clone())
+    }
+
     fn read_range(&self, start: u64, end: u64) -> ByteStream {
         let file = self.file.clone();
         let offsets = (start..end).step_by(CHUNK as usize);
@@ -109,7 +141,11 @@ impl ReadHandle for VfsReadHandle {
                 let file = file.clone();
                 let len = CHUNK.min(end - off) as usize;
                 async move {
-                    tokio::task::spawn_blocking(move || pread_exact(&file, off, len))
+                    let cached = pread_cached(&file, off, len);
+                    if cached.len() == len {
+                        return Ok(cached.freeze());
+                    }
+                    tokio::task::spawn_blocking(move || pread_rest(&file, off, cached, len))
                         .await
                         .unwrap_or_else(|e| Err(std::io::Error::other(e)))
                 }
