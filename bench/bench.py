@@ -227,7 +227,7 @@ class StorageAgent(Proxy):
     name = "storage-agent"
 
     def __init__(self, work, binary, agent_ports=None, backend="vfs", vol=None, volume_extra="", daemon_extra="",
-                 subdir="sa"):
+                 subdir="sa", public_addr="127.0.0.1"):
         self.dir = work / subdir
         self.vol = vol or self.dir / "vol1"
         self.vol.mkdir(parents=True, exist_ok=True)
@@ -237,7 +237,7 @@ class StorageAgent(Proxy):
             lo, hi = agent_ports
             agent = (
                 f'[agent]\nenabled = true\nbase-image = "{os.environ.get("BASE_IMAGE", "localbase:bookworm-slim")}"\n'
-                f'public-addr = "127.0.0.1"\nport-range = "{lo}-{hi}"\nkernel-uid = 2301\nkernel-gid = 2301\n'
+                f'public-addr = "{public_addr}"\nport-range = "{lo}-{hi}"\nkernel-uid = 2301\nkernel-gid = 2301\n'
                 f'[agent.rpc]\nservice-addr = "127.0.0.1:0"\nsecret = "{RPC_SECRET}"\n'
             )
         cfg = self.dir / "storage-agent.toml"
@@ -987,7 +987,9 @@ class Bench:
 
     def sessions(self):
         lo = 33000 + random.randrange(500)
-        sa = StorageAgent(self.work / "sess", self.sa_bin, (lo, lo + 60))
+        # Published on every address: loopback goes through docker-proxy, the node's own address
+        # through the kernel's DNAT, as a user on another host would.
+        sa = StorageAgent(self.work / "sess", self.sa_bin, (lo, lo + 60), public_addr="0.0.0.0")
         self.started.append(sa)
         user = str(uuid.uuid4())
         vfid = f"user:{user}/{uuid.uuid4().hex}"
@@ -1019,21 +1021,38 @@ class Bench:
         hostdir.mkdir()
         size = src.stat().st_size
 
-        def sftp(port, user, batch):
+        def sftp(port, user, batch, addr="127.0.0.1", cipher=None):
             t = time.time()
-            subprocess.run(["sftp", *opts, "-P", str(port), "-b", "-", f"{user}@127.0.0.1"], input=batch,
+            extra = ["-c", cipher] if cipher else []
+            subprocess.run(["sftp", *opts, *extra, "-P", str(port), "-b", "-", f"{user}@{addr}"], input=batch,
                            text=True, check=True, capture_output=True)
             return size / (time.time() - t) / MB
 
-        res = {("put", "storage-agent"): [], ("put", "host sshd"): [], ("get", "storage-agent"): [],
-               ("get", "host sshd"): []}
+        node = node_addr()
+        container = run(["docker", "ps", "-q", "--filter",
+                         f"label=ai.backend.storage-agent.node=bench-{os.getpid()}"]).split()[0]
+        gcm = "aes128-gcm@openssh.com"
+        # (row name, port, user, remote dir, address, cipher, CPUs of the session container)
+        systems = [
+            ("storage-agent", sport, "work", "data", "127.0.0.1", None, 1),
+            ("storage-agent, node address", sport, "work", "data", node, None, 1),
+            (f"storage-agent, node address, {gcm.split('@')[0]}", sport, "work", "data", node, gcm, 1),
+            ("storage-agent, node address, 2 CPUs", sport, "work", "data", node, None, 2),
+            ("host sshd", host.port, "root", hostdir, "127.0.0.1", None, None),
+            ("host sshd, node address", host.port, "root", hostdir, node, None, None),
+            (f"host sshd, node address, {gcm.split('@')[0]}", host.port, "root", hostdir, node, gcm, None),
+        ]
+        res = {}
         for _ in range(self.rounds):
-            res[("put", "storage-agent")].append(sftp(sport, "work", f"put {src} data/s.bin\n"))
-            res[("put", "host sshd")].append(sftp(host.port, "root", f"put {src} {hostdir}/s.bin\n"))
-            warm(src)
-            res[("get", "storage-agent")].append(sftp(sport, "work", "get data/s.bin /dev/null\n"))
-            res[("get", "host sshd")].append(sftp(host.port, "root", f"get {hostdir}/s.bin /dev/null\n"))
-        for (op, name), v in res.items():
+            for name, port, user, rdir, addr, cipher, cpus in systems:
+                if cpus:
+                    run(["docker", "update", "--cpus", str(cpus), container])
+                res.setdefault(("put", name), []).append(
+                    sftp(port, user, f"put {src} {rdir}/s.bin\n", addr, cipher))
+                warm(src)
+                res.setdefault(("get", name), []).append(
+                    sftp(port, user, f"get {rdir}/s.bin /dev/null\n", addr, cipher))
+        for (op, name), v in sorted(res.items(), key=lambda kv: kv[0][0] != "put"):
             self.results.add(f"sftp {op} {size >> 20} MiB", name, "MB/s", v)
 
 
@@ -1047,7 +1066,8 @@ class HostSshd:
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", d / "hostkey"])
         shutil.copy(pubkey, d / "authorized_keys")
         (d / "sshd_config").write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nPidFile {d}/pid\n"
+            f"Port {self.port}\nListenAddress 127.0.0.1\nListenAddress {node_addr()}\nHostKey {d}/hostkey\n"
+            f"PidFile {d}/pid\n"
             f"PermitRootLogin prohibit-password\nAuthorizedKeysFile {d}/authorized_keys\nStrictModes no\n"
             "UsePAM no\nSubsystem sftp internal-sftp\n"
         )
@@ -1058,6 +1078,16 @@ class HostSshd:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(30)
+
+
+def node_addr():
+    """The address other hosts reach this one at (the source of the default route), or
+    loopback on a machine without one."""
+    try:
+        out = subprocess.run(["ip", "-4", "route", "get", "192.0.2.254"], capture_output=True, text=True).stdout
+        return out.split(" src ")[1].split()[0]
+    except (IndexError, OSError):
+        return "127.0.0.1"
 
 
 def machine():

@@ -242,10 +242,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> Watched<S> {
+/// A socket whose writes may wait for the disk instead of the client (a zero-copy body's
+/// next bytes being read): such a wait is no stall of the client's.
+pub trait DiskWait {
+    fn waiting_on_disk(&self) -> bool;
+}
+
+impl DiskWait for super::zerocopy::SpliceSocket {
+    fn waiting_on_disk(&self) -> bool {
+        super::zerocopy::SpliceSocket::waiting_on_disk(self)
+    }
+}
+
+impl<S: AsyncWrite + DiskWait + Unpin> Watched<S> {
     fn track<T>(&self, r: &Poll<T>) {
         let s = &self.state;
         match r {
+            Poll::Pending if self.inner.waiting_on_disk() => {}
             Poll::Pending => {
                 if s.write_blocked_since.load(Ordering::Relaxed) == 0 {
                     s.write_blocked_since
@@ -257,7 +270,7 @@ impl<S: AsyncWrite + Unpin> Watched<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+impl<S: AsyncWrite + DiskWait + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

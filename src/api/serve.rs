@@ -52,7 +52,10 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Body chunks reach the socket as they are, never copied into one buffer: zero-copy
+        // bodies depend on it (zerocopy.rs).
+        .writev(true);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -9,15 +9,26 @@
 //! there, never on the runtime's threads), then `splice` from the pipe to the socket. The page
 //! cache's pages move by reference; nothing is copied into or out of this process.
 //!
-//! Safety of the bytes sent rests on three rules:
+//! Safety of the bytes sent rests on these rules:
 //! * a placeholder body is only made for a plain HTTP/1 connection whose socket is a
 //!   `SpliceSocket` (the [`ZeroCopy`] request extension exists only there); TLS and HTTP/2
 //!   copy bodies, and get ordinary ones;
+//! * hyper is told to write vectored (`writev(true)` in `serve.rs`): its queueing write
+//!   strategy hands each body chunk to the socket as it is; the flattening one would copy
+//!   the placeholders' zeros (tests/e2e/zero_copy.rs compares every byte, so it would fail);
 //! * the socket matches each placeholder to its chunk by address (chunk `n` of a connection
 //!   lives in slot `n % SLOTS`) and in order; a placeholder it cannot match closes the
 //!   connection rather than send anything else;
 //! * a file that ends early (truncated while being sent) ends the connection the same way,
-//!   as a short read does on the copying path: a client never gets invented bytes.
+//!   as a short read does on the copying path.
+//!
+//! As with sendfile (nginx's too), pages are sent by reference: a file rewritten in place,
+//! hole-punched or truncated to a size inside a page *while* it is being sent may send the
+//! changed bytes (or zeros) for pages already in the pipe or the socket's buffer. The ETag a
+//! resumed download checks with If-Range changes with such a write.
+//!
+//! A connection that downloads holds one pipe (two fds) until it closes, however many ranges
+//! its responses have.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -85,7 +96,7 @@ impl Pipe {
 }
 
 /// One placeholder chunk waiting to be sent: `len` bytes of `file` from `off`, of which
-/// `sent` went out and `in_pipe` are in the pipe.
+/// `sent` went out and `in_pipe` wait in the connection's pipe.
 struct Span {
     slot: usize,
     len: usize,
@@ -93,15 +104,44 @@ struct Span {
     in_pipe: usize,
     file: Arc<File>,
     off: u64,
-    pipe: Arc<Pipe>,
     counted: Counter,
 }
 
-/// The chunks of a connection, in the order hyper writes them.
+impl Span {
+    /// Where the placeholder of this chunk's unsent rest starts in the region.
+    fn at(&self) -> usize {
+        self.slot + self.sent
+    }
+}
+
+/// The chunks of a connection, in the order hyper writes them, and its pipe.
 #[derive(Default)]
 struct Spans {
     queue: Mutex<VecDeque<Span>>,
     next: AtomicU64,
+    /// Made at the first zero-copy body and kept for the connection: two fds per connection
+    /// that downloads, however many ranges a response has.
+    pipe: Mutex<Option<Arc<Pipe>>>,
+}
+
+impl Spans {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Span>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The connection's pipe, made if there is none (or `fresh`: the old one may hold bytes
+    /// of a chunk that will never be sent).
+    fn pipe(&self, fresh: bool) -> io::Result<Arc<Pipe>> {
+        let mut p = self.pipe.lock().unwrap_or_else(|p| p.into_inner());
+        match &*p {
+            Some(pipe) if !fresh => Ok(pipe.clone()),
+            _ => {
+                let pipe = Arc::new(Pipe::new()?);
+                *p = Some(pipe.clone());
+                Ok(pipe)
+            }
+        }
+    }
 }
 
 /// Request extension of a plain HTTP/1 connection: makes zero-copy file bodies for it.
@@ -110,52 +150,57 @@ pub struct ZeroCopy(Arc<Spans>);
 
 impl ZeroCopy {
     /// Bytes `start..end` of `file` as placeholder chunks for this connection's socket; what
-    /// goes out is counted in `counted`.
+    /// goes out is counted in `counted`. None when no pipe can be made (out of fds): the
+    /// caller copies instead, before any header has gone out.
     pub fn file_range(
         &self,
         file: Arc<File>,
         start: u64,
         end: u64,
         counted: Counter,
-    ) -> ByteStream {
-        let pipe = match Pipe::new() {
-            Ok(p) => Arc::new(p),
-            Err(e) => return futures::stream::once(async { Err(e) }).boxed(),
-        };
+    ) -> Option<ByteStream> {
+        if let Err(e) = self.0.pipe(false) {
+            tracing::warn!(error = %e, "no pipe for a zero-copy download; copying it");
+            return None;
+        }
         let spans = self.0.clone();
         let offsets = (start..end).step_by(CHUNK);
-        futures::stream::iter(offsets)
-            .map(move |off| {
-                let len = (CHUNK as u64).min(end - off) as usize;
-                let slot = (spans.next.fetch_add(1, Ordering::Relaxed) as usize % SLOTS) * CHUNK;
-                let span = Span {
-                    slot,
-                    len,
-                    sent: 0,
-                    in_pipe: 0,
-                    file: file.clone(),
-                    off,
-                    pipe: pipe.clone(),
-                    counted: counted.clone(),
-                };
-                let mut q = spans.queue.lock().unwrap_or_else(|p| p.into_inner());
-                // Chunks made but never written (a body hyper dropped) are passed over when a
-                // later one is written; never let them pile up.
-                if q.len() >= SLOTS / 2 {
-                    q.pop_front();
-                }
-                q.push_back(span);
-                Ok(Bytes::from_static(&region()[slot..slot + len]))
-            })
-            .boxed()
+        let chunks = futures::stream::iter(offsets).map(move |off| {
+            let len = (CHUNK as u64).min(end - off) as usize;
+            let slot = (spans.next.fetch_add(1, Ordering::Relaxed) as usize % SLOTS) * CHUNK;
+            let span = Span {
+                slot,
+                len,
+                sent: 0,
+                in_pipe: 0,
+                file: file.clone(),
+                off,
+                counted: counted.clone(),
+            };
+            let mut q = spans.queue();
+            // Chunks made but never written (a body hyper dropped) are passed over when a
+            // later one is written; never let them pile up.
+            if q.len() >= SLOTS / 2 {
+                q.pop_front();
+            }
+            q.push_back(span);
+            Ok(Bytes::from_static(&region()[slot..slot + len]))
+        });
+        Some(chunks.boxed())
     }
+}
+
+/// A pipe being filled on a blocking thread, for the chunk whose unsent rest starts at `at`.
+struct Filling {
+    at: usize,
+    task: JoinHandle<io::Result<usize>>,
 }
 
 /// A plain TCP socket that sends placeholder chunks from their files.
 pub struct SpliceSocket {
     tcp: TcpStream,
     spans: Arc<Spans>,
-    filling: Option<JoinHandle<io::Result<usize>>>,
+    filling: Option<Filling>,
 }
 
 impl SpliceSocket {
@@ -172,47 +217,61 @@ impl SpliceSocket {
         ZeroCopy(self.spans.clone())
     }
 
-    /// Sends (part of) the chunk whose placeholder starts at `slot` (an offset in the region)
-    /// and is `want` bytes long; returns how many bytes went out.
+    /// Whether a write is waiting for the disk (the pipe being filled), not for the client.
+    pub fn waiting_on_disk(&self) -> bool {
+        self.filling.is_some()
+    }
+
+    /// Sends (part of) the chunk whose placeholder rest starts at `at` (an offset in the
+    /// region) and is `want` bytes long; returns how many bytes went out.
     fn poll_send_chunk(
         &mut self,
         cx: &mut Context<'_>,
-        slot: usize,
+        at: usize,
         want: usize,
     ) -> Poll<io::Result<usize>> {
         loop {
-            let (pipe, in_pipe, fill) = {
-                let mut q = self.spans.queue.lock().unwrap_or_else(|p| p.into_inner());
+            let (in_pipe, fill, stale_bytes) = {
+                let mut q = self.spans.queue();
                 // Chunks before this one that were never written are stale.
-                while q.front().is_some_and(|s| s.slot + s.sent != slot) {
-                    q.pop_front();
+                let mut stale_bytes = false;
+                while q.front().is_some_and(|s| s.at() != at) {
+                    stale_bytes |= q.pop_front().is_some_and(|s| s.in_pipe > 0);
                 }
-                let Some(s) = q.front_mut() else {
+                let Some(s) = q.front() else {
                     return Poll::Ready(Err(out_of_step()));
                 };
                 if want > s.len - s.sent {
                     return Poll::Ready(Err(out_of_step()));
                 }
-                let fill = (s.in_pipe == 0).then(|| {
-                    let at = s.off + s.sent as u64;
-                    // A pipe holds whole pages: from an unaligned offset, one page less.
-                    let room = s.pipe.capacity - (at % PAGE) as usize;
-                    (s.file.clone(), at, (s.len - s.sent).min(room))
-                });
-                (s.pipe.clone(), s.in_pipe, fill)
+                let fill = (s.in_pipe == 0)
+                    .then(|| (s.file.clone(), s.off + s.sent as u64, s.len - s.sent));
+                (s.in_pipe, fill, stale_bytes)
             };
-            if let Some((file, off, n)) = fill {
+            // A fill started for another chunk, or bytes left of one, make the pipe unusable:
+            // a fresh one is taken (the old one dies with its last holder).
+            let foreign_fill = self.filling.as_ref().is_some_and(|f| f.at != at);
+            if stale_bytes || foreign_fill {
+                self.filling = None;
+                self.spans.pipe(true)?;
+            }
+            let pipe = self.spans.pipe(false)?;
+            if let Some((file, off, rest)) = fill {
                 // The file into the pipe, on a blocking thread: this is where a cold read
-                // waits for the disk.
-                let task = self.filling.get_or_insert_with(|| {
+                // waits for the disk. A pipe holds whole pages: from an unaligned offset, one
+                // page less.
+                let n = rest.min(pipe.capacity - (off % PAGE) as usize);
+                let f = self.filling.get_or_insert_with(|| {
                     let pipe = pipe.clone();
-                    tokio::task::spawn_blocking(move || fill_pipe(&file, off, &pipe, n))
+                    Filling {
+                        at,
+                        task: tokio::task::spawn_blocking(move || fill_pipe(&file, off, &pipe, n)),
+                    }
                 });
-                let r = ready!(Pin::new(task).poll(cx));
+                let r = ready!(Pin::new(&mut f.task).poll(cx));
                 self.filling = None;
                 let got = r.map_err(io::Error::other)??;
-                let mut q = self.spans.queue.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(s) = q.front_mut().filter(|s| s.slot + s.sent == slot) {
+                if let Some(s) = self.spans.queue().front_mut().filter(|s| s.at() == at) {
                     s.in_pipe = got;
                 }
                 continue;
@@ -233,8 +292,8 @@ impl SpliceSocket {
             match sent {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(k) => {
-                    let mut q = self.spans.queue.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(s) = q.front_mut() {
+                    let mut q = self.spans.queue();
+                    if let Some(s) = q.front_mut().filter(|s| s.at() == at) {
                         s.counted.inc_by(k as u64);
                         s.sent += k;
                         s.in_pipe -= k;
@@ -246,6 +305,7 @@ impl SpliceSocket {
                 }
                 // Readiness was cleared; the next poll_write_ready waits for the socket.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -272,7 +332,7 @@ fn fill_pipe(file: &File, off: u64, pipe: &Pipe, n: usize) -> io::Result<usize> 
             pipe.write.as_fd(),
             None,
             n - got,
-            SpliceFFlags::SPLICE_F_MOVE,
+            SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
         ) {
             Ok(0) => {
                 return Err(io::Error::new(
@@ -335,7 +395,7 @@ impl AsyncWrite for SpliceSocket {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         match slot_of(data.as_ptr()) {
-            Some(slot) if !data.is_empty() => self.poll_send_chunk(cx, slot, data.len()),
+            Some(at) if !data.is_empty() => self.poll_send_chunk(cx, at, data.len()),
             _ => Pin::new(&mut self.tcp).poll_write(cx, data),
         }
     }
@@ -349,8 +409,8 @@ impl AsyncWrite for SpliceSocket {
             return Poll::Ready(Ok(0));
         };
         let bufs = &bufs[start..];
-        if let Some(slot) = slot_of(bufs[0].as_ptr()) {
-            return self.poll_send_chunk(cx, slot, bufs[0].len());
+        if let Some(at) = slot_of(bufs[0].as_ptr()) {
+            return self.poll_send_chunk(cx, at, bufs[0].len());
         }
         // Ordinary bytes up to the next placeholder go out in one writev.
         let end = bufs

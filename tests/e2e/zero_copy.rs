@@ -2,7 +2,8 @@
 //! file's, in every response of a pipelined keep-alive connection (HEAD, 304, ranges,
 //! multipart, whole files across chunk boundaries); a file truncated mid-download ends the
 //! connection without inventing bytes; TLS and the switch-off get the copying path; small
-//! ranges read from a cold, partly cached or warm page cache are the file's bytes too.
+//! ranges read from a cold, partly cached or warm page cache are the file's bytes too; slow
+//! readers and stalled ones (fds held: one pipe per connection).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -164,7 +165,7 @@ async fn pipelined_responses_carry_the_files_bytes() {
 }
 
 #[tokio::test]
-async fn a_file_truncated_mid_download_ends_the_connection_without_invented_bytes() {
+async fn a_file_truncated_mid_download_ends_the_connection_short() {
     let d = Daemon::start().await;
     let (vfid, path) = d.create_vfolder().await;
     let size: u64 = 64 << 20;
@@ -240,8 +241,124 @@ fn sha_of(p: &Path) -> String {
     crate::common::sha256_file(p)
 }
 
+/// Open fds of the daemon.
+fn fds(d: &Daemon) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .count()
+}
+
 #[tokio::test]
-async fn tls_and_the_switch_off_copy() {
+async fn many_spliced_parts_and_readers_that_stall_hold_one_pipe_per_connection() {
+    let d = Daemon::start().await;
+    let (vfid, path) = d.create_vfolder().await;
+    let size: usize = 4 << 20;
+    random_file(&path.join("m.bin"), size as u64, 5);
+    let data = std::fs::read(path.join("m.bin")).unwrap();
+    let t = dl_token(&d, &vfid, "m.bin").await;
+    // Ten parts of 300 000 bytes: every one spliced.
+    let parts: Vec<(usize, usize)> = (0..10)
+        .map(|i| (i * 400_000, i * 400_000 + 299_999))
+        .collect();
+    let spec = parts
+        .iter()
+        .map(|(a, b)| format!("{a}-{b}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let request =
+        format!("GET /download?token={t} HTTP/1.1\r\nHost: x\r\nRange: bytes={spec}\r\n\r\n");
+
+    // One reader takes it all: every part is the file's.
+    let tcp = TcpStream::connect(&d.addrs["client"]).await.unwrap();
+    let (rd, mut wr) = tcp.into_split();
+    wr.write_all(request.as_bytes()).await.unwrap();
+    let mut rd = BufReader::new(rd);
+    let r = tokio::time::timeout(OUTCOME, read_reply(&mut rd, false))
+        .await
+        .expect("a reply in time");
+    assert_eq!(r.status, 206);
+    for (a, b) in &parts {
+        let head = format!("Content-Range: bytes {a}-{b}/{size}\r\n\r\n");
+        let at = r
+            .body
+            .windows(head.len())
+            .position(|w| w == head.as_bytes())
+            .unwrap_or_else(|| panic!("part {a}-{b}"))
+            + head.len();
+        assert!(r.body[at..=at + b - a] == data[*a..=*b], "part {a}-{b}");
+    }
+
+    // Twenty clients ask and never read: each connection holds its socket, the open file and
+    // one pipe, not a pipe per part.
+    let before = fds(&d);
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        let mut tcp = TcpStream::connect(&d.addrs["client"]).await.unwrap();
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        stalled.push(tcp);
+    }
+    // Wait until all twenty are being answered (their files are open).
+    let deadline = std::time::Instant::now() + OUTCOME;
+    while fds(&d) < before + 40 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let during = fds(&d);
+    assert!(
+        during <= before + 20 * 5,
+        "{during} fds with 20 stalled readers (from {before}): more than socket, file and one pipe each"
+    );
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn a_slow_reader_gets_every_byte() {
+    // A small receive buffer and paced reads: the socket fills, splices come back short and
+    // the writer waits for room again and again.
+    let d = Daemon::start().await;
+    let (vfid, path) = d.create_vfolder().await;
+    let size: usize = 3 << 20;
+    random_file(&path.join("s.bin"), size as u64, 9);
+    let data = std::fs::read(path.join("s.bin")).unwrap();
+    let t = dl_token(&d, &vfid, "s.bin").await;
+    let before = spliced(&d).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let tcp = sock
+        .connect(d.addrs["client"].parse().unwrap())
+        .await
+        .unwrap();
+    let (rd, mut wr) = tcp.into_split();
+    wr.write_all(format!("GET /download?token={t} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut rd = BufReader::with_capacity(8192, rd);
+    let mut line = String::new();
+    while line != "\r\n" {
+        line.clear();
+        rd.read_line(&mut line).await.unwrap();
+    }
+    let mut got = Vec::with_capacity(size);
+    let mut buf = vec![0u8; 16 << 10];
+    let deadline = std::time::Instant::now() + OUTCOME;
+    while got.len() < size {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} bytes in time",
+            got.len()
+        );
+        let n = rd.read(&mut buf).await.unwrap();
+        assert!(n > 0, "early end at {}", got.len());
+        got.extend_from_slice(&buf[..n]);
+        if got.len() % (64 << 10) < n {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+    assert!(got == data, "every byte, in order");
+    assert_eq!(spliced(&d).await - before, size as u64);
+}
+
+#[tokio::test]
+async fn tls_h2_and_the_switch_off_copy() {
     // TLS on the client API: bytes are encrypted in the process, so they are copied.
     let d = Daemon::builder()
         .set("api.client.ssl-enabled", true)
@@ -258,6 +375,20 @@ async fn tls_and_the_switch_off_copy() {
         sha_of(&path.join("f.bin"))
     );
     assert_eq!(spliced(&d).await, 0, "nothing spliced over TLS");
+
+    // HTTP/2 on the plain port (prior knowledge): framed by hyper, so copied.
+    let d = Daemon::start().await;
+    let (vfid, path) = d.create_vfolder().await;
+    random_file(&path.join("f.bin"), 5 << 20, 5);
+    let t = dl_token(&d, &vfid, "f.bin").await;
+    let url = d.url("client", &format!("/download?token={t}"));
+    assert_eq!(
+        curl_sha(&url, &["--http2-prior-knowledge"]),
+        sha_of(&path.join("f.bin"))
+    );
+    assert_eq!(spliced(&d).await, 0, "nothing spliced over HTTP/2");
+    assert_eq!(curl_sha(&url, &["--http1.0"]), sha_of(&path.join("f.bin")));
+    assert_eq!(spliced(&d).await, 5 << 20, "HTTP/1.0 is spliced");
 
     let d = Daemon::builder()
         .set("storage-agent.zero-copy-downloads", false)

@@ -147,9 +147,9 @@ impl Source {
     /// no hand-over at all.
     fn range(&self, a: u64, b: u64) -> ByteStream {
         match (&self.zero_copy, self.handle.local_file()) {
-            (Some((z, counted)), Some(file)) if b - a >= SPLICE_FROM => {
-                z.file_range(file, a, b, counted.clone())
-            }
+            (Some((z, counted)), Some(file)) if b - a >= SPLICE_FROM => z
+                .file_range(file, a, b, counted.clone())
+                .unwrap_or_else(|| self.handle.read_range(a, b)),
             _ => self.handle.read_range(a, b),
         }
     }
