@@ -1015,6 +1015,8 @@ class Bench:
         sport = int(out.split("port=")[1].split()[0])
         host = self.start(HostSshd(self.work, f"{key}.pub"))
         src = self.work / "src.bin"
+        if not src.exists():  # run alone (--only sessions)
+            random_file(src, self.big)
         opts = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
                 "-o", "LogLevel=ERROR", "-i", str(key)]
         hostdir = self.work / "hostsftp"

@@ -110,6 +110,32 @@ async fn sftp_session_end_to_end() {
     let md = std::fs::metadata(data_path.join("upload.bin")).unwrap();
     assert_eq!((md.uid(), md.gid()), (KERNEL_UID, KERNEL_GID));
 
+    // AES ciphers only (cheaper per byte on the node than chacha20-poly1305): a client that
+    // offers nothing else is refused, one that offers both gets AES-GCM.
+    let cipher = |c: &str| {
+        std::process::Command::new("timeout")
+            .args(["60", "ssh", "-vv", "-c", c])
+            .args(crate::common::agent::SSH_OPTS)
+            .args(["-o", "BatchMode=yes", "-i"])
+            .arg(&key)
+            .args(["-p", &port.to_string(), "-s", "work@127.0.0.1", "sftp"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = cipher("chacha20-poly1305@openssh.com");
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("no matching cipher"),
+        "{out:?}"
+    );
+    let out = cipher("chacha20-poly1305@openssh.com,aes128-gcm@openssh.com");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cipher: aes128-gcm@openssh.com"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // The chroot shows only the mounts; nothing outside is reachable.
     let out = sftp_key(&key, "work", port, "ls -a /\n");
     let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
