@@ -841,41 +841,67 @@ class Bench:
             self.results.add(f"usage of a {files}-file quota scope (CephFS), warm", name, "ms", v, better="lower")
 
     def s3(self):
-        """An upload into an S3 bucket through us (tus, multipart parts as they fill) against
-        boto3's own upload_file straight to the same service."""
+        """An upload into S3 (moto) and Azure Blob (Azurite) through us (tus, one PATCH, parts
+        sent as they fill, `parts-in-flight` at once) against the service's own SDK straight to
+        the same service: boto3's upload_file and azure-storage-blob's upload_blob, both with
+        their defaults. "parts-in-flight = 1" is the same binary sending one part at a time."""
         size = (16 << 20) if self.smoke else self.big
         moto = self.start(MotoServer(self.work))
-        extra = (
-            f'endpoint = "{moto.endpoint}"\nregion = "us-east-1"\naccess-key = "bench"\n'
-            'secret-key = "bench-secret"\nbucket-prefix = "bench-"\npart-size = "16m"\n'
-        )
-        sa = self.start(StorageAgent(self.work / "s3", self.sa_bin, backend="s3", volume_extra=extra))
+        azurite = self.start(AzuriteServer(self.work))
         src = self.work / "s3src.bin"
         random_file(src, size)
         warm(src)
-        boto = (
-            "import boto3, sys, time\n"
-            "from boto3.s3.transfer import TransferConfig\n"
-            f"s3 = boto3.client('s3', endpoint_url='{moto.endpoint}', aws_access_key_id='bench',"
-            " aws_secret_access_key='bench-secret', region_name='us-east-1')\n"
-            "b = sys.argv[2]\ns3.create_bucket(Bucket=b)\nt = time.time()\n"
-            "s3.upload_file(sys.argv[1], b, 'up.bin', Config=TransferConfig(multipart_chunksize=16 << 20))\n"
-            "print(time.time() - t)\n"
-        )
         env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-        ours, theirs = [], []
-        for i in range(self.rounds):
-            vfid = sa.new_vfolder()
-            out = self.bench("upload", "--url", sa.upload_url(vfid, "up.bin", size), "--file", src, "--chunk", 0)
-            ours.append(self.field(out, "MBps"))
-            secs = float(subprocess.run(
-                ["python3", "-c", boto, str(src), f"boto-{os.getpid()}-{i}"],
-                check=True, capture_output=True, text=True, env=env,
-            ).stdout.strip())
-            theirs.append(size / secs / MB)
-        label = f"upload {size >> 20} MiB into S3 (moto)"
-        self.results.add(label, "storage-agent", "MB/s", ours)
-        self.results.add(label, "boto3 upload_file", "MB/s", theirs)
+        services = {
+            "S3 (moto)": (
+                "s3",
+                f'endpoint = "{moto.endpoint}"\nregion = "us-east-1"\naccess-key = "bench"\n'
+                'secret-key = "bench-secret"\nbucket-prefix = "bench-"\npart-size = "16m"\n',
+                "boto3 upload_file",
+                "import boto3, sys, time\n"
+                "from boto3.s3.transfer import TransferConfig\n"
+                f"s3 = boto3.client('s3', endpoint_url='{moto.endpoint}', aws_access_key_id='bench',"
+                " aws_secret_access_key='bench-secret', region_name='us-east-1')\n"
+                "b = sys.argv[2]\ns3.create_bucket(Bucket=b)\nt = time.time()\n"
+                "s3.upload_file(sys.argv[1], b, 'up.bin', Config=TransferConfig(multipart_chunksize=16 << 20))\n"
+                "print(time.time() - t)\n",
+            ),
+            "Azure (Azurite)": (
+                "azure-blob",
+                f'endpoint = "{azurite.endpoint}"\naccount = "{AzuriteServer.ACCOUNT}"\n'
+                f'account-key = "{AzuriteServer.KEY}"\ncontainer-prefix = "bench-"\npart-size = "16m"\n',
+                "Azure SDK upload_blob",
+                "import sys, time\n"
+                "from azure.storage.blob import BlobServiceClient\n"
+                f"svc = BlobServiceClient(account_url='{azurite.endpoint}', credential="
+                f"{{'account_name': '{AzuriteServer.ACCOUNT}', 'account_key': '{AzuriteServer.KEY}'}})\n"
+                "c = svc.create_container(sys.argv[2])\nt = time.time()\n"
+                "with open(sys.argv[1], 'rb') as f:\n    c.upload_blob('up.bin', f, length=None)\n"
+                "print(time.time() - t)\n",
+            ),
+        }
+        for service, (backend, extra, peer, script) in services.items():
+            daemons = [
+                (name, self.start(StorageAgent(self.work / f"s3-{backend}-{i}", self.sa_bin, backend=backend,
+                                               volume_extra=extra + more)))
+                for i, (name, more) in enumerate([("storage-agent", ""),
+                                                  ("storage-agent, parts-in-flight = 1", "parts-in-flight = 1\n")])
+            ]
+            res = {}
+            for i in range(self.rounds):
+                for name, sa in daemons:
+                    vfid = sa.new_vfolder()
+                    out = self.bench("upload", "--url", sa.upload_url(vfid, "up.bin", size), "--file", src,
+                                     "--chunk", 0)
+                    res.setdefault(name, []).append(self.field(out, "MBps"))
+                secs = float(subprocess.run(
+                    ["python3", "-c", script, str(src), f"sdk-{os.getpid()}-{i}"],
+                    check=True, capture_output=True, text=True, env=env,
+                ).stdout.strip())
+                res.setdefault(peer, []).append(size / secs / MB)
+            label = f"upload {size >> 20} MiB into {service}"
+            for name, v in res.items():
+                self.results.add(label, name, "MB/s", v)
 
     def object_uploads(self):
         """Uploads into S3 (moto) and Azure Blob (Azurite) through us, and through the binary

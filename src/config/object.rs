@@ -78,8 +78,11 @@ pub struct ObjectConfig {
     pub service: ServiceConfig,
     pub tls_verify: bool,
     pub layout: Layout,
-    /// Size of each part of a multipart upload (the most a tus upload buffers on local disk).
+    /// Size of each part of a multipart upload.
     pub part_size: u64,
+    /// Parts of one PATCH on their way up at once. A tus upload holds at most this many parts
+    /// plus the one being filled on local disk (and this many in memory while they are sent).
+    pub parts_in_flight: usize,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     /// How often usage counters are recounted from a listing (objects change behind our back).
@@ -232,6 +235,7 @@ pub fn read(sec: &Section, backend: &str) -> Option<ObjectConfig> {
         tls_verify: sec.bool("tls-verify", true),
         layout,
         part_size,
+        parts_in_flight: sec.int_in("parts-in-flight", 1, 64, 4) as usize,
         connect_timeout: sec.duration("connect-timeout", Duration::from_secs(5)),
         request_timeout: sec.duration("request-timeout", Duration::from_secs(60)),
         rescan_interval: sec.duration("rescan-interval", Duration::from_secs(3600)),

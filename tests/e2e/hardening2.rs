@@ -153,14 +153,26 @@ fn sample_max_bytes(
     })
 }
 
-/// A PATCH of `len` pseudo-random bytes (seeded by `seed`), streamed without a Content-Length
-/// when `chunked`, with its SHA-1 as `Upload-Checksum`.
+/// `patch` with the body's SHA-1 as `Upload-Checksum`.
 async fn checksummed_patch(
     d: &Daemon,
     token: &str,
     offset: u64,
     len: u64,
     chunked: bool,
+) -> (Option<u16>, Vec<u8>) {
+    patch(d, token, offset, len, chunked, true).await
+}
+
+/// A PATCH of `len` bytes (a pattern shifted by `offset`), streamed without a Content-Length
+/// when `chunked`, with its SHA-1 as `Upload-Checksum` when `checksum`.
+async fn patch(
+    d: &Daemon,
+    token: &str,
+    offset: u64,
+    len: u64,
+    chunked: bool,
+    checksum: bool,
 ) -> (Option<u16>, Vec<u8>) {
     use base64::Engine;
     use sha1::Digest;
@@ -173,15 +185,15 @@ async fn checksummed_patch(
     } else {
         reqwest::Body::from(data.clone())
     };
-    let r = reqwest::Client::new()
+    let mut r = reqwest::Client::new()
         .patch(d.url("client", &format!("/upload?token={token}")))
         .header("Tus-Resumable", "1.0.0")
         .header("Content-Type", "application/offset+octet-stream")
-        .header("Upload-Offset", offset.to_string())
-        .header("Upload-Checksum", format!("sha1 {sum}"))
-        .body(body)
-        .send()
-        .await;
+        .header("Upload-Offset", offset.to_string());
+    if checksum {
+        r = r.header("Upload-Checksum", format!("sha1 {sum}"));
+    }
+    let r = r.body(body).send().await;
     (r.ok().map(|r| r.status().as_u16()), data)
 }
 
@@ -234,6 +246,24 @@ async fn a_checksummed_patch_on_s3_keeps_disk_and_memory_bounded() {
         assert!(grew < 64 * 1024, "peak RSS grew by {grew} KiB");
         assert_eq!(upload_offset(&d, &token).await, 0, "nothing half-kept");
     }
+
+    // A plain PATCH sends parts concurrently: at most `parts-in-flight` (4) of them and the one
+    // filling are staged, never the whole body.
+    let token = d
+        .token(
+            "/folder/file/upload",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "plain.bin", "size": size}),
+        )
+        .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = sample_max_bytes(staging.clone(), stop.clone());
+    let (status, data) = patch(&d, &token, 0, size, true, false).await;
+    stop.store(true, Ordering::Relaxed);
+    let staged = sampler.join().unwrap();
+    assert_eq!(status, Some(204));
+    assert!(staged <= 5 * part, "local staging reached {staged} bytes");
+    let stored = s3_object(&moto, &bucket_of("g2-", &vfid), "plain.bin").expect("stored");
+    assert!(stored == data, "the object is the file uploaded");
 
     // A file in checksummed PATCHes of one part each: uploaded, whole.
     let total: u64 = 12 << 20;

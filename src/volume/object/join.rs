@@ -71,7 +71,7 @@ fn lost(what: String) -> VolumeError {
     }
 }
 
-fn parse_key(key: &str) -> Result<object_store::path::Path> {
+pub(super) fn parse_key(key: &str) -> Result<object_store::path::Path> {
     object_store::path::Path::parse(key)
         .map_err(|e| VolumeError::BadRequest(format!("{key:?}: {e}")))
 }
@@ -285,11 +285,7 @@ impl ObjectStaging {
             self.put_in_place(session, &mut up).await?;
             return self.forget(session).await;
         }
-        let rest = self.buffer_len(session, up.base).await;
-        if rest > 0 {
-            self.send_part(session, &mut up, rest).await?;
-        }
-        Ok(())
+        self.send_rest(session, &mut up).await
     }
 
     /// An S3 partial upload's object: under `.storage-agent/partials/` of the shared bucket
@@ -387,10 +383,7 @@ impl ObjectStaging {
                     up.key
                 )));
             }
-            let rest = self.buffer_len(p, up.base).await;
-            if rest > 0 {
-                self.send_part(p, &mut up, rest).await?;
-            }
+            self.send_rest(p, &mut up).await?;
             blocks.extend(up.parts.iter().map(|(_, c)| PartId {
                 content_id: c.clone(),
             }));
@@ -443,7 +436,7 @@ impl ObjectStaging {
                         let whole = match self.shared.service.bucket(&b) {
                             Ok(c) => matches!(
                                 c.store.head(&parse_key(&k)?).await,
-                                Ok(m) if m.size == up.base + self.buffer_len(p, up.base).await
+                                Ok(m) if m.size == up.base + self.held(p, &up).await
                             ),
                             Err(_) => false,
                         };
@@ -616,10 +609,7 @@ impl ObjectStaging {
                         u64::from(up.part_base) * ps
                     )));
                 }
-                let rest = self.buffer_len(p, up.base).await;
-                if rest > 0 {
-                    self.send_part(p, &mut up, rest).await?;
-                }
+                self.send_rest(p, &mut up).await?;
                 for (k, (idx, content_id)) in up.parts.iter().enumerate() {
                     if *idx as usize != done.len() || *idx != up.part_base + k as u32 {
                         return Err(VolumeError::Internal(format!(

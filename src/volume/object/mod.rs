@@ -304,8 +304,10 @@ impl Volume for ObjectVolume {
     }
 
     async fn check_local_staging(&self) -> Result<()> {
-        // Two parts of the new upload, and as much again kept free for SQLite beside them.
-        let needed = 4 * self.shared.cfg.part_size;
+        // What the new upload may hold (the parts in flight and the one filling, or two parts
+        // of a checksummed body), and as much again kept free for SQLite beside them.
+        let parts = (self.shared.cfg.parts_in_flight as u64 + 1).max(2);
+        let needed = 2 * parts * self.shared.cfg.part_size;
         let dir = self.shared.local_dir.clone();
         let free = tokio::task::spawn_blocking(move || {
             let _ = std::fs::create_dir_all(&dir);

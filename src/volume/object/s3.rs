@@ -522,6 +522,7 @@ mod tests {
                 bucket_prefix: "p-".into(),
             },
             part_size: 8 << 20,
+            parts_in_flight: 4,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
             rescan_interval: Duration::ZERO,

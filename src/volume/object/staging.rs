@@ -11,6 +11,8 @@
 //! long (413 past that), so the buffer never holds more than two parts: one tenant's upload
 //! token cannot fill the state disk (security review 2, G2).
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -25,6 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use super::Shared;
 use super::files::payload;
+use super::join::parse_key;
 use crate::ids::VFolderId;
 use crate::volume::{
     ByteStream, RelPath, Result, StagedWrite, UploadStaging, VolumeError, WritePlan,
@@ -40,6 +43,26 @@ pub struct ObjectStaging {
     /// Held while a final upload's shared multipart upload is looked up or made, so partials
     /// starting at once make one.
     pub(super) shared_lock: tokio::sync::Mutex<()>,
+}
+
+/// A full buffer on its way up as part `idx`.
+struct Flight {
+    at: u64,
+    idx: usize,
+    task: tokio::task::JoinHandle<Result<String>>,
+}
+
+/// The parts of one PATCH on their way up, oldest first. Those still flying when the PATCH
+/// fails are stopped: their buffers stay, and the next PATCH sends them again.
+#[derive(Default)]
+struct Flights(VecDeque<Flight>);
+
+impl Drop for Flights {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            f.task.abort();
+        }
+    }
 }
 
 /// A multipart upload in progress, as SQLite has it.
@@ -103,6 +126,44 @@ impl ObjectStaging {
             .await
             .map(|m| m.len())
             .unwrap_or(0)
+    }
+
+    /// Bytes held locally after `up.base`: the buffer there and, after a PATCH cut off while
+    /// its parts were on their way up, the full buffers that follow it (one part each).
+    pub(super) async fn held(&self, session: &str, up: &Upload) -> u64 {
+        let mut total = 0;
+        loop {
+            let len = self.buffer_len(session, up.base + total).await;
+            total += len;
+            if len == 0 || len != up.part_size {
+                return total;
+            }
+        }
+    }
+
+    /// The local buffers after `up.base`, in order: (where each starts, its length).
+    async fn buffers(&self, session: &str, up: &Upload) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut at = up.base;
+        loop {
+            let len = self.buffer_len(session, at).await;
+            out.push((at, len));
+            if len == 0 || len != up.part_size {
+                return out;
+            }
+            at += len;
+        }
+    }
+
+    /// Sends everything held locally after `up.base` as parts: whole parts, then the rest.
+    pub(super) async fn send_rest(&self, session: &str, up: &mut Upload) -> Result<()> {
+        loop {
+            let held = self.held(session, up).await;
+            if held == 0 {
+                return Ok(());
+            }
+            self.send_part(session, up, held.min(up.part_size)).await?;
+        }
     }
 
     pub(super) async fn load(&self, session: &str) -> Result<Option<Upload>> {
@@ -186,61 +247,65 @@ impl ObjectStaging {
         format!("{} bucket {}", self.shared.service.kind(), up.bucket)
     }
 
-    /// Sends the first `len` bytes of the buffer up as the next part, records it, and moves
-    /// what follows them (after a whole-body write) into the next buffer.
-    pub(super) async fn send_part(&self, session: &str, up: &mut Upload, len: u64) -> Result<()> {
+    /// The multipart upload's id, made (and recorded) on its first part.
+    async fn upload_id(&self, session: &str, up: &mut Upload) -> Result<String> {
+        if let Some(id) = &up.upload_id {
+            return Ok(id.clone());
+        }
         let client = self.shared.service.bucket(&up.bucket)?;
-        let path = object_store::path::Path::parse(&up.key)
-            .map_err(|e| VolumeError::BadRequest(format!("{:?}: {e}", up.key)))?;
-        let svc = self.svc(up);
-        let err = |e: object_store::Error| super::service::store_err(&svc, &up.key, e);
-        let from = self.buffer(session, up.base);
-        let mut f = tokio::fs::File::open(&from)
-            .await
-            .map_err(|e| local(&from, e))?;
-        let mut data = vec![0u8; len as usize];
-        f.read_exact(&mut data).await.map_err(|e| local(&from, e))?;
-        let id = match &up.upload_id {
-            Some(id) => id.clone(),
-            None => {
-                let id = client
-                    .multipart
-                    .create_multipart(&path)
-                    .await
-                    .map_err(err)?;
-                sqlx::query(
-                    "UPDATE object_uploads SET upload_id = ? WHERE volume = ? AND session = ?",
-                )
-                .bind(&id)
-                .bind(self.volume())
-                .bind(session)
-                .execute(self.shared.state.pool())
-                .await
-                .map_err(db)?;
-                up.upload_id = Some(id.clone());
-                id
-            }
-        };
-        let idx = up.part_base as usize + up.parts.len();
-        let part = client
+        let path = parse_key(&up.key)?;
+        let id = client
             .multipart
-            .put_part(&path, &id, idx, payload(Bytes::from(data)))
+            .create_multipart(&path)
             .await
-            .map_err(err)?;
-        // The rest of the buffer (only after a whole-body write) starts the next one.
+            .map_err(|e| super::service::store_err(&self.svc(up), &up.key, e))?;
+        sqlx::query("UPDATE object_uploads SET upload_id = ? WHERE volume = ? AND session = ?")
+            .bind(&id)
+            .bind(self.volume())
+            .bind(session)
+            .execute(self.shared.state.pool())
+            .await
+            .map_err(db)?;
+        up.upload_id = Some(id.clone());
+        Ok(id)
+    }
+
+    /// Sends `data` as part `idx` of the upload; returns the part's content id.
+    fn put_part(
+        &self,
+        up: &Upload,
+        id: String,
+        idx: usize,
+        data: Bytes,
+    ) -> impl Future<Output = Result<String>> + Send + 'static {
+        let (client, svc, key) = (
+            self.shared.service.bucket(&up.bucket),
+            self.svc(up),
+            up.key.clone(),
+        );
+        async move {
+            let path = parse_key(&key)?;
+            let part = client?
+                .multipart
+                .put_part(&path, &id, idx, payload(data))
+                .await
+                .map_err(|e| super::service::store_err(&svc, &key, e))?;
+            Ok(part.content_id)
+        }
+    }
+
+    /// Records part `idx` (the `len` bytes at `up.base`) as stored: the upload's base moves
+    /// past it and its buffer goes.
+    async fn record_part(
+        &self,
+        session: &str,
+        up: &mut Upload,
+        idx: usize,
+        content_id: String,
+        len: u64,
+    ) -> Result<()> {
+        let from = self.buffer(session, up.base);
         let next_base = up.base + len;
-        let to = self.buffer(session, next_base);
-        f.seek(std::io::SeekFrom::Start(len))
-            .await
-            .map_err(|e| local(&from, e))?;
-        let mut nf = tokio::fs::File::create(&to)
-            .await
-            .map_err(|e| local(&to, e))?;
-        // Streamed (never read whole): at most a part follows, but memory stays flat anyway.
-        tokio::io::copy(&mut f, &mut nf)
-            .await
-            .map_err(|e| local(&to, e))?;
-        nf.sync_all().await.map_err(|e| local(&to, e))?;
         let mut tx = self.shared.state.pool().begin().await.map_err(db)?;
         sqlx::query(
             "INSERT OR REPLACE INTO object_upload_parts (volume, session, part, content_id, size)
@@ -249,7 +314,7 @@ impl ObjectStaging {
         .bind(self.volume())
         .bind(session)
         .bind(idx as i64)
-        .bind(&part.content_id)
+        .bind(&content_id)
         .bind(len as i64)
         .execute(&mut *tx)
         .await
@@ -266,9 +331,85 @@ impl ObjectStaging {
         .map_err(db)?;
         tx.commit().await.map_err(db)?;
         let _ = tokio::fs::remove_file(&from).await;
-        up.parts.push((idx as u32, part.content_id));
+        up.parts.push((idx as u32, content_id));
         up.base = next_base;
         Ok(())
+    }
+
+    /// Sends the first `len` bytes of the buffer up as the next part, records it, and moves
+    /// what follows them (after a whole-body write) into the next buffer.
+    pub(super) async fn send_part(&self, session: &str, up: &mut Upload, len: u64) -> Result<()> {
+        let from = self.buffer(session, up.base);
+        let mut f = tokio::fs::File::open(&from)
+            .await
+            .map_err(|e| local(&from, e))?;
+        let mut data = vec![0u8; len as usize];
+        f.read_exact(&mut data).await.map_err(|e| local(&from, e))?;
+        let id = self.upload_id(session, up).await?;
+        let idx = up.part_base as usize + up.parts.len();
+        let content_id = self.put_part(up, id, idx, Bytes::from(data)).await?;
+        // The rest of the buffer (only after a whole-body write) starts the next one. A buffer
+        // holding exactly the part leaves the next one alone: it may be the next part's.
+        let whole = self.buffer_len(session, up.base).await;
+        if whole > len {
+            let to = self.buffer(session, up.base + len);
+            f.seek(std::io::SeekFrom::Start(len))
+                .await
+                .map_err(|e| local(&from, e))?;
+            let mut nf = tokio::fs::File::create(&to)
+                .await
+                .map_err(|e| local(&to, e))?;
+            // Streamed (never read whole): at most a part follows, but memory stays flat anyway.
+            tokio::io::copy(&mut f, &mut nf)
+                .await
+                .map_err(|e| local(&to, e))?;
+            nf.sync_all().await.map_err(|e| local(&to, e))?;
+        }
+        self.record_part(session, up, idx, content_id, len).await
+    }
+
+    /// Starts sending the full buffer at `at` (after `ahead` others already on their way) as
+    /// the next part but `ahead`, on a task of its own.
+    async fn launch(
+        &self,
+        session: &str,
+        up: &mut Upload,
+        at: u64,
+        ahead: usize,
+    ) -> Result<Flight> {
+        let id = self.upload_id(session, up).await?;
+        let idx = up.part_base as usize + up.parts.len() + ahead;
+        let path = self.buffer(session, at);
+        let data = tokio::fs::read(&path).await.map_err(|e| local(&path, e))?;
+        if data.len() as u64 != up.part_size {
+            let why = format!(
+                "a part is {} bytes, the buffer {}",
+                up.part_size,
+                data.len()
+            );
+            return Err(local(&path, std::io::Error::other(why)));
+        }
+        let task = tokio::spawn(self.put_part(up, id, idx, Bytes::from(data)));
+        Ok(Flight { at, idx, task })
+    }
+
+    /// Waits for the oldest part on its way up and records it.
+    async fn land(&self, session: &str, up: &mut Upload, flying: &mut Flights) -> Result<()> {
+        let Some(f) = flying.0.pop_front() else {
+            return Ok(());
+        };
+        if f.at != up.base {
+            return Err(VolumeError::Internal(format!(
+                "upload {session}: part at {} landed with the base at {}",
+                f.at, up.base
+            )));
+        }
+        let content_id = f
+            .task
+            .await
+            .map_err(|e| VolumeError::Internal(format!("part upload task: {e}")))??;
+        let len = up.part_size;
+        self.record_part(session, up, f.idx, content_id, len).await
     }
 
     /// Puts the whole upload in place at its key (`put_in_place`), counts it in the vfolder's
@@ -296,7 +437,7 @@ impl ObjectStaging {
         session: &str,
         up: &mut Upload,
     ) -> Result<(u64, Option<u64>)> {
-        while self.buffer_len(session, up.base).await > up.part_size {
+        while self.held(session, up).await > up.part_size {
             let part = up.part_size;
             self.send_part(session, up, part).await?;
         }
@@ -310,7 +451,7 @@ impl ObjectStaging {
             Err(object_store::Error::NotFound { .. }) => None,
             Err(e) => return Err(err(e)),
         };
-        let rest = self.buffer_len(session, up.base).await;
+        let rest = self.held(session, up).await;
         let size = up.base + rest;
         match up.upload_id.clone() {
             None => {
@@ -438,38 +579,45 @@ impl UploadStaging for ObjectStaging {
             };
         };
         // Stored parts cannot be taken back: the upload resumes after them.
-        if offset <= up.base {
-            if offset < up.base {
-                tracing::info!(
-                    session,
-                    offset,
-                    kept = up.base,
-                    "parts already stored past the acknowledged offset are kept"
-                );
-            }
-            let _ = tokio::fs::File::create(self.buffer(session, up.base)).await;
-            return Ok(up.base);
-        }
-        let path = self.buffer(session, up.base);
-        let len = self.buffer_len(session, up.base).await;
-        if offset > up.base + len {
+        let offset = if offset < up.base {
+            tracing::info!(
+                session,
+                offset,
+                kept = up.base,
+                "parts already stored past the acknowledged offset are kept"
+            );
+            up.base
+        } else {
+            offset
+        };
+        let buffers = self.buffers(session, &up).await;
+        let held: u64 = buffers.iter().map(|(_, len)| len).sum();
+        if offset > up.base + held {
             return Err(lost(
                 session,
                 format!(
-                    "the local buffer holds {len} bytes past {}, {offset} were acknowledged",
+                    "the local buffers hold {held} bytes past {}, {offset} were acknowledged",
                     up.base
                 ),
             ));
         }
-        let f = tokio::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .await
-            .map_err(|e| local(&path, e))?;
-        f.set_len(offset - up.base)
-            .await
-            .map_err(|e| local(&path, e))?;
-        f.sync_all().await.map_err(|e| local(&path, e))?;
+        // The buffer the offset falls in is cut there; those after it go.
+        for (at, len) in buffers {
+            let path = self.buffer(session, at);
+            if at > up.base && at >= offset {
+                let _ = tokio::fs::remove_file(&path).await;
+            } else if offset < at + len || (at == up.base && len == 0) {
+                let f = tokio::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .await
+                    .map_err(|e| local(&path, e))?;
+                f.set_len(offset - at).await.map_err(|e| local(&path, e))?;
+                f.sync_all().await.map_err(|e| local(&path, e))?;
+            }
+        }
         Ok(offset)
     }
 
@@ -498,7 +646,7 @@ impl UploadStaging for ObjectStaging {
             },
             None => return Err(lost(session, "no multipart upload recorded".into())),
         };
-        let held = up.base + self.buffer_len(session, up.base).await;
+        let held = up.base + self.held(session, &up).await;
         if plan.offset != held {
             let now_held = self.truncate(vf, session, plan.offset).await?;
             if now_held != plan.offset {
@@ -526,6 +674,10 @@ impl UploadStaging for ObjectStaging {
             self.send_part(session, &mut up, part).await?;
         }
         let mut file = open(self.buffer(session, up.base)).await?;
+        // Where the buffer being filled starts: full ones before it are synced and on their
+        // way up (`flying`, at most `parts-in-flight`) or stored.
+        let mut at = up.base;
+        let mut flying = Flights::default();
         let mut buffered = plan.offset - up.base;
         let atomic_cap = self.max_atomic_write().unwrap_or(u64::MAX);
         let mut written = 0u64;
@@ -565,20 +717,26 @@ impl UploadStaging for ObjectStaging {
                 };
                 let n = room.min(chunk.len() as u64) as usize;
                 let piece = chunk.split_to(n);
-                let p = self.buffer(session, up.base);
+                let p = self.buffer(session, at);
                 file.write_all(&piece).await.map_err(|e| local(&p, e))?;
                 buffered += n as u64;
                 written += n as u64;
                 ckpt_bytes += n as u64;
                 let more = plan.offset + written < plan.size;
                 if !plan.atomic && buffered == up.part_size && more {
+                    // Synced first: its bytes are acknowledged before the part is stored.
                     file.sync_all().await.map_err(|e| local(&p, e))?;
-                    let part = up.part_size;
-                    self.send_part(session, &mut up, part).await?;
+                    if flying.0.len() >= self.shared.cfg.parts_in_flight {
+                        self.land(session, &mut up, &mut flying).await?;
+                    }
+                    let ahead = flying.0.len();
+                    let flight = self.launch(session, &mut up, at, ahead).await?;
+                    flying.0.push_back(flight);
+                    at += up.part_size;
                     buffered = 0;
-                    file = open(self.buffer(session, up.base)).await?;
+                    file = open(self.buffer(session, at)).await?;
                     if let Some(c) = &plan.checkpoints {
-                        let _ = c.durable.send(up.base);
+                        let _ = c.durable.send(at);
                     }
                     (ckpt_at, ckpt_bytes) = (Instant::now(), 0);
                 }
@@ -587,15 +745,20 @@ impl UploadStaging for ObjectStaging {
                 && ckpt_bytes > 0
                 && (ckpt_at.elapsed() >= c.every || ckpt_bytes >= c.every_bytes)
             {
-                let p = self.buffer(session, up.base);
+                let p = self.buffer(session, at);
                 file.sync_data().await.map_err(|e| local(&p, e))?;
-                let _ = c.durable.send(up.base + buffered);
+                let _ = c.durable.send(at + buffered);
                 (ckpt_at, ckpt_bytes) = (Instant::now(), 0);
             }
         }
-        let p = self.buffer(session, up.base);
+        let p = self.buffer(session, at);
         file.sync_all().await.map_err(|e| local(&p, e))?;
         drop(file);
+        // Every part of this PATCH stored and recorded before it answers: at rest, an upload
+        // holds one buffer.
+        while !flying.0.is_empty() {
+            self.land(session, &mut up, &mut flying).await?;
+        }
         let finished =
             body_error.is_none() && plan.offset + written == plan.size && plan.finish_to.is_some();
         if finished {
