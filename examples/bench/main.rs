@@ -246,7 +246,14 @@ async fn admission(args: &[String]) {
     let conc: usize = arg(args, "--concurrency").parse().expect("concurrency");
     // Each simulated node has its own connections, as separate daemons would.
     let limiters: Vec<Arc<RedisLimiter>> = (0..nodes)
-        .map(|_| RedisLimiter::new(Redis::new(&cfg).expect("redis"), Duration::from_secs(60)))
+        .map(|_| {
+            // No settle wait: the registry is new, and no real node has sessions to count again.
+            RedisLimiter::with_settle(
+                Redis::new(&cfg).expect("redis"),
+                Duration::from_secs(60),
+                Duration::ZERO,
+            )
+        })
         .collect();
     let per_task = ops / conc;
     let wall = Instant::now();

@@ -12,6 +12,11 @@
 //! With a Sentinel group, an admission counts only once a replica has it (`WAIT 1`): the
 //! replica that a failover promotes then knows every admitted session, so a failover cannot
 //! make room for sessions beyond the limit.
+//!
+//! A Redis that lost its data (restarted without persistence) knows no session until the
+//! owning nodes renew their leases: admitting meanwhile would exceed the limit until one of
+//! them is ended (found by the soak). So the registry carries the time it was (re)made, and for
+//! one settle time after that (a heartbeat: three renewals) new sessions wait; renewals do not.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,18 +31,27 @@ use crate::session::{Session, SessionError, State};
 /// How long an admission waits for a replica to acknowledge it (Sentinel groups).
 const REPLICA_WAIT_MS: u64 = 1000;
 
-/// KEYS[1] = the (group, user) set; ARGV = lease ms, limit, session id.
-/// Returns {1, count} when admitted (or already present: its lease is renewed), {0, count}
-/// when the user is at the limit.
+/// KEYS[1] = the (group, user) set, KEYS[2] = the registry's epoch; ARGV = lease ms, limit,
+/// session id, settle ms, 1 for a renewal. Returns {1, count} when admitted (or already
+/// present: its lease is renewed), {0, count} when the user is at the limit, {-1, ms} while the
+/// registry settles (a new session must wait that long).
 const ADMIT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[1])
+local since = tonumber(redis.call('GET', KEYS[2]) or '0')
+if since == 0 then
+  redis.call('SET', KEYS[2], now)
+  since = now
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
   redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], lease * 2)
   return {1, redis.call('ZCARD', KEYS[1])}
+end
+if ARGV[5] ~= '1' and now < since + tonumber(ARGV[4]) then
+  return {-1, since + tonumber(ARGV[4]) - now}
 end
 local n = redis.call('ZCARD', KEYS[1])
 if n >= tonumber(ARGV[2]) then
@@ -48,6 +62,16 @@ redis.call('PEXPIRE', KEYS[1], lease * 2)
 return {1, n + 1}
 "#;
 
+/// When the registry was (re)made, in Redis' clock (ms): missing after Redis lost its data.
+pub const EPOCH_KEY: &str = "storage_agent.user_sessions.epoch";
+
+/// What the admission script answered.
+enum Answer {
+    Admitted,
+    AtLimit(i64),
+    Settling(Duration),
+}
+
 pub fn user_key(resource_group: &str, user: &str) -> String {
     format!("storage_agent.user_sessions.{resource_group}.{user}")
 }
@@ -55,37 +79,77 @@ pub fn user_key(resource_group: &str, user: &str) -> String {
 pub struct RedisLimiter {
     redis: Arc<Redis>,
     lease: Duration,
+    /// How long new sessions wait after the registry was (re)made: every node renews its
+    /// sessions' leases within it.
+    settle: Duration,
     script: redis::Script,
 }
 
 impl RedisLimiter {
+    /// `lease` is three heartbeats; the settle time one heartbeat (three renewals).
     pub fn new(redis: Arc<Redis>, lease: Duration) -> Arc<Self> {
+        Self::with_settle(redis, lease, lease / 3)
+    }
+
+    pub fn with_settle(redis: Arc<Redis>, lease: Duration, settle: Duration) -> Arc<Self> {
         Arc::new(RedisLimiter {
             redis,
             lease,
+            settle,
             script: redis::Script::new(ADMIT),
         })
     }
 
-    /// Admits, or renews the lease of a session already counted.
+    /// Admits, or renews the lease of a session already counted (`renew`: a live session
+    /// counted again, which never waits for the registry to settle).
     async fn check_and_add(
         &self,
         rg: &str,
         user: &str,
         session: Uuid,
         limit: u32,
-    ) -> Result<(bool, i64), CoordError> {
+        renew: bool,
+    ) -> Result<Answer, CoordError> {
         let mut c = self.redis.conn(Role::Own).await?;
         let r = self
             .script
             .key(user_key(rg, user))
+            .key(EPOCH_KEY)
             .arg(self.lease.as_millis() as u64)
             .arg(limit)
             .arg(session.to_string())
+            .arg(self.settle.as_millis() as u64)
+            .arg(if renew { 1 } else { 0 })
             .invoke_async(&mut c)
             .await;
         let (ok, n): (i64, i64) = self.redis.check(Role::Own, r).await?;
-        Ok((ok == 1, n))
+        Ok(match ok {
+            1 => Answer::Admitted,
+            -1 => Answer::Settling(Duration::from_millis(n.max(0) as u64)),
+            _ => Answer::AtLimit(n),
+        })
+    }
+
+    /// A new session's check: while the registry settles, waits (at most the settle time,
+    /// once) and asks again.
+    async fn admit_new(
+        &self,
+        rg: &str,
+        user: &str,
+        session: Uuid,
+        limit: u32,
+    ) -> Result<Answer, CoordError> {
+        let answer = self.check_and_add(rg, user, session, limit, false).await?;
+        let Answer::Settling(wait) = answer else {
+            return Ok(answer);
+        };
+        tracing::info!(
+            wait_ms = wait.as_millis() as u64,
+            "the cluster's session registry is new or was lost (Redis restarted empty): \
+             a new session waits until every node has counted its sessions again"
+        );
+        tokio::time::sleep(wait.min(self.settle) + Duration::from_millis(50)).await;
+        self.check_and_add(rg, user, session, limit, false).await
     }
 
     /// In a Sentinel group: whether a replica has everything written so far.
@@ -114,10 +178,10 @@ impl RedisLimiter {
             } else {
                 default_limit
             };
-            let (ok, _) = self
-                .check_and_add(&s.resource_group, &s.user_id, s.id, limit)
+            let answer = self
+                .check_and_add(&s.resource_group, &s.user_id, s.id, limit, true)
                 .await?;
-            if !ok {
+            if matches!(answer, Answer::AtLimit(_)) {
                 over.push(s.id);
             }
         }
@@ -135,8 +199,8 @@ impl UserLimiter for RedisLimiter {
         limit: u32,
         _local_live: &[Session],
     ) -> Result<(), SessionError> {
-        match self.check_and_add(rg, user, session, limit).await {
-            Ok((true, _)) => match self.replicated().await {
+        match self.admit_new(rg, user, session, limit).await {
+            Ok(Answer::Admitted) => match self.replicated().await {
                 Ok(true) => Ok(()),
                 other => {
                     // Not on a replica: a failover now could forget it. Undo, and refuse.
@@ -150,7 +214,12 @@ impl UserLimiter for RedisLimiter {
                     )))
                 }
             },
-            Ok((false, n)) => Err(limit_message(user, n as usize, limit, rg)),
+            Ok(Answer::AtLimit(n)) => Err(limit_message(user, n as usize, limit, rg)),
+            Ok(Answer::Settling(wait)) => Err(SessionError::Unavailable(format!(
+                "the cluster's session registry is being rebuilt after Redis lost its data; \
+                 retry in {} s",
+                wait.as_secs().max(1)
+            ))),
             Err(e) => Err(SessionError::Unavailable(format!(
                 "cannot check the per-user session limit across nodes: {e}"
             ))),

@@ -232,6 +232,53 @@ async fn three_nodes_never_exceed_the_per_user_limit() {
     );
 }
 
+/// Found by the soak: Redis restarted without persistence knows no session until their nodes
+/// renew the leases, and a node admitting meanwhile made room beyond the limit (the first
+/// session was then ended). New sessions now wait a heartbeat after the registry was lost.
+#[tokio::test]
+async fn a_redis_that_lost_its_data_makes_no_room_beyond_the_limit() {
+    let mut redis = RedisServer::start();
+    // Renewals every 2 s: without the settle wait, an admission right after the restart
+    // comes before the first renewal.
+    let a = clustered(Daemon::builder(), &redis, "6s").start().await;
+    let b = clustered(Daemon::builder(), &redis, "6s").start().await;
+    let _g = (ContainerGuard(a.node_id()), ContainerGuard(b.node_id()));
+    let user = uuid::Uuid::new_v4();
+    let (_, key) = keypair(a.dir.path(), "k");
+    let vf_a = a.user_vfolder(&user).await.0;
+    let vf_b = b.user_vfolder(&user).await.0;
+    let held = a
+        .rpc()
+        .await
+        .create_session(req(&user, &vf_a, &key, 1))
+        .await
+        .expect("the first session")
+        .into_inner()
+        .session
+        .unwrap();
+
+    redis.restart();
+    let t = Instant::now();
+    let e = loop {
+        let e = b
+            .rpc()
+            .await
+            .create_session(req(&user, &vf_b, &key, 1))
+            .await
+            .expect_err("the user is at the limit on node a");
+        // The first call after the restart may find the old connection broken.
+        if e.code() != tonic::Code::Unavailable || t.elapsed() > crate::common::OUTCOME {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    // Node a's session was counted again, not ended.
+    let zkey = format!("storage_agent.user_sessions.storage-rg.{user}");
+    assert_eq!(redis.cli(&["-n", "2", "ZRANGE", &zkey, "0", "-1"]), held.id);
+    assert_eq!(live_count(&[&a, &b]).await, 1);
+}
+
 #[tokio::test]
 async fn heartbeats_discovery_and_redis_outages() {
     let mut redis = RedisServer::start();
