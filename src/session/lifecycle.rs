@@ -109,8 +109,25 @@ impl SessionManager {
         }
     }
 
-    /// Ends sessions past their TTL or idle (no network traffic) for their idle timeout.
+    /// Ends sessions past their TTL or idle (no network traffic) for their idle timeout, and
+    /// those whose shared mount died under them (running, but their vfolder is gone for good:
+    /// found by the soak when rclone was killed).
     pub async fn reap_once(&self) -> super::Result<()> {
+        for v in self.volumes.iter() {
+            for holder in v.dead_mount_holders().await {
+                let Ok(id) = Uuid::parse_str(&holder) else {
+                    continue;
+                };
+                let reason = format!(
+                    "its mount of volume {} stopped working (the FUSE process ended); start a new session",
+                    v.name()
+                );
+                tracing::warn!(session = %id, reason, "ending a session");
+                if let Err(e) = self.destroy(id, &reason).await {
+                    tracing::warn!(session = %id, error = %e, "cannot end a session with a dead mount");
+                }
+            }
+        }
         let now = now_unix();
         for s in store::live(&self.db).await? {
             if s.state != State::Running {

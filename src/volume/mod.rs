@@ -580,6 +580,11 @@ pub trait Volume: Send + Sync + fmt::Display {
     async fn release_mounts(&self, _holder: &str) {}
     /// After a restart: every holder not in `live` is gone.
     async fn retain_mount_holders(&self, _live: &std::collections::HashSet<String>) {}
+    /// Holders (sessions) whose mount of this volume died under them (its FUSE process
+    /// ended); each is returned once. Volumes without shared mounts have none.
+    async fn dead_mount_holders(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Makes an existing bucket (or prefix) the vfolder `vf`; its owner keeps its lifecycle.
     async fn register_vfolder(&self, vf: &VFolderId, _r: &Registration) -> Result<()> {
         Err(VolumeError::BadRequest(format!(

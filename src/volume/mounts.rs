@@ -102,6 +102,9 @@ pub struct SharedMounts {
     /// Owner of everything in the mounts (the sessions' kernel uid/gid).
     owner: Option<(u32, u32)>,
     lock: tokio::sync::Mutex<()>,
+    /// (key, holder) of mounts found dead and made again: those holders' containers still have
+    /// the dead one. Taken by `dead_holders`.
+    orphaned: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 fn now() -> i64 {
@@ -159,7 +162,9 @@ pub(crate) fn unescape_mountinfo(s: &str) -> String {
 enum MountState {
     Absent,
     Live,
-    /// Mounted, but its FUSE process is gone (or does not answer).
+    /// Mounted, but its FUSE process is gone: the kernel answers ENOTCONN.
+    Dead,
+    /// Mounted, but it does not answer in time (or answers with another error).
     Stale,
 }
 
@@ -171,6 +176,7 @@ async fn mount_state(p: &Path) -> MountState {
     let probe = tokio::task::spawn_blocking(move || std::fs::metadata(&path).map(|_| ()));
     match tokio::time::timeout(Duration::from_secs(5), probe).await {
         Ok(Ok(Ok(()))) => MountState::Live,
+        Ok(Ok(Err(e))) if e.raw_os_error() == Some(libc::ENOTCONN) => MountState::Dead,
         _ => MountState::Stale,
     }
 }
@@ -186,6 +192,7 @@ impl SharedMounts {
             dir: state_dir.join("fuse"),
             owner,
             lock: tokio::sync::Mutex::new(()),
+            orphaned: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -207,9 +214,16 @@ impl SharedMounts {
         match mount_state(&mnt).await {
             MountState::Live => {}
             state => {
-                if state == MountState::Stale {
-                    tracing::warn!(key = %spec.key, "mount is stale (its process died or its server is gone); mounting again");
+                if state != MountState::Absent {
+                    tracing::warn!(key = %spec.key, ?state, "mount is stale (its process died or its server is gone); mounting again");
                     detach(&mnt);
+                }
+                if state == MountState::Dead {
+                    // Containers of its holders keep the dead copy; an unresponsive one may
+                    // still come back for them, so only a dead one ends them.
+                    let held = self.holders(&spec.key).await;
+                    let mut o = self.orphaned.lock().unwrap_or_else(|p| p.into_inner());
+                    o.extend(held.into_iter().map(|h| (spec.key.clone(), h)));
                 }
                 self.mount(spec, &mnt).await?;
             }
@@ -380,6 +394,61 @@ impl SharedMounts {
                 .execute(pool)
                 .await;
         self.mark_unused(pool).await;
+    }
+
+    /// The sessions (not requests) counted as users of the mount `key`.
+    async fn holders(&self, key: &str) -> Vec<String> {
+        sqlx::query(
+            "SELECT holder FROM fuse_mount_holders WHERE key = ? AND holder NOT LIKE 'request:%'",
+        )
+        .bind(key)
+        .fetch_all(self.state.pool())
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    }
+
+    /// Holders of `volume`'s mounts whose FUSE process died (ENOTCONN), or that were made again
+    /// after dying: the copy of the mount their containers have is dead for good (a new process
+    /// makes a new mount, which a running container never sees). Each is returned once; the
+    /// caller ends those sessions. A mount that is only slow (its server hangs) is not dead.
+    pub async fn dead_holders(&self, volume: &str) -> Vec<String> {
+        // Not under `lock`: a probe of a hung mount must not hold up sessions being made.
+        let (from, to) = key_range(volume);
+        let mut out: Vec<String> = {
+            let mut o = self.orphaned.lock().unwrap_or_else(|p| p.into_inner());
+            let (mine, rest): (Vec<_>, Vec<_>) =
+                o.drain(..).partition(|(k, _)| *k >= from && *k < to);
+            *o = rest;
+            mine.into_iter().map(|(_, h)| h).collect()
+        };
+        let rows = sqlx::query(
+            "SELECT key, mountpoint FROM fuse_mounts WHERE key >= ? AND key < ?
+             AND key IN (SELECT key FROM fuse_mount_holders)",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(self.state.pool())
+        .await
+        .unwrap_or_default();
+        for r in rows {
+            let (key, mnt): (String, String) = (r.get(0), r.get(1));
+            if mount_state(Path::new(&mnt)).await != MountState::Dead {
+                continue;
+            }
+            // Again under the lock: if a new session made it again meanwhile, its holders
+            // were taken as orphans, and the new holder must not be ended.
+            let _g = self.lock.lock().await;
+            if mount_state(Path::new(&mnt)).await == MountState::Dead {
+                tracing::warn!(key, "the FUSE process of a mount in use died");
+                out.extend(self.holders(&key).await);
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Holders of `volume`'s mounts that are not in `live` are gone (after a restart).

@@ -378,6 +378,12 @@ impl Volume for RemoteVolume {
             .retain(&self.shared.config.name, &keep)
             .await;
     }
+    async fn dead_mount_holders(&self) -> Vec<String> {
+        self.shared
+            .mounts
+            .dead_holders(&self.shared.config.name)
+            .await
+    }
     async fn usage(&self, vf: &VFolderId) -> Result<TreeUsage> {
         self.shared.lease().await?.vol.usage(vf).await
     }

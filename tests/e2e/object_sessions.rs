@@ -232,3 +232,56 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Found by the soak: rclone killed under a running session left the session "running" with
+/// its vfolder answering ENOTCONN for good (a new rclone makes a new mount, which a running
+/// container never sees). The session is ended with a reason, and the next one gets a new
+/// mount.
+#[tokio::test]
+async fn a_session_whose_mount_process_died_is_ended_and_the_next_gets_a_new_mount() {
+    let moto = Moto::start();
+    let d = Daemon::builder()
+        .agent()
+        .s3(&moto.endpoint(), "dm-")
+        .set("agent.reap-interval", "1s")
+        .start()
+        .await;
+    let _g = ContainerGuard(d.node_id());
+    let user = uuid::Uuid::new_v4();
+    let vfid = format!("user:{user}/{}", uuid::Uuid::new_v4().simple());
+    create(&d, &vfid).await;
+    let (_, public) = keypair(d.dir.path(), "dm");
+    let first = sftp_session(&d, &user, &vfid, false, &public)
+        .await
+        .expect("session");
+    let mounts = fuse_mounts(&d);
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    let point = mounts[0].split(' ').nth(4).unwrap().to_string();
+    let killed = std::process::Command::new("pkill")
+        .args(["-9", "-f", &format!("rclone mount .*{point}")])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "no rclone process for {point}");
+
+    let start = Instant::now();
+    let ended = loop {
+        let s = d.session(&first.id).await;
+        if s.state != pb::SessionState::Running as i32 {
+            break s;
+        }
+        assert!(start.elapsed() < OUTCOME, "still running with a dead mount");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(ended.reason.contains("stopped working"), "{}", ended.reason);
+    let second = sftp_session(&d, &user, &vfid, false, &public)
+        .await
+        .expect("a new session");
+    let point = fuse_mounts(&d)[0].split(' ').nth(4).unwrap().to_string();
+    assert!(std::fs::metadata(&point).is_ok(), "the new mount answers");
+    // Nothing ends the new session: its mount is alive.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        d.session(&second.id).await.state,
+        pb::SessionState::Running as i32
+    );
+}

@@ -576,6 +576,10 @@ impl Volume for ObjectVolume {
         self.fuse.retain(&self.shared.name, live).await;
     }
 
+    async fn dead_mount_holders(&self) -> Vec<String> {
+        self.fuse.dead_holders(&self.shared.name).await
+    }
+
     async fn register_vfolder(&self, vf: &VFolderId, r: &Registration) -> Result<()> {
         let qs = vf.quota_scope.ok_or(VolumeError::QuotaScopeRequired(*vf))?;
         if self.shared.registry.scope(&qs).await?.is_none() {
