@@ -182,6 +182,19 @@ impl RedisLimiter {
                 .check_and_add(&s.resource_group, &s.user_id, s.id, limit, true)
                 .await?;
             if matches!(answer, Answer::AtLimit(_)) {
+                // Which sessions hold the places: for the operator reading why one ended.
+                let counted: Vec<String> = self
+                    .redis
+                    .query(
+                        Role::Own,
+                        redis::cmd("ZRANGE")
+                            .arg(user_key(&s.resource_group, &s.user_id))
+                            .arg(0)
+                            .arg(-1),
+                    )
+                    .await
+                    .unwrap_or_default();
+                tracing::warn!(session = %s.id, user = %s.user_id, ?counted, "this session's place was taken while its lease was lost");
                 over.push(s.id);
             }
         }
