@@ -142,9 +142,13 @@ def http_json(method, url, body, headers=None):
     req.add_header("Content-Type", "application/json")
     for k, v in (headers or {}).items():
         req.add_header(k, v)
-    with urllib.request.urlopen(req, timeout=600) as r:
-        data = r.read()
-        return json.loads(data) if data else None
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            data = r.read()
+            return json.loads(data) if data else None
+    except urllib.error.HTTPError as e:
+        # What the server said (a problem+json body), not just its status.
+        raise RuntimeError(f"{method} {url}: {e.code} {e.read()[:1000]!r}") from None
 
 
 def curl_speed(url, headers=()):
@@ -414,6 +418,13 @@ class MotoServer:
         self.pid = self.proc.pid
         wait_port(self.port)
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        # moto loads its S3 backend at the first request, which can take longer than the
+        # daemon's volume probe waits (5 s) on a busy machine: the volume would start offline.
+        import urllib.request
+        try:
+            urllib.request.urlopen(self.endpoint, timeout=120).read()
+        except urllib.error.URLError:
+            pass
 
     def stop(self):
         self.proc.terminate()
@@ -864,7 +875,7 @@ class Bench:
                 " aws_secret_access_key='bench-secret', region_name='us-east-1')\n"
                 "b = sys.argv[2]\ns3.create_bucket(Bucket=b)\nt = time.time()\n"
                 "s3.upload_file(sys.argv[1], b, 'up.bin', Config=TransferConfig(multipart_chunksize=16 << 20))\n"
-                "print(time.time() - t)\n",
+                "print(time.time() - t, time.process_time())\n",
             ),
             "Azure (Azurite)": (
                 "azure-blob",
@@ -877,7 +888,7 @@ class Bench:
                 f"{{'account_name': '{AzuriteServer.ACCOUNT}', 'account_key': '{AzuriteServer.KEY}'}})\n"
                 "c = svc.create_container(sys.argv[2])\nt = time.time()\n"
                 "with open(sys.argv[1], 'rb') as f:\n    c.upload_blob('up.bin', f, length=None)\n"
-                "print(time.time() - t)\n",
+                "print(time.time() - t, time.process_time())\n",
             ),
         }
         for service, (backend, extra, peer, script) in services.items():
@@ -887,21 +898,36 @@ class Bench:
                 for i, (name, more) in enumerate([("storage-agent", ""),
                                                   ("storage-agent, parts-in-flight = 1", "parts-in-flight = 1\n")])
             ]
-            res = {}
+            service_pid = moto.pid if backend == "s3" else azurite.pid
+            gib = size / (1 << 30)
+            # Where the two cores go: the service's CPU and the uploader's (our daemon, or the
+            # SDK's Python process, its whole process time), per GiB.
+            res, service_cpu, uploader_cpu = {}, {}, {}
             for i in range(self.rounds):
                 for name, sa in daemons:
                     vfid = sa.new_vfolder()
+                    c0, u0 = cpu_seconds(service_pid), cpu_seconds(sa.pid)
                     out = self.bench("upload", "--url", sa.upload_url(vfid, "up.bin", size), "--file", src,
                                      "--chunk", 0)
                     res.setdefault(name, []).append(self.field(out, "MBps"))
-                secs = float(subprocess.run(
+                    service_cpu.setdefault(name, []).append((cpu_seconds(service_pid) - c0) / gib)
+                    uploader_cpu.setdefault(name, []).append((cpu_seconds(sa.pid) - u0) / gib)
+                c0 = cpu_seconds(service_pid)
+                secs, own = map(float, subprocess.run(
                     ["python3", "-c", script, str(src), f"sdk-{os.getpid()}-{i}"],
                     check=True, capture_output=True, text=True, env=env,
-                ).stdout.strip())
+                ).stdout.split())
                 res.setdefault(peer, []).append(size / secs / MB)
+                service_cpu.setdefault(peer, []).append((cpu_seconds(service_pid) - c0) / gib)
+                uploader_cpu.setdefault(peer, []).append(own / gib)
             label = f"upload {size >> 20} MiB into {service}"
             for name, v in res.items():
                 self.results.add(label, name, "MB/s", v)
+            for name, v in service_cpu.items():
+                self.results.add(f"{label}: {moto.name if backend == 's3' else azurite.name} CPU", name, "s/GiB", v,
+                                 better="lower")
+            for name, v in uploader_cpu.items():
+                self.results.add(f"{label}: uploader CPU", name, "s/GiB", v, better="lower")
 
     def object_uploads(self):
         """Uploads into S3 (moto) and Azure Blob (Azurite) through us, and through the binary
