@@ -7,8 +7,16 @@
 #   ./bench/run.sh            the full run (3 rounds, 1 GiB transfers, 100k files; < 30 min)
 #   ./bench/run.sh --smoke    every scenario once at tiny sizes with debug binaries (CI): keeps
 #                             the script working; its tables go to bench/results/
+#   ./bench/run.sh --soak [--minutes 60]
+#                             the soak under faults (bench/soak/soak.py): bench/SOAK.md and
+#                             bench/SOAK.svg; scripts/test.sh runs its 3-minute smoke
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--soak" ]; then
+  shift
+  cargo build --release --locked --bin storage-agent
+  exec python3 bench/soak/soak.py "$@"
+fi
 if [ "${1:-}" = "--smoke" ]; then
   cargo build --locked --bin storage-agent --example bench
   bins=(--sa-bin target/debug/storage-agent --bench-bin target/debug/examples/bench)
