@@ -13,10 +13,14 @@
 //! replica that a failover promotes then knows every admitted session, so a failover cannot
 //! make room for sessions beyond the limit.
 //!
-//! A Redis that lost its data (restarted without persistence) knows no session until the
-//! owning nodes renew their leases: admitting meanwhile would exceed the limit until one of
-//! them is ended (found by the soak). So the registry carries the time it was (re)made, and for
-//! one settle time after that (a heartbeat: three renewals) new sessions wait; renewals do not.
+//! A Redis that restarted empty, or from an older snapshot (RDB, a replica's dump), knows
+//! none of the sessions admitted since, until their nodes renew the leases: admitting meanwhile
+//! would exceed the limit until one of them is ended (found by the soak, both ways). So the
+//! registry carries the Redis process (`run_id`) and the time it was (re)made in it. For one
+//! settle time after that (a heartbeat: three renewals) new sessions wait, renewals re-register
+//! without counting members that were not renewed in this epoch, and after it those members
+//! (stale, from the snapshot) are dropped. A failover starts an epoch too: one heartbeat of
+//! waiting for new sessions.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,29 +35,48 @@ use crate::session::{Session, SessionError, State};
 /// How long an admission waits for a replica to acknowledge it (Sentinel groups).
 const REPLICA_WAIT_MS: u64 = 1000;
 
-/// KEYS[1] = the (group, user) set, KEYS[2] = the registry's epoch; ARGV = lease ms, limit,
-/// session id, settle ms, 1 for a renewal. Returns {1, count} when admitted (or already
-/// present: its lease is renewed), {0, count} when the user is at the limit, {-1, ms} while the
-/// registry settles (a new session must wait that long).
+/// KEYS[1] = the (group, user) set, KEYS[2] = the registry's epoch ("<run_id> <ms>");
+/// ARGV = lease ms, limit, session id, settle ms, 1 for a renewal. Returns {1, count} when
+/// admitted (or already present: its lease is renewed), {0, count} when the user is at the
+/// limit, {-1, ms} while the registry settles (a new session must wait that long). Members
+/// scored below `since + lease` were last counted before this epoch began: unconfirmed, not
+/// counted while it settles, dropped after.
 const ADMIT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[1])
-local since = tonumber(redis.call('GET', KEYS[2]) or '0')
-if since == 0 then
-  redis.call('SET', KEYS[2], now)
+local settle = tonumber(ARGV[4])
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+local since = nil
+local epoch = redis.call('GET', KEYS[2])
+if epoch then
+  local r, ms = string.match(epoch, '^(%x*) (%d+)$')
+  if r == run then since = tonumber(ms) end
+end
+if not since then
+  redis.call('SET', KEYS[2], run .. ' ' .. now)
   since = now
 end
+local floor = since + lease
+local settling = now < since + settle
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not settling then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. floor)
+end
 if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
   redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
   redis.call('PEXPIRE', KEYS[1], lease * 2)
   return {1, redis.call('ZCARD', KEYS[1])}
 end
-if ARGV[5] ~= '1' and now < since + tonumber(ARGV[4]) then
-  return {-1, since + tonumber(ARGV[4]) - now}
+if ARGV[5] ~= '1' and settling then
+  return {-1, since + settle - now}
 end
-local n = redis.call('ZCARD', KEYS[1])
+local n
+if settling then
+  n = redis.call('ZCOUNT', KEYS[1], floor, '+inf')
+else
+  n = redis.call('ZCARD', KEYS[1])
+end
 if n >= tonumber(ARGV[2]) then
   return {0, n}
 end
@@ -62,7 +85,8 @@ redis.call('PEXPIRE', KEYS[1], lease * 2)
 return {1, n + 1}
 "#;
 
-/// When the registry was (re)made, in Redis' clock (ms): missing after Redis lost its data.
+/// Which Redis process made the registry, and when (its clock, ms): another process (a restart,
+/// a failover) starts a new epoch.
 pub const EPOCH_KEY: &str = "storage_agent.user_sessions.epoch";
 
 /// What the admission script answered.
@@ -181,7 +205,7 @@ impl RedisLimiter {
             let answer = self
                 .check_and_add(&s.resource_group, &s.user_id, s.id, limit, true)
                 .await?;
-            if matches!(answer, Answer::AtLimit(_)) {
+            if let Answer::AtLimit(live) = answer {
                 // Which sessions hold the places: for the operator reading why one ended.
                 let counted: Vec<String> = self
                     .redis
@@ -194,7 +218,7 @@ impl RedisLimiter {
                     )
                     .await
                     .unwrap_or_default();
-                tracing::warn!(session = %s.id, user = %s.user_id, ?counted, "this session's place was taken while its lease was lost");
+                tracing::warn!(session = %s.id, user = %s.user_id, live, limit, ?counted, "this session's place was taken while its lease was lost");
                 over.push(s.id);
             }
         }

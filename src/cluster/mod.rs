@@ -27,7 +27,7 @@ pub use discovery::{Announce, service_id, spawn as spawn_service_discovery};
 pub use etcd::EtcdError;
 pub use events::RedisEvents;
 pub use heartbeat::{Addresses, HEARTBEAT_STREAM, Heartbeat, node_key};
-pub use limiter::{RedisLimiter, user_key};
+pub use limiter::{EPOCH_KEY, RedisLimiter, user_key};
 
 /// Where each role's Redis is, from etcd or `[redis]`; None on a single node without either.
 pub async fn plan(config: &Config) -> Result<Option<Plan>, EtcdError> {

@@ -279,6 +279,65 @@ async fn a_redis_that_lost_its_data_makes_no_room_beyond_the_limit() {
     assert_eq!(live_count(&[&a, &b]).await, 1);
 }
 
+/// Found by the soak too: a Redis that restarts from an older snapshot (its own RDB, or a
+/// replica's dump) has the registry's epoch but not the sessions admitted after the snapshot.
+/// A new Redis process starts a new epoch, whatever its data.
+#[tokio::test]
+async fn a_redis_restarted_from_an_older_snapshot_makes_no_room_beyond_the_limit() {
+    let mut redis = RedisServer::start();
+    let a = clustered(Daemon::builder(), &redis, "6s").start().await;
+    let b = clustered(Daemon::builder(), &redis, "6s").start().await;
+    let _g = (ContainerGuard(a.node_id()), ContainerGuard(b.node_id()));
+    let (_, key) = keypair(a.dir.path(), "k");
+    // Another user's session makes the registry exist; the snapshot has it.
+    let other = uuid::Uuid::new_v4();
+    let vf_o = a.user_vfolder(&other).await.0;
+    a.rpc()
+        .await
+        .create_session(req(&other, &vf_o, &key, 1))
+        .await
+        .expect("another user's session");
+    assert_eq!(redis.cli(&["SAVE"]), "OK");
+    let user = uuid::Uuid::new_v4();
+    let vf_a = a.user_vfolder(&user).await.0;
+    let vf_b = b.user_vfolder(&user).await.0;
+    let held = a
+        .rpc()
+        .await
+        .create_session(req(&user, &vf_a, &key, 1))
+        .await
+        .expect("the user's session, after the snapshot")
+        .into_inner()
+        .session
+        .unwrap();
+
+    redis.restart();
+    let epoch = storage_agent::cluster::EPOCH_KEY;
+    assert_eq!(
+        redis.cli(&["-n", "2", "EXISTS", epoch]),
+        "1",
+        "the snapshot has the registry"
+    );
+    let zkey = format!("storage_agent.user_sessions.storage-rg.{user}");
+    assert_eq!(redis.cli(&["-n", "2", "ZCARD", &zkey]), "0");
+    let t = Instant::now();
+    let e = loop {
+        let e = b
+            .rpc()
+            .await
+            .create_session(req(&user, &vf_b, &key, 1))
+            .await
+            .expect_err("the user is at the limit on node a");
+        if e.code() != tonic::Code::Unavailable || t.elapsed() > crate::common::OUTCOME {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert_eq!(redis.cli(&["-n", "2", "ZRANGE", &zkey, "0", "-1"]), held.id);
+    assert_eq!(live_count(&[&a, &b]).await, 2);
+}
+
 #[tokio::test]
 async fn heartbeats_discovery_and_redis_outages() {
     let mut redis = RedisServer::start();
