@@ -56,8 +56,9 @@ def redis_cli(port, *args):
 
 
 class RedisGroup:
-    """A master, a replica and one Sentinel (quorum 1), each on its own port, no persistence: a
-    restarted server comes back empty, as after a crash."""
+    """A master, a replica and one Sentinel (quorum 1), each on its own port and directory, no
+    automatic snapshots: a restarted server comes back with its last snapshot (empty the first
+    time), as after a crash."""
 
     def __init__(self, work):
         self.dir = work / "redis"
@@ -77,8 +78,10 @@ class RedisGroup:
         wait_port(self.sentinel_port)
 
     def _server(self, i, master):
+        d = self.dir / f"redis-{i}"
+        d.mkdir(exist_ok=True)
         argv = ["redis-server", "--port", str(self.ports[i]), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.dir)]
+                "--appendonly", "no", "--dir", str(d)]
         if master:
             argv += ["--replicaof", "127.0.0.1", str(master)]
         return Proc(f"redis-{i}", argv, log_path=self.dir / f"redis-{i}.log")
@@ -88,15 +91,19 @@ class RedisGroup:
         return int(out[1]) if len(out) == 2 else self.ports[0]
 
     def restart_master(self):
-        """kill -9 of the current master and a start on the same port, empty."""
+        """kill -9 of the current master and a start on the same port: it comes back with the
+        snapshot taken when it last restarted (empty the first time), older than the sessions
+        admitted since; a snapshot is taken now for the next time."""
         port = self.master_port()
         s = self.servers[self.ports.index(port)]
         s.kill9()
-        s.argv = [a for a in s.argv if a not in ("--replicaof",)]
-        if "127.0.0.1" in s.argv[-2:]:
-            s.argv = s.argv[:-2]
+        if "--replicaof" in s.argv:
+            s.argv = s.argv[:s.argv.index("--replicaof")]
         s.start()
         wait_port(port)
+        end = time.time() + 30
+        while redis_cli(port, "SAVE") != "OK" and time.time() < end:
+            time.sleep(0.2)  # still loading its snapshot
         return port
 
     def failover(self):
@@ -212,7 +219,7 @@ class Node:
         self.cfg.write_text(
             f'[storage-proxy]\nnode-id = "{self.node_id}"\nsecret = "{JWT_SECRET}"\n'
             'session-expire = "1d"\nmax-upload-size = "10g"\n'
-            f'[storage-agent]\nstate-dir = "{self.state}"\nlog-level = "warn"\n'
+            f'[storage-agent]\nstate-dir = "{self.state}"\nlog-level = "{os.environ.get("SOAK_LOG_LEVEL", "warn")}"\n'
             f'[etcd]\nnamespace = "soak"\naddr = {{ host = "127.0.0.1", port = {etcd.port} }}\n'
             f'[api.client]\nservice-addr = "127.0.0.1:{self.client_port}"\n'
             f'[api.manager]\nservice-addr = "127.0.0.1:{self.manager_port}"\n'

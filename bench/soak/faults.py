@@ -21,7 +21,7 @@ class Faults:
         s = self.soak
         return [
             ("kill -9 node a", lambda: self.kill_node(s.nodes[0])),
-            ("Redis master restarted (empty)", self.redis_restart),
+            ("Redis master killed, restarted from an older snapshot", self.redis_restart),
             ("state filesystem of node b full", lambda: self.fill_state(s.nodes[1])),
             ("Sentinel failover", self.sentinel_failover),
             ("moto frozen", self.moto_frozen),
@@ -57,7 +57,7 @@ class Faults:
 
     def redis_restart(self):
         port = self.soak.redis.restart_master()
-        log(f"redis on {port} restarted empty")
+        log(f"redis on {port} restarted from its older snapshot")
         time.sleep(20)
 
     def sentinel_failover(self):
