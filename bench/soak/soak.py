@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cluster import Etcd, Moto, Node, RedisGroup  # noqa: E402
 from common import MANAGER_SECRET, http, log  # noqa: E402
 from faults import Faults  # noqa: E402
-from load import CtlUploader, Downloader, ManagerOps, Recorder, Uploader  # noqa: E402
+from load import CtlUploader, Downloader, Janitor, ManagerOps, Recorder, Uploader  # noqa: E402
 from report import Report  # noqa: E402
 from sessions import LimitProbe, SessionUser, docker_ids  # noqa: E402
 
@@ -49,6 +49,8 @@ class Soak:
         self.stopping = threading.Event()
         self.manager_secret = MANAGER_SECRET
         self.completed, self.verify_queue = [], []
+        self.reading = set()  # relpaths being downloaded (the janitor leaves them)
+        self.files_lock = threading.Lock()
         self.live_sessions, self.destroyed = {}, {}
         self.over_limit_admissions = []
         self.samples = []  # dicts, one per sampling tick
@@ -86,7 +88,7 @@ class Soak:
     def workers(self):
         w = [Uploader(self, "upload vfs", "vol1"), Uploader(self, "upload s3", "s3"), Uploader(self, "upload vfs 2", "vol1"),
              CtlUploader(self, "ctl upload"), Downloader(self, "download"), Downloader(self, "download 2"),
-             ManagerOps(self, "manager ops"), LimitProbe(self, "limit probe")]
+             ManagerOps(self, "manager ops"), LimitProbe(self, "limit probe"), Janitor(self, "janitor")]
         w += [SessionUser(self, f"sessions {n.name}", n) for n in self.nodes]
         return w
 
