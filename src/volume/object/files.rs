@@ -673,14 +673,22 @@ impl ReadHandle for ObjectRead {
                         if_match: etag,
                         ..Default::default()
                     };
-                    let r = tokio::time::timeout(
-                        Duration::from_secs(300),
-                        loc.client.store.get_opts(&path, opts),
-                    )
-                    .await
-                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "object read timed out"))?
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                    r.bytes().await.map_err(|e| io::Error::other(e.to_string()))
+                    let read = async {
+                        let r = tokio::time::timeout(
+                            Duration::from_secs(300),
+                            loc.client.store.get_opts(&path, opts),
+                        )
+                        .await
+                        .map_err(|_| {
+                            io::Error::new(io::ErrorKind::TimedOut, "object read timed out")
+                        })?
+                        .map_err(|e| io::Error::other(e.to_string()))?;
+                        r.bytes().await.map_err(|e| io::Error::other(e.to_string()))
+                    };
+                    // Past the headers the client only sees its connection cut: say why here.
+                    read.await.inspect_err(|e| {
+                        tracing::warn!(object = %path, offset = s, error = %e, "an object read failed mid-response; the client's connection is cut");
+                    })
                 }
             })
             .buffered(2)
