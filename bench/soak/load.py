@@ -56,6 +56,8 @@ def problem(status, headers, body):
     """'problem+json <status> <type>' when the error is documented, else None."""
     if "application/problem+json" not in headers.get("content-type", ""):
         return None
+    if not body:
+        return f"{status} (HEAD: no body)"  # a HEAD answer has headers only
     try:
         t = json.loads(body).get("type", "")
     except ValueError:
