@@ -74,7 +74,7 @@ phase mgr-e2e   cargo test --locked --test e2e backendai_manager
 # apart, one at a time, so their clusters never compete for the 2 cores.
 phase cephfs    cargo test --locked --test e2e cephfs -- --test-threads=1
 phase bench     ./bench/run.sh --smoke
-# Two nodes under mixed load while every fault of the soak happens once (about 3 minutes).
+# Two nodes under mixed load while every fault of the soak happens once (about 5 minutes).
 phase soak      python3 bench/soak/soak.py --smoke --sa-bin target/debug/storage-agent
 phase smoke     smoke
 phase install   install

@@ -3,10 +3,14 @@
 import hashlib
 import http.client as httpclient
 import random
-import socket
 import sys
 import time
 import urllib.parse
+from pathlib import Path
+
+# The port helpers bench.py already has (bench/ is this package's parent).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import free_port, wait_port  # noqa: E402,F401
 
 MANAGER_SECRET = "soak-manager-secret-0123456789"
 JWT_SECRET = "soak-jwt-secret-0123456789"
@@ -16,25 +20,6 @@ T0 = time.time()
 
 def log(*a):
     print(f"[soak {time.time() - T0:7.1f}s]", *a, file=sys.stderr, flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_port(port, timeout=60):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on {port} after {timeout}s")
 
 
 def http(method, url, body=None, headers=None, timeout=60, sink=None):

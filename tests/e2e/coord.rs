@@ -232,6 +232,24 @@ async fn three_nodes_never_exceed_the_per_user_limit() {
     );
 }
 
+/// CreateSession on `d` right after Redis restarted, which must be refused; the first calls
+/// may find the old connection broken (UNAVAILABLE) and are repeated.
+async fn refused_after_restart(d: &Daemon, r: pb::CreateSessionRequest) -> tonic::Status {
+    let t = Instant::now();
+    loop {
+        let e = d
+            .rpc()
+            .await
+            .create_session(r.clone())
+            .await
+            .expect_err("the user is at the limit on another node");
+        if e.code() != tonic::Code::Unavailable || t.elapsed() > crate::common::OUTCOME {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Found by the soak: Redis restarted without persistence knows no session until their nodes
 /// renew the leases, and a node admitting meanwhile made room beyond the limit (the first
 /// session was then ended). New sessions now wait a heartbeat after the registry was lost.
@@ -258,20 +276,7 @@ async fn a_redis_that_lost_its_data_makes_no_room_beyond_the_limit() {
         .unwrap();
 
     redis.restart();
-    let t = Instant::now();
-    let e = loop {
-        let e = b
-            .rpc()
-            .await
-            .create_session(req(&user, &vf_b, &key, 1))
-            .await
-            .expect_err("the user is at the limit on node a");
-        // The first call after the restart may find the old connection broken.
-        if e.code() != tonic::Code::Unavailable || t.elapsed() > crate::common::OUTCOME {
-            break e;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let e = refused_after_restart(&b, req(&user, &vf_b, &key, 1)).await;
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     // Node a's session was counted again, not ended.
     let zkey = format!("storage_agent.user_sessions.storage-rg.{user}");
@@ -320,19 +325,7 @@ async fn a_redis_restarted_from_an_older_snapshot_makes_no_room_beyond_the_limit
     );
     let zkey = format!("storage_agent.user_sessions.storage-rg.{user}");
     assert_eq!(redis.cli(&["-n", "2", "ZCARD", &zkey]), "0");
-    let t = Instant::now();
-    let e = loop {
-        let e = b
-            .rpc()
-            .await
-            .create_session(req(&user, &vf_b, &key, 1))
-            .await
-            .expect_err("the user is at the limit on node a");
-        if e.code() != tonic::Code::Unavailable || t.elapsed() > crate::common::OUTCOME {
-            break e;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let e = refused_after_restart(&b, req(&user, &vf_b, &key, 1)).await;
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     assert_eq!(redis.cli(&["-n", "2", "ZRANGE", &zkey, "0", "-1"]), held.id);
     assert_eq!(live_count(&[&a, &b]).await, 2);
