@@ -7,8 +7,9 @@
 use serde_json::json;
 
 use crate::backends::bucket_of;
-use crate::backends::killed::killed_upload_resumes;
+use crate::backends::killed::{killed_at_completion_is_in_place, killed_upload_resumes};
 use crate::common::azurite::Azurite;
+use crate::common::holdback::{Hold, Holdback};
 use crate::common::redis::free_port;
 use crate::common::{Daemon, random_vfid};
 use crate::s3::{create, refused_clearly};
@@ -40,6 +41,45 @@ async fn a_200mib_upload_killed_mid_way_resumes_with_its_staged_blocks() {
         ))
     };
     killed_upload_resumes(&mut d, &vfid, &staged, &sha256).await;
+}
+
+/// Killed at the completion (Put Block List), before Azurite got it and after it committed
+/// the blocks with the answer lost: the HEAD after the restart says complete only with the
+/// blob in place.
+#[tokio::test]
+async fn an_upload_killed_at_its_completion_is_in_place_when_its_head_says_complete() {
+    let az = Azurite::start();
+    for hold in [Hold::Request, Hold::Answer] {
+        let proxy = Holdback::start(
+            &format!("127.0.0.1:{}", az.port),
+            hold,
+            "PUT",
+            "comp=blocklist",
+        );
+        let account = az.endpoint();
+        let account = account.rsplit('/').next().unwrap_or_default();
+        let mut d = Daemon::builder()
+            .azure(&proxy.endpoint(&format!("/{account}")), "fin-")
+            .start()
+            .await;
+        let vfid = random_vfid();
+        create(&d, &vfid).await;
+        let container = bucket_of("fin-", &vfid);
+        let staged = || {
+            az.py(&format!(
+                "b = svc.get_blob_client({container:?}, 'data/done.bin')\n\
+                 try:\n    _, uncommitted = b.get_block_list('uncommitted')\n\
+                 except Exception:\n    uncommitted = []\n\
+                 print(json.dumps(sorted(x.id for x in uncommitted)))"
+            ))
+        };
+        let sha256 = || {
+            az.py(&format!(
+                "print(hashlib.sha256(svc.get_blob_client({container:?}, 'data/done.bin').download_blob().readall()).hexdigest())"
+            ))
+        };
+        killed_at_completion_is_in_place(&mut d, &vfid, &proxy, &staged, &sha256).await;
+    }
 }
 
 async fn sas(d: &Daemon, vfid: &str, permission: &str, expiry: Option<u64>) -> crate::common::Resp {

@@ -6,6 +6,8 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
 use chrono::Utc;
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::{BackoffConfig, ClientOptions, RetryConfig};
@@ -380,5 +382,32 @@ impl Service for Azure {
             ));
         }
         Err(format!("{status}: {said}"))
+    }
+
+    async fn completed_from(&self, bucket: &str, key: &str, parts: &[String]) -> Result<bool> {
+        // The blob's committed blocks, by id (base64 of object_store's content ids).
+        let url = self.url(bucket, Some(key), "comp=blocklist&blocklisttype=committed")?;
+        let what = format!("GET {} (block list)", url.path());
+        let resp = self
+            .http
+            .get(url)
+            .header("x-ms-version", sas::VERSION)
+            .send()
+            .await
+            .map_err(|e| remote(&self.location(), format!("{what}: {}", root_cause(&e))))?;
+        if !resp.status().is_success() {
+            return Ok(false);
+        }
+        let xml = resp
+            .text()
+            .await
+            .map_err(|e| remote(&self.location(), format!("{what}: {}", root_cause(&e))))?;
+        let committed: Vec<&str> = xml
+            .split("<Name>")
+            .skip(1)
+            .filter_map(|r| r.split("</Name>").next())
+            .collect();
+        let ours: Vec<String> = parts.iter().map(|p| B64.encode(p)).collect();
+        Ok(!ours.is_empty() && committed == ours)
     }
 }

@@ -12,6 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::list::PaginatedListOptions;
 use object_store::path::Path as ObjPath;
 use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStoreExt, PutPayload};
+use tokio_util::task::AbortOnDropHandle;
 
 use super::service::{BucketClient, Service, store_err};
 use crate::volume::{
@@ -691,7 +692,13 @@ impl ReadHandle for ObjectRead {
                     })
                 }
             })
+            // Each read runs on a task of its own: the one read ahead must not wait for a slow
+            // client to take the one before, or its request timeout runs out while nothing
+            // reads its body (the soak saw downloads cut at read boundaries). Dropped with the
+            // stream when the client goes.
+            .map(|read| AbortOnDropHandle::new(tokio::spawn(read)))
             .buffered(2)
+            .map(|joined| joined.unwrap_or_else(|e| Err(io::Error::other(e))))
             .boxed()
     }
 }

@@ -491,6 +491,21 @@ impl Service for S3 {
             }
         }
     }
+
+    async fn completed_from(&self, bucket: &str, key: &str, parts: &[String]) -> Result<bool> {
+        let path = object_store::path::Path::parse(key)
+            .map_err(|e| VolumeError::BadRequest(format!("{key:?}: {e}")))?;
+        let store = self.bucket(bucket)?.store;
+        Ok(
+            match object_store::ObjectStoreExt::head(&store, &path).await {
+                Ok(m) => {
+                    let etag = m.e_tag.as_deref().map(|t| t.trim_matches('"'));
+                    etag.is_some() && etag == multipart_etag(parts).as_deref()
+                }
+                Err(_) => false,
+            },
+        )
+    }
 }
 
 /// `x-amz-copy-source` is a path: keep '/' and the unreserved characters.
@@ -500,6 +515,25 @@ const COPY_SOURCE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUM
     .remove(b'_')
     .remove(b'.')
     .remove(b'~');
+
+/// The ETag S3 gives an object completed from these parts (the MD5 of their MD5s, then the
+/// number of parts), unquoted; None when a part's ETag is not an MD5 (another
+/// service, or encryption with KMS).
+fn multipart_etag(parts: &[String]) -> Option<String> {
+    use md5::Digest;
+    let mut all = md5::Md5::new();
+    for etag in parts {
+        let hex = etag.trim_matches('"');
+        if hex.len() != 32 {
+            return None;
+        }
+        for i in (0..32).step_by(2) {
+            all.update([u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()?]);
+        }
+    }
+    let digest: String = all.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!("{digest}-{}", parts.len()))
+}
 
 #[cfg(test)]
 mod tests {
@@ -561,5 +595,18 @@ mod tests {
         assert_eq!(s3_message(xml), "NoSuchKey: gone");
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
         assert_eq!(root_cause(&io), "Connection refused");
+    }
+
+    #[test]
+    fn a_multipart_etag_is_the_md5_of_the_parts_md5s_and_their_count() {
+        let parts = [
+            "\"0cc175b9c0f1b6a831c399e269772661\"".to_string(), // md5("a")
+            "92eb5ffee6ae2fec3ad71c777531578f".to_string(),     // md5("b")
+        ];
+        assert_eq!(
+            multipart_etag(&parts).as_deref(),
+            Some("96e024ba2074fe77e8e965ba43a704be-2")
+        );
+        assert_eq!(multipart_etag(&["AAAAAA==".to_string()]), None);
     }
 }

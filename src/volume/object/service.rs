@@ -134,6 +134,10 @@ pub trait Service: Send + Sync {
     fn fuse_spec(&self, key: String, bucket: &str, read_only: bool) -> MountSpec;
     /// One cheap authenticated request: the service answers and accepts our credentials.
     async fn probe(&self) -> std::result::Result<(), String>;
+    /// Whether the object at `key` was completed from exactly these parts (their content ids,
+    /// in order): a completion whose answer a crash or the network took cannot be sent again
+    /// everywhere (S3 forgets the upload), but its object says whether it happened.
+    async fn completed_from(&self, bucket: &str, key: &str, parts: &[String]) -> Result<bool>;
 }
 
 /// An object_store error as a volume error: missing objects keep the errno of a missing file

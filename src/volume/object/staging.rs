@@ -478,11 +478,22 @@ impl ObjectStaging {
                         content_id: c.clone(),
                     })
                     .collect();
-                client
-                    .multipart
-                    .complete_multipart(&path, &id, parts)
-                    .await
-                    .map_err(err)?;
+                if let Err(e) = client.multipart.complete_multipart(&path, &id, parts).await {
+                    // Completed before a crash took its answer: S3 has forgotten the upload,
+                    // Azure may refuse its blocks again; the object says whether it happened.
+                    let ids: Vec<String> = up.parts.iter().map(|(_, c)| c.clone()).collect();
+                    let done = replaced == Some(size)
+                        && self
+                            .shared
+                            .service
+                            .completed_from(&up.bucket, &up.key, &ids)
+                            .await
+                            .unwrap_or(false);
+                    if !done {
+                        return Err(err(e));
+                    }
+                    tracing::info!(session, key = %up.key, "the multipart upload was completed before a restart");
+                }
             }
         }
         Ok((size, replaced))

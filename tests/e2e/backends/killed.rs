@@ -2,7 +2,8 @@
 //! from its durable offset into the same upload at the service (S3's multipart upload, Azure's
 //! staged blocks), never buffers more than `parts-in-flight` + 1 parts locally (the parts on
 //! their way up and the one being filled; a kill leaves those on their way up unrecorded, and
-//! the resumed upload sends them again), and ends byte-identical.
+//! the resumed upload sends them again), and ends byte-identical. And one killed at its
+//! completion: a HEAD never says "complete" before the object is in place.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -143,4 +144,60 @@ pub async fn killed_upload_resumes(
     // The service's own SDK sees exactly the bytes, and nothing left in progress.
     assert_eq!(sha256().trim(), want);
     assert_eq!(in_progress().trim(), "[]");
+}
+
+/// A 12 MiB upload (three 5 MiB parts) whose daemon is killed -9 at its completion: the
+/// completing request held back by `hold` (the service never gets it, or completes it and the
+/// answer is lost). After the restart the HEAD that reports the full offset has put the object
+/// in place (a tus client stops there), nothing is left staged, nothing left in progress. The
+/// daemon `d` reaches the service through `hold`.
+pub async fn killed_at_completion_is_in_place(
+    d: &mut Daemon,
+    vfid: &str,
+    hold: &crate::common::holdback::Holdback,
+    in_progress: &dyn Fn() -> String,
+    sha256: &dyn Fn() -> String,
+) {
+    const SIZE: u64 = 12 * MIB;
+    let src = d.dir.path().join("src.bin");
+    random_file(&src, SIZE, 7);
+    let want = sha256_file(&src);
+    let t = d
+        .token(
+            "/folder/file/upload",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "data/done.bin", "size": SIZE}),
+        )
+        .await;
+    let patch = tokio::spawn(
+        d.http
+            .patch(d.url("client", &format!("/upload?token={t}")))
+            .header("Tus-Resumable", "1.0.0")
+            .header("Content-Type", "application/offset+octet-stream")
+            .header("Upload-Offset", "0")
+            .body(std::fs::read(&src).unwrap())
+            .send(),
+    );
+    hold.wait_held(Duration::from_secs(120)).await;
+    d.kill9();
+    patch.abort();
+    d.restart().await;
+
+    let r = send(
+        d.http
+            .head(d.url("client", &format!("/upload?token={t}")))
+            .header("Tus-Resumable", "1.0.0"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("upload-offset"), Some(SIZE.to_string()));
+    assert_eq!(
+        sha256().trim(),
+        want,
+        "in place when the HEAD says complete"
+    );
+    assert_eq!(in_progress().trim(), "[]");
+    let staged: Vec<_> = std::fs::read_dir(d.state_dir.join("objects/vol1"))
+        .map(|es| es.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(staged.is_empty(), "nothing left staged: {staged:?}");
 }

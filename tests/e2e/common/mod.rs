@@ -9,6 +9,7 @@ pub mod agent;
 pub mod azurite;
 pub mod ceph;
 pub mod cluster;
+pub mod holdback;
 pub mod loopfs;
 pub mod moto;
 pub mod redis;

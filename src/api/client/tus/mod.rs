@@ -273,7 +273,17 @@ pub async fn head(
 ) -> ApiResult<Response> {
     let c = upload_claims(&st, q.token.as_deref())?;
     let rec = addressed(&st, &c, &q).await?;
-    destination(&q, &rec)?;
+    let dst = destination(&q, &rec)?;
+    // All its bytes are held but it is not in place: a crash (or a failed completion) came
+    // between the two. A client told the full offset stops there, so it is completed now,
+    // as an empty PATCH would, before the offset says so.
+    if rec.state == UploadState::Active
+        && rec.size > 0
+        && rec.offset == rec.size
+        && !matches!(rec.concat, Concat::Final { .. })
+    {
+        write::write_at(&st, &rec, dst, rec.size, Some(0), None, &mut None).await?;
+    }
     let mut h = upload_headers(&rec, offset_of(&rec));
     if let Some(v) = concat::header_of(&rec, q.token.as_deref().unwrap_or("")) {
         put_header(&mut h, "upload-concat", &v);
