@@ -112,6 +112,7 @@ pub struct Metrics {
     // The process, as Backend.AI's SystemMetricObserver reports it (label `pid`, as its
     // multiprocess "liveall" gauges carry).
     pub(crate) async_tasks: Family<PidLabel, Gauge>,
+    pub(crate) heap: Family<StateLabel, Gauge>,
     pub(crate) cpu_percent: Family<PidLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub(crate) memory_rss: Family<PidLabel, Gauge>,
     pub(crate) memory_vms: Family<PidLabel, Gauge>,
@@ -148,6 +149,7 @@ impl Metrics {
             checks: Family::default(),
             events_queued: Gauge::default(),
             async_tasks: Family::default(),
+            heap: Family::default(),
             cpu_percent: Family::default(),
             memory_rss: Family::default(),
             memory_vms: Family::default(),
@@ -253,6 +255,11 @@ impl Metrics {
             "backendai_async_task_count",
             "Number of active async tasks",
             m.async_tasks.clone(),
+        );
+        r.register(
+            "storage_agent_heap_bytes",
+            "The allocator's heap: bytes in use, and bytes freed but kept by it (glibc)",
+            m.heap.clone(),
         );
         r.register(
             "backendai_cpu_usage_percent",

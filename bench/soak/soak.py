@@ -125,6 +125,8 @@ class Soak:
                 for line in body.decode().splitlines():
                     if line.startswith("backendai_async_task_count"):
                         row[f"{n.name}.tasks"] = float(line.split()[-1])
+                    elif line.startswith('storage_agent_heap_bytes{state="in_use"}'):
+                        row[f"{n.name}.heap_mib"] = float(line.split()[-1]) / (1 << 20)
             except OSError:
                 pass
             row[f"{n.name}.restarts"] = n.restarts
@@ -143,6 +145,9 @@ class Soak:
                 self.rec.violation(f"the limit user has {len(running)} sessions running on the two nodes (limit 1): "
                                    + ", ".join(s["id"] for s in running))
         self.samples.append(row)
+        # Kept with the logs (--keep), to look at the numbers again without another run.
+        with open(self.work / "samples.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def sampler(self):
         while not self.stopping.is_set():

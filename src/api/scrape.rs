@@ -145,6 +145,7 @@ fn process(m: &Metrics) {
         m.memory_vms.get_or_create(&pid).set(vms * page);
         m.memory_rss.get_or_create(&pid).set(rss * page);
     }
+    heap(m);
     // stat: utime and stime (fields 14 and 15, after the parenthesised command name).
     let ticks = std::fs::read_to_string("/proc/self/stat")
         .ok()
@@ -256,3 +257,23 @@ mod tests {
         );
     }
 }
+
+/// What glibc's allocator holds: in use (the program's) and free but kept (its arenas). RSS
+/// that grows while "in_use" stays flat is memory kept for reuse, not a leak.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn heap(m: &Metrics) {
+    // SAFETY: mallinfo2 only reads the allocator's counters (taking its arena locks).
+    let mi = unsafe { libc::mallinfo2() };
+    let set = |state: &str, v: usize| {
+        m.heap
+            .get_or_create(&StateLabel {
+                state: state.to_string(),
+            })
+            .set(v as i64)
+    };
+    set("in_use", mi.uordblks + mi.hblkhd);
+    set("free", mi.fordblks);
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn heap(_m: &Metrics) {}

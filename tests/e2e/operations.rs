@@ -118,6 +118,10 @@ async fn metrics_bodies_match_their_content_type() {
         assert!(v > 0.0, "{family} of pid {pid}: {v}");
     }
     assert!(total(&m, "backendai_cpu_usage_percent", &[("pid", &pid)]).is_some());
+    // The allocator's heap: what is in use, apart from what it keeps freed.
+    let in_use = total(&m, "storage_agent_heap_bytes", &[("state", "in_use")]).unwrap_or(0.0);
+    assert!(in_use > 0.0, "heap in use: {in_use}");
+    assert!(total(&m, "storage_agent_heap_bytes", &[("state", "free")]).is_some());
     for openmetrics in [false, true] {
         let fams = families(&d, openmetrics).await;
         assert!(!fams.is_empty());
