@@ -285,26 +285,32 @@ class Downloader(Worker):
                 if not self.soak.verify_queue:
                     return
                 f = self.soak.verify_queue.pop(0)
-                self.soak.reading.add(f[3])
+                self.soak.reading[f[3]] += 1
             try:
                 self.whole(*f)
             finally:
-                self.soak.reading.discard(f[3])
+                self.done_reading(f)
             return
         if not self.soak.completed:
             time.sleep(1)
             return
         with self.soak.files_lock:
             f = self.rng.choice(self.soak.completed)
-            self.soak.reading.add(f[3])
+            self.soak.reading[f[3]] += 1
         try:
             if self.rng.random() < 0.15 and f[5] <= (8 << 20):
                 self.archive(*f)
             else:
                 self.range(*f)
         finally:
-            self.soak.reading.discard(f[3])
+            self.done_reading(f)
         time.sleep(self.rng.uniform(0, 0.3))
+
+    def done_reading(self, f):
+        with self.soak.files_lock:
+            self.soak.reading[f[3]] -= 1
+            if self.soak.reading[f[3]] <= 0:
+                del self.soak.reading[f[3]]
 
     def token(self, node, volume, vfid, relpath):
         r = self.call("mint download token", node, lambda: node.mgr(

@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,7 +50,9 @@ class Soak:
         self.stopping = threading.Event()
         self.manager_secret = MANAGER_SECRET
         self.completed, self.verify_queue = [], []
-        self.reading = set()  # relpaths being downloaded (the janitor leaves them)
+        # Relpaths being downloaded, with how many readers each (two downloaders may read one file;
+        # the first to finish must not make it fair game): the janitor leaves them.
+        self.reading = Counter()
         self.files_lock = threading.Lock()
         self.live_sessions, self.destroyed = {}, {}
         self.over_limit_admissions = []
