@@ -238,26 +238,6 @@ fn openmetrics_to_text(om: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::openmetrics_to_text;
-
-    #[test]
-    fn openmetrics_becomes_the_0_0_4_text_format() {
-        let om = "# HELP reqs Requests.\n# TYPE reqs counter\nreqs_total{method=\"GET\"} 3\n\
-                  # HELP lat Latency.\n# TYPE lat histogram\n# UNIT lat seconds\n\
-                  lat_bucket{le=\"+Inf\"} 1\nlat_sum 0.5\nlat_count 1\n\
-                  # HELP g Gauge.\n# TYPE g gauge\ng 2\n# EOF\n";
-        assert_eq!(
-            openmetrics_to_text(om),
-            "# HELP reqs_total Requests.\n# TYPE reqs_total counter\nreqs_total{method=\"GET\"} 3\n\
-             # HELP lat Latency.\n# TYPE lat histogram\n\
-             lat_bucket{le=\"+Inf\"} 1\nlat_sum 0.5\nlat_count 1\n\
-             # HELP g Gauge.\n# TYPE g gauge\ng 2\n"
-        );
-    }
-}
-
 /// What glibc's allocator holds: in use (the program's) and free but kept (its arenas). RSS
 /// that grows while "in_use" stays flat is memory kept for reuse, not a leak.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -277,3 +257,23 @@ fn heap(m: &Metrics) {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn heap(_m: &Metrics) {}
+
+#[cfg(test)]
+mod tests {
+    use super::openmetrics_to_text;
+
+    #[test]
+    fn openmetrics_becomes_the_0_0_4_text_format() {
+        let om = "# HELP reqs Requests.\n# TYPE reqs counter\nreqs_total{method=\"GET\"} 3\n\
+                  # HELP lat Latency.\n# TYPE lat histogram\n# UNIT lat seconds\n\
+                  lat_bucket{le=\"+Inf\"} 1\nlat_sum 0.5\nlat_count 1\n\
+                  # HELP g Gauge.\n# TYPE g gauge\ng 2\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(om),
+            "# HELP reqs_total Requests.\n# TYPE reqs_total counter\nreqs_total{method=\"GET\"} 3\n\
+             # HELP lat Latency.\n# TYPE lat histogram\n\
+             lat_bucket{le=\"+Inf\"} 1\nlat_sum 0.5\nlat_count 1\n\
+             # HELP g Gauge.\n# TYPE g gauge\ng 2\n"
+        );
+    }
+}
