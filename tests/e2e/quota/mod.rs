@@ -357,6 +357,70 @@ async fn vfs_checks_free_space_before_bytes_arrive() {
     assert_eq!(std::fs::read(path.join("eight.bin")).unwrap(), data);
 }
 
+/// The move into place needs room of its own (here a new directory's block): on a full disk
+/// it is a 507 problem+json like any write's, and the upload completes once there is room
+/// (found by the soak, whose host disk filled: a completing PATCH, and a HEAD that completes,
+/// answered a bare 400 with an errno; failed before the fix). An empty checksummed body puts
+/// the move after the write, which needs no block.
+#[tokio::test]
+async fn a_completion_on_a_full_disk_is_a_507_and_completes_later() {
+    use base64::Engine;
+    use sha2::Digest;
+    let fs = LoopFs::ext4(24 * MIB);
+    let d = daemon_on("vfs", &fs.dir("vol1")).await;
+    let (vfid, path) = d.create_vfolder().await;
+    let token = |name: &'static str, size: u64| {
+        let d = &d;
+        let vfid = vfid.clone();
+        async move {
+            let r = d
+                .mgr(
+                    "POST",
+                    "/folder/file/upload",
+                    json!({"volume": "vol1", "vfid": vfid, "relpath": name, "size": size}),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.json()["token"].as_str().unwrap().to_string()
+        }
+    };
+    let patch = |token: String, body: &'static [u8]| {
+        let sum = format!(
+            "sha256 {}",
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(body))
+        );
+        send(
+            d.http
+                .patch(d.url("client", &format!("/upload?token={token}")))
+                .header("Tus-Resumable", "1.0.0")
+                .header("Content-Type", "application/offset+octet-stream")
+                .header("Upload-Offset", "0")
+                .header("Upload-Checksum", sum)
+                .body(body),
+        )
+    };
+    // A first upload makes the staging directory while there is room.
+    let r = patch(token("warm.txt", 2).await, b"ok").await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let t = token("deep/er/empty.bin", 0).await;
+    // Every block taken (root may take the reserved ones too).
+    let filler = fs.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        for chunk in [1 << 20, 4096] {
+            while f.write_all(&vec![0u8; chunk]).is_ok() {}
+        }
+        let _ = f.sync_all();
+    }
+    let p = patch(t.clone(), b"").await.problem(507);
+    assert_eq!(p["data"]["reason"], "disk", "{p}");
+    std::fs::remove_file(&filler).unwrap();
+    let r = patch(t, b"").await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(std::fs::read(path.join("deep/er/empty.bin")).unwrap(), b"");
+}
+
 /// A daemon (`b` says which sessions it hosts) on a btrfs loop file, and a user whose quota
 /// scope is limited to 5 MiB.
 async fn small_scope_with_sessions(b: crate::common::Builder) -> (LoopFs, Daemon, uuid::Uuid) {

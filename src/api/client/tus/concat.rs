@@ -354,12 +354,7 @@ pub(super) async fn create_final(
             st.uploads.abandon_final(&c.session).await?;
         }
         return Err(match e {
-            crate::upload::UploadError::Volume(ref ve @ VolumeError::Io { ref source, .. })
-                if matches!(
-                    source.raw_os_error(),
-                    Some(libc::ENOSPC) | Some(libc::EDQUOT)
-                ) =>
-            {
+            crate::upload::UploadError::Volume(ref ve) if out_of_room(ve) => {
                 insufficient_storage(v.as_ref(), &fin, 0, ve).await
             }
             e => e.into(),

@@ -73,6 +73,12 @@ pub(super) fn bad_header(name: &str, msg: impl Into<String>) -> ApiError {
     ApiError::invalid_param(name, msg)
 }
 
+/// Whether a volume error is a filesystem out of room (the disk, or a quota).
+pub(super) fn out_of_room(e: &VolumeError) -> bool {
+    matches!(e, VolumeError::Io { source, .. }
+        if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+}
+
 /// 507 for a write that ran out of room, saying which: the scope's quota or the disk. btrfs
 /// answers EDQUOT for a quota; XFS answers ENOSPC for both, so with a limit set and room left on
 /// the volume it was the quota. The durable offset is intact either way.

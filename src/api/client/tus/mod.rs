@@ -27,7 +27,7 @@ use crate::api::extract::ApiQuery;
 use crate::api::token::check_upload_destination;
 use crate::api::token::{TokenError, UploadClaims};
 use crate::state::now_unix;
-use crate::upload::{Concat, UploadLock, UploadRecord, UploadState};
+use crate::upload::{Concat, UploadError, UploadLock, UploadRecord, UploadState};
 use crate::volume::{ByteStream, Checkpointing, RelPath, VolumeError, WritePlan};
 
 mod concat;
@@ -282,7 +282,7 @@ pub async fn head(
         && rec.offset == rec.size
         && !matches!(rec.concat, Concat::Final { .. })
     {
-        write::write_at(&st, &rec, dst, rec.size, Some(0), None, &mut None).await?;
+        write_at(&st, &rec, dst, rec.size, Some(0), None, &mut None).await?;
     }
     let mut h = upload_headers(&rec, offset_of(&rec));
     if let Some(v) = concat::header_of(&rec, q.token.as_deref().unwrap_or("")) {

@@ -326,16 +326,10 @@ async fn write_locked(
         Ok(s) => s,
         Err(e) => {
             let held = cut_back().await.unwrap_or(committed);
-            return Err(match &e {
-                VolumeError::Io { source, .. }
-                    if matches!(
-                        source.raw_os_error(),
-                        Some(libc::ENOSPC) | Some(libc::EDQUOT)
-                    ) =>
-                {
-                    insufficient_storage(v.as_ref(), &rec, held, &e).await
-                }
-                _ => e.into(),
+            return Err(if out_of_room(&e) {
+                insufficient_storage(v.as_ref(), &rec, held, &e).await
+            } else {
+                e.into()
             });
         }
     };
@@ -434,7 +428,15 @@ async fn complete(st: &AppState, rec: &UploadRecord, dst: &RelPath) -> ApiResult
                 tracing::warn!(session = %rec.session, error = %e, "cannot seal a partial upload; its join will");
             }
         }
-        _ => st.uploads.complete(rec, dst).await?,
+        _ => match st.uploads.complete(rec, dst).await {
+            // The move into place can need room of its own (a directory's new block): a 507
+            // like any write's, the upload whole and resumable, not a bare OS error.
+            Err(UploadError::Volume(e)) if out_of_room(&e) => {
+                let v = st.uploads.volume(&rec.volume)?;
+                return Err(insufficient_storage(v.as_ref(), rec, rec.offset, &e).await);
+            }
+            r => r?,
+        },
     }
     Ok(())
 }
