@@ -248,7 +248,9 @@ async fn a_download_paused_longer_than_the_request_timeout_ends_whole() {
     let moto = Moto::start();
     let d = Daemon::builder()
         .s3(&moto.endpoint(), "slow-")
-        .set("volume.vol1.request-timeout", "2s")
+        // Short enough that the pauses below outlast it; long enough for a loaded machine's
+        // moto to serve an 8 MiB read within it.
+        .set("volume.vol1.request-timeout", "4s")
         .start()
         .await;
     let vfid = random_vfid();
@@ -286,8 +288,8 @@ async fn a_download_paused_longer_than_the_request_timeout_ends_whole() {
         h.update(&chunk);
         if pauses.last().is_some_and(|&p| got >= p) {
             pauses.pop();
-            // Longer than the request timeout without reading.
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            // Well past the request timeout without reading.
+            tokio::time::sleep(Duration::from_secs(10)).await;
         }
     }
     assert_eq!(got, 40 * MIB);
