@@ -331,6 +331,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         v.spawn_background(shutdown.clone());
     }
     spawn_signal_handler(shutdown.clone());
+    crate::allocator::spawn_trimmer(shutdown.clone());
     if let Some(r) = &redis {
         crate::cluster::spawn_service_discovery(
             r.clone(),

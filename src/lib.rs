@@ -8,6 +8,7 @@
 pub const COMPAT_VERSION: &str = "26.9.6";
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+pub mod allocator;
 pub mod api;
 pub mod app;
 pub mod bgtask;

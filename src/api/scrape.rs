@@ -240,10 +240,10 @@ fn openmetrics_to_text(om: &str) -> String {
 
 /// What glibc's allocator holds: in use (the program's) and free but kept (its arenas). RSS
 /// that grows while "in_use" stays flat is memory kept for reuse, not a leak.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn heap(m: &Metrics) {
-    // SAFETY: mallinfo2 only reads the allocator's counters (taking its arena locks).
-    let mi = unsafe { libc::mallinfo2() };
+    let Some(h) = crate::allocator::heap() else {
+        return;
+    };
     let set = |state: &str, v: usize| {
         m.heap
             .get_or_create(&StateLabel {
@@ -251,12 +251,9 @@ fn heap(m: &Metrics) {
             })
             .set(v as i64)
     };
-    set("in_use", mi.uordblks + mi.hblkhd);
-    set("free", mi.fordblks);
+    set("in_use", h.in_use);
+    set("free", h.free);
 }
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn heap(_m: &Metrics) {}
 
 #[cfg(test)]
 mod tests {
