@@ -153,7 +153,7 @@ def http_json(method, url, body, headers=None):
 
 def curl_speed(url, headers=()):
     """Downloads to /dev/null; returns bytes/s."""
-    cmd = ["curl", "-fsS", "-o", "/dev/null", "-w", "%{speed_download} %{size_download}"]
+    cmd = ["curl", "-fsSk", "-o", "/dev/null", "-w", "%{speed_download} %{size_download}"]
     for h in headers:
         cmd += ["-H", h]
     speed, size = run(cmd + [url]).split()
@@ -195,6 +195,7 @@ class Proxy:
 
     name = "?"
     manager = client = None
+    scheme = "http"
     pid = None
     vol = None  # the volume's directory
 
@@ -223,7 +224,7 @@ class Proxy:
 
     def download_url(self, vfid, relpath, archive=False):
         t = self.mgr("/folder/file/download", {"volume": "vol1", "vfid": vfid, "relpath": relpath, "archive": archive})
-        url = f"http://{self.client}/download?token={t['token']}"
+        url = f"{self.scheme}://{self.client}/download?token={t['token']}"
         return url + "&archive=true" if archive else url
 
 
@@ -231,8 +232,10 @@ class StorageAgent(Proxy):
     name = "storage-agent"
 
     def __init__(self, work, binary, agent_ports=None, backend="vfs", vol=None, volume_extra="", daemon_extra="",
-                 subdir="sa", public_addr="127.0.0.1"):
+                 subdir="sa", public_addr="127.0.0.1", client_tls=False):
         self.dir = work / subdir
+        # TLS on the client API: a certificate the daemon makes itself (curl runs with -k).
+        self.scheme = "https" if client_tls else "http"
         self.vol = vol or self.dir / "vol1"
         self.vol.mkdir(parents=True, exist_ok=True)
         (self.dir / "state").mkdir(parents=True)
@@ -249,7 +252,7 @@ class StorageAgent(Proxy):
             f'[storage-proxy]\nnode-id = "bench-{os.getpid()}"\nsecret = "{JWT_SECRET}"\n'
             'session-expire = "1d"\nmax-upload-size = "100g"\n'
             f'[storage-agent]\nstate-dir = "{self.dir / "state"}"\nlog-level = "warn"\n{daemon_extra}'
-            '[api.client]\nservice-addr = "127.0.0.1:0"\n'
+            f'[api.client]\nservice-addr = "127.0.0.1:0"\nssl-enabled = {str(client_tls).lower()}\n'
             f'[api.manager]\nservice-addr = "127.0.0.1:0"\ninternal-addr = "127.0.0.1:0"\nsecret = "{MANAGER_SECRET}"\n'
             f'[volume.vol1]\nbackend = "{backend}"\npath = "{self.vol}"\n{volume_extra}' + agent
         )
@@ -378,22 +381,29 @@ class TusServer:
 class Nginx:
     name = "nginx"
 
-    def __init__(self, work, root):
-        self.dir = work / "nginx"
+    def __init__(self, work, root, tls=False):
+        self.dir = work / ("nginx-tls" if tls else "nginx")
         self.dir.mkdir()
         self.port = free_port()
+        self.scheme = "https" if tls else "http"
+        listen = f"listen 127.0.0.1:{self.port}"
+        if tls:
+            # OpenSSL encrypts in the process (this kernel has no kTLS), so sendfile is unused.
+            run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                 "-keyout", self.dir / "key.pem", "-out", self.dir / "cert.pem"])
+            listen += f" ssl; ssl_certificate {self.dir}/cert.pem; ssl_certificate_key {self.dir}/key.pem"
         conf = self.dir / "nginx.conf"
         conf.write_text(
             f"user root;\nworker_processes 1;\ndaemon off;\npid {self.dir}/pid;\nerror_log {self.dir}/error.log;\n"
             "events { worker_connections 64; }\n"
-            f"http {{ access_log off; sendfile on; tcp_nopush off; server {{ listen 127.0.0.1:{self.port}; root {root}; }} }}\n"
+            f"http {{ access_log off; sendfile on; tcp_nopush off; server {{ {listen}; root {root}; }} }}\n"
         )
         self.proc = subprocess.Popen(["nginx", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.pid = self.proc.pid
         wait_port(self.port)
 
     def url(self, name):
-        return f"http://127.0.0.1:{self.port}/{name}"
+        return f"{self.scheme}://127.0.0.1:{self.port}/{name}"
 
     def stop(self):
         self.proc.terminate()
@@ -631,18 +641,41 @@ class Bench:
         # The same binary with zero-copy downloads off: what splice saves, in the same run.
         copying = self.start(StorageAgent(self.work, self.sa_bin, subdir="sa-copying",
                                           daemon_extra="zero-copy-downloads = false\n"))
-        vf_sa, vf_py, vf_copy = sa.new_vfolder(), py.new_vfolder(), copying.new_vfolder()
+        # Over TLS every byte is encrypted in the process (no kTLS here): what that costs, beside
+        # nginx's OpenSSL doing the same.
+        sa_tls = self.start(StorageAgent(self.work, self.sa_bin, subdir="sa-tls", client_tls=True))
+        vf_sa, vf_py, vf_copy, vf_tls = sa.new_vfolder(), py.new_vfolder(), copying.new_vfolder(), sa_tls.new_vfolder()
         src = self.work / "src.bin"
-        for p in (sa.vfolder_path(vf_sa), py.vfolder_path(vf_py), copying.vfolder_path(vf_copy)):
+        for p in (sa.vfolder_path(vf_sa), py.vfolder_path(vf_py), copying.vfolder_path(vf_copy),
+                  sa_tls.vfolder_path(vf_tls)):
             shutil.copy(src, p / "dl.bin")
         shutil.copy(src, nginx_root / "dl.bin")
         nginx = self.start(Nginx(self.work, nginx_root))
+        nginx_tls = self.start(Nginx(self.work, nginx_root, tls=True))
         urls = {
             "storage-agent": (sa.download_url(vf_sa, "dl.bin"), sa.pid),
             "storage-agent, copying": (copying.download_url(vf_copy, "dl.bin"), copying.pid),
             "python-proxy": (py.download_url(vf_py, "dl.bin"), py.pid),
             "nginx sendfile": (nginx.url("dl.bin"), nginx.pid),
         }
+        self.whole_downloads(urls, src, f"download {size >> 20} MiB")
+        self.whole_downloads({
+            "storage-agent": (sa_tls.download_url(vf_tls, "dl.bin"), sa_tls.pid),
+            "nginx (OpenSSL)": (nginx_tls.url("dl.bin"), nginx_tls.pid),
+        }, src, f"download {size >> 20} MiB over HTTPS")
+        # 1000 random 64 KiB ranges over one connection.
+        n = 50 if self.smoke else 1000
+        rates = {k: [] for k in urls}
+        for _ in range(self.rounds):
+            for name, (url, _) in urls.items():
+                out = self.bench("ranges", "--url", url, "--size", size, "--n", n, "--len", 65536)
+                rates[name].append(self.field(out, "rate"))
+        for name in urls:
+            self.results.add(f"{n} random 64 KiB ranges", name, "req/s", rates[name])
+
+    def whole_downloads(self, urls, src, label):
+        """Each URL's whole file, warm and cold, interleaved per round: speed and server CPU."""
+        size = src.stat().st_size
         for cache in ("warm", "cold"):
             speed = {k: [] for k in urls}
             cpu = {k: [] for k in urls}
@@ -658,20 +691,11 @@ class Bench:
                     speed[name].append(bps / MB)
                     cpu[name].append((cpu_seconds(pid) - c0) / (size / (1 << 30)))
             for name in urls:
-                self.results.add(f"download {size >> 20} MiB, {cache}", name, "MB/s", speed[name])
+                self.results.add(f"{label}, {cache}", name, "MB/s", speed[name])
             for name in urls:
                 self.results.add(
-                    f"download {size >> 20} MiB, {cache}: server CPU", name, "s/GiB", cpu[name], better="lower"
+                    f"{label}, {cache}: server CPU", name, "s/GiB", cpu[name], better="lower"
                 )
-        # 1000 random 64 KiB ranges over one connection.
-        n = 50 if self.smoke else 1000
-        rates = {k: [] for k in urls}
-        for _ in range(self.rounds):
-            for name, (url, _) in urls.items():
-                out = self.bench("ranges", "--url", url, "--size", size, "--n", n, "--len", 65536)
-                rates[name].append(self.field(out, "rate"))
-        for name in urls:
-            self.results.add(f"{n} random 64 KiB ranges", name, "req/s", rates[name])
 
     # -- small files
 

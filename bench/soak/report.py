@@ -18,7 +18,14 @@ UNITS = {"rss_mib": "MiB", "heap_mib": "MiB", "fds": "fds", "threads": "threads"
          "sqlite_kib": "KiB"}
 # A segment shorter than this says nothing about a slope (the smoke's are).
 MIN_SEGMENT_S = 600
-WARMUP_S = 120
+# A restarted node warms up for minutes, not seconds: glibc's arenas (one per thread that
+# allocates) fill as the mixed load reaches every thread, and pools of connections and files
+# grow to what the load needs. In two hour-long runs (bench/SOAK.md) RSS rose for 10-15 minutes
+# to a plateau (~95 MiB at 3 min, 110-120 from 15 on) and fds for about 10, while the heap in use
+# was flat from the second minute; a 2-minute warm-up judged that rise as growth on lifetimes
+# of 12-17 minutes and as flat on every longer one. Lifetimes shorter than warm-up plus
+# MIN_SEGMENT_S are not judged.
+WARMUP_S = 600
 
 
 def slope(points):
@@ -32,7 +39,7 @@ def slope(points):
 
 
 def segments(samples, node, key):
-    """The samples of one process lifetime each, without its first WARMUP_S."""
+    """The samples of one process lifetime each, without its warm-up."""
     out, cur, last = [], [], None
     for s in samples:
         if f"{node}.{key}" not in s:

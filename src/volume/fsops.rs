@@ -77,6 +77,17 @@ fn openat_raw(dir: RawFd, name: &CStr, flags: i32, mode: u32) -> io::Result<Owne
 }
 
 fn openat2_raw(dir: RawFd, path: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    retry(|| openat2_once(dir, path, flags, mode, resolve))
+}
+
+fn openat2_once(
+    dir: RawFd,
+    path: &CStr,
+    flags: i32,
+    mode: u32,
+    resolve: u64,
+) -> io::Result<OwnedFd> {
     // open_how is non_exhaustive in libc; zeroed is its documented initial state.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (flags | libc::O_CLOEXEC) as u64;
@@ -85,24 +96,80 @@ fn openat2_raw(dir: RawFd, path: &CStr, flags: i32, mode: u32) -> io::Result<Own
     } else {
         0
     };
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
-    let fd = retry(|| {
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dir,
-                path.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as RawFd)
+    how.resolve = resolve;
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir,
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+    }
+}
+
+static NO_RESOLVE_CACHED: AtomicBool = AtomicBool::new(false);
+
+/// Opens `rel` beneath `base` as `open_beneath` does, but only if the kernel can do it from
+/// memory: every component already in its dentry cache (`RESOLVE_CACHED`) and no mount point
+/// crossed (`RESOLVE_NO_XDEV`, so the open stays on the filesystem the caller checked). Then it
+/// never waits for a disk and may run on the event loop. `None` means the kernel could not
+/// promise that (not cached, a mount on the way, a kernel before 5.12) or the open failed: the
+/// caller opens the ordinary way, which also gives any error its proper meaning.
+pub fn open_beneath_cached(base: BorrowedFd, rel: &Path, flags: i32) -> Option<OwnedFd> {
+    if NO_RESOLVE_CACHED.load(Ordering::Relaxed) || rel.is_absolute() {
+        return None;
+    }
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    let resolve = libc::RESOLVE_BENEATH
+        | libc::RESOLVE_NO_MAGICLINKS
+        | libc::RESOLVE_NO_XDEV
+        | libc::RESOLVE_CACHED;
+    match openat2_once(base.as_raw_fd(), &cstr(rel).ok()?, flags, 0, resolve) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+                NO_RESOLVE_CACHED.store(true, Ordering::Relaxed);
+            }
+            None
         }
-    })?;
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+/// As `open_regular_beneath`, from memory only (see `open_beneath_cached`). The reopen through
+/// `/proc/self/fd` looks up procfs, which lives in memory, and opens an inode the kernel already
+/// holds; on a local disk filesystem neither waits.
+pub fn open_regular_cached(base: BorrowedFd, rel: &Path) -> Option<(OwnedFd, libc::stat)> {
+    let p = open_beneath_cached(base, rel, libc::O_PATH)?;
+    reopen_regular(&p, None).ok()
+}
+
+/// Whether the filesystem of `fd` keeps what an open needs in the kernel's memory once looked
+/// up: ext2/3/4, XFS, btrfs, tmpfs. Not FUSE or CephFS, whose opens ask a daemon or an MDS.
+pub fn opens_from_memory(fd: BorrowedFd) -> bool {
+    let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut sfs) } != 0 {
+        return false;
+    }
+    // f_type and the magic numbers have target-dependent integer types.
+    #[allow(clippy::unnecessary_cast)]
+    let known = [
+        libc::EXT4_SUPER_MAGIC as i64,
+        libc::XFS_SUPER_MAGIC as i64,
+        libc::BTRFS_SUPER_MAGIC as i64,
+        libc::TMPFS_MAGIC as i64,
+    ];
+    #[allow(clippy::unnecessary_cast)]
+    known.contains(&(sfs.f_type as i64))
 }
 
 /// Opens `rel` beneath `base`. Symlinks are followed only while they stay beneath `base`.
@@ -564,6 +631,41 @@ mod tests {
 
     fn rp(s: &str) -> RelPath {
         RelPath::parse(s).unwrap()
+    }
+
+    #[test]
+    fn an_open_from_memory_gives_a_regular_file_beneath_the_base_or_nothing() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"x").unwrap();
+        let base = tempfile::tempdir().unwrap();
+        std::fs::create_dir(base.path().join("d")).unwrap();
+        std::fs::write(base.path().join("d/f"), b"ok").unwrap();
+        symlink(outside.path().join("secret"), base.path().join("out")).unwrap();
+        symlink("d/f", base.path().join("inside")).unwrap();
+        let fifo = CString::new(base.path().join("fifo").as_os_str().as_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let fd = open_dir_path(base.path()).unwrap();
+        assert!(
+            opens_from_memory(fd.as_fd()),
+            "the test's tmp dir is on a local disk"
+        );
+        // What the ordinary open just looked up is in the dentry cache.
+        for p in ["d/f", "inside", "out", "fifo", "d"] {
+            let _ = open_beneath(fd.as_fd(), &rp(p), libc::O_PATH, 0);
+        }
+        for ok in ["d/f", "inside"] {
+            let (f, st) = open_regular_cached(fd.as_fd(), Path::new(ok)).expect(ok);
+            assert!(is_file(&st));
+            let mut buf = [0u8; 4];
+            let n = unsafe { libc::read(f.as_raw_fd(), buf.as_mut_ptr().cast(), 4) };
+            assert_eq!(&buf[..n as usize], b"ok");
+        }
+        for refused in ["out", "fifo", "d", "../x", "missing"] {
+            assert!(
+                open_regular_cached(fd.as_fd(), Path::new(refused)).is_none(),
+                "{refused}"
+            );
+        }
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub struct VfsVolume {
     owner: Option<Owner>,
     staging: staging::VfsStaging,
     scopes: Arc<dyn Scopes>,
+    /// Reads may be opened on the event loop when the dentry cache has the path (a local disk).
+    opens_from_memory: bool,
 }
 
 pub(crate) use super::blocking;
@@ -93,6 +95,7 @@ impl VfsVolume {
                 root_fd: root_fd.clone(),
                 owner,
             },
+            opens_from_memory: fsops::opens_from_memory(root_fd.as_fd()),
             root_fd,
             owner,
         })
@@ -797,6 +800,11 @@ impl Volume for VfsVolume {
 
     async fn open_read(&self, vf: &VFolderId, p: &RelPath) -> Result<Box<dyn ReadHandle>> {
         let root = self.root();
+        if self.opens_from_memory
+            && let Some(h) = read::open_from_memory(root.as_fd(), vf, p)
+        {
+            return Ok(h);
+        }
         let (vf, p) = (*vf, p.clone());
         blocking(move || {
             let vfd = open_vfolder(root.as_fd(), &vf)?;

@@ -110,6 +110,20 @@ pub fn entry_stat(st: &libc::stat) -> EntryStat {
     }
 }
 
+/// Opens a vfolder's regular file for reading on the calling thread, without a hand-over to a
+/// blocking one, when the kernel can do the whole open from memory (`fsops::open_beneath_cached`:
+/// the vfolder, then the file beneath it, each path in the dentry cache). `None`: open it the
+/// ordinary way. For volumes whose filesystem passes `fsops::opens_from_memory` only.
+pub(super) fn open_from_memory(
+    root: std::os::fd::BorrowedFd,
+    vf: &crate::ids::VFolderId,
+    p: &RelPath,
+) -> Option<Box<dyn ReadHandle>> {
+    let vfd = fsops::open_beneath_cached(root, &vf.rel_path(), libc::O_PATH | libc::O_DIRECTORY)?;
+    let (fd, st) = fsops::open_regular_cached(vfd.as_fd(), std::path::Path::new(p.as_str()))?;
+    Some(Box::new(VfsReadHandle::new(fd, entry_stat(&st))))
+}
+
 pub struct VfsReadHandle {
     file: Arc<File>,
     stat: EntryStat,
