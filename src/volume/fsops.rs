@@ -113,16 +113,20 @@ fn openat2_once(
     }
 }
 
-static NO_RESOLVE_CACHED: AtomicBool = AtomicBool::new(false);
+const RESOLVE_FROM_MEMORY: u64 = libc::RESOLVE_BENEATH
+    | libc::RESOLVE_NO_MAGICLINKS
+    | libc::RESOLVE_NO_XDEV
+    | libc::RESOLVE_CACHED;
 
 /// Opens `rel` beneath `base` as `open_beneath` does, but only if the kernel can do it from
 /// memory: every component already in its dentry cache (`RESOLVE_CACHED`) and no mount point
 /// crossed (`RESOLVE_NO_XDEV`, so the open stays on the filesystem the caller checked). Then it
 /// never waits for a disk and may run on the event loop. `None` means the kernel could not
-/// promise that (not cached, a mount on the way, a kernel before 5.12) or the open failed: the
-/// caller opens the ordinary way, which also gives any error its proper meaning.
+/// promise that (not cached, a mount on the way) or the open failed: the caller opens the
+/// ordinary way, which also gives any error its proper meaning. Only for filesystems that pass
+/// `opens_from_memory`, which also checks the kernel knows `RESOLVE_CACHED` (5.12).
 pub fn open_beneath_cached(base: BorrowedFd, rel: &Path, flags: i32) -> Option<OwnedFd> {
-    if NO_RESOLVE_CACHED.load(Ordering::Relaxed) || rel.is_absolute() {
+    if rel.is_absolute() {
         return None;
     }
     let rel = if rel.as_os_str().is_empty() {
@@ -130,32 +134,43 @@ pub fn open_beneath_cached(base: BorrowedFd, rel: &Path, flags: i32) -> Option<O
     } else {
         rel
     };
-    let resolve = libc::RESOLVE_BENEATH
-        | libc::RESOLVE_NO_MAGICLINKS
-        | libc::RESOLVE_NO_XDEV
-        | libc::RESOLVE_CACHED;
-    match openat2_once(base.as_raw_fd(), &cstr(rel).ok()?, flags, 0, resolve) {
-        Ok(fd) => Some(fd),
-        Err(e) => {
-            if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
-                NO_RESOLVE_CACHED.store(true, Ordering::Relaxed);
-            }
-            None
-        }
-    }
+    // No retry: EAGAIN here means "not in the cache", and the caller goes the blocking way.
+    openat2_once(
+        base.as_raw_fd(),
+        &cstr(rel).ok()?,
+        flags,
+        0,
+        RESOLVE_FROM_MEMORY,
+    )
+    .ok()
 }
 
 /// As `open_regular_beneath`, from memory only (see `open_beneath_cached`). The reopen through
 /// `/proc/self/fd` looks up procfs, which lives in memory, and opens an inode the kernel already
-/// holds; on a local disk filesystem neither waits.
+/// holds; on a local disk filesystem neither waits for a disk. (Two rare exceptions wait: a
+/// host whose antivirus answers fanotify permission events, and the first open of an
+/// fs-verity file, which reads its descriptor.)
 pub fn open_regular_cached(base: BorrowedFd, rel: &Path) -> Option<(OwnedFd, libc::stat)> {
     let p = open_beneath_cached(base, rel, libc::O_PATH)?;
     reopen_regular(&p, None).ok()
 }
 
-/// Whether the filesystem of `fd` keeps what an open needs in the kernel's memory once looked
-/// up: ext2/3/4, XFS, btrfs, tmpfs. Not FUSE or CephFS, whose opens ask a daemon or an MDS.
+/// Whether opens beneath `fd` may be tried from memory (`open_beneath_cached`): its filesystem
+/// keeps what an open needs in the kernel's memory once looked up (ext2/3/4, XFS, btrfs, tmpfs;
+/// not FUSE or CephFS, whose opens ask a daemon or an MDS), and the kernel knows
+/// `RESOLVE_CACHED`. Asked once per volume, so no request's error can switch it off.
 pub fn opens_from_memory(fd: BorrowedFd) -> bool {
+    let probe = openat2_once(
+        fd.as_raw_fd(),
+        c".",
+        libc::O_PATH | libc::O_DIRECTORY,
+        0,
+        RESOLVE_FROM_MEMORY,
+    );
+    probe.is_ok() && on_local_disk(fd)
+}
+
+fn on_local_disk(fd: BorrowedFd) -> bool {
     let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut sfs) } != 0 {
         return false;
@@ -647,7 +662,7 @@ mod tests {
         let fd = open_dir_path(base.path()).unwrap();
         assert!(
             opens_from_memory(fd.as_fd()),
-            "the test's tmp dir is on a local disk"
+            "needs a temporary directory on ext4, XFS, btrfs or tmpfs and Linux 5.12 or later"
         );
         // What the ordinary open just looked up is in the dentry cache.
         for p in ["d/f", "inside", "out", "fifo", "d"] {
