@@ -124,16 +124,9 @@ const RESOLVE_FROM_MEMORY: u64 = libc::RESOLVE_BENEATH
 /// never waits for a disk and may run on the event loop. `None` means the kernel could not
 /// promise that (not cached, a mount on the way) or the open failed: the caller opens the
 /// ordinary way, which also gives any error its proper meaning. Only for filesystems that pass
-/// `opens_from_memory`, which also checks the kernel knows `RESOLVE_CACHED` (5.12).
+/// `opens_from_memory`, which also checks the kernel knows `RESOLVE_CACHED` (5.12). An absolute
+/// or empty path fails here (EXDEV, ENOENT) and gets its answer from the ordinary open.
 pub fn open_beneath_cached(base: BorrowedFd, rel: &Path, flags: i32) -> Option<OwnedFd> {
-    if rel.is_absolute() {
-        return None;
-    }
-    let rel = if rel.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        rel
-    };
     // No retry: EAGAIN here means "not in the cache", and the caller goes the blocking way.
     openat2_once(
         base.as_raw_fd(),
@@ -648,15 +641,22 @@ mod tests {
         RelPath::parse(s).unwrap()
     }
 
-    #[test]
-    fn an_open_from_memory_gives_a_regular_file_beneath_the_base_or_nothing() {
+    /// A directory outside holding `secret`, and a base holding `d/f` ("ok") and the symlink
+    /// `inside` -> `d/f`.
+    fn outside_and_base() -> (tempfile::TempDir, tempfile::TempDir) {
         let outside = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("secret"), b"x").unwrap();
         let base = tempfile::tempdir().unwrap();
         std::fs::create_dir(base.path().join("d")).unwrap();
         std::fs::write(base.path().join("d/f"), b"ok").unwrap();
-        symlink(outside.path().join("secret"), base.path().join("out")).unwrap();
         symlink("d/f", base.path().join("inside")).unwrap();
+        (outside, base)
+    }
+
+    #[test]
+    fn an_open_from_memory_gives_a_regular_file_beneath_the_base_or_nothing() {
+        let (outside, base) = outside_and_base();
+        symlink(outside.path().join("secret"), base.path().join("out")).unwrap();
         let fifo = CString::new(base.path().join("fifo").as_os_str().as_bytes()).unwrap();
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         let fd = open_dir_path(base.path()).unwrap();
@@ -675,7 +675,7 @@ mod tests {
             let n = unsafe { libc::read(f.as_raw_fd(), buf.as_mut_ptr().cast(), 4) };
             assert_eq!(&buf[..n as usize], b"ok");
         }
-        for refused in ["out", "fifo", "d", "../x", "missing"] {
+        for refused in ["out", "fifo", "d", "../x", "missing", "/etc/passwd", ""] {
             assert!(
                 open_regular_cached(fd.as_fd(), Path::new(refused)).is_none(),
                 "{refused}"
@@ -685,14 +685,9 @@ mod tests {
 
     #[test]
     fn symlinks_leaving_the_base_are_refused() {
-        let outside = tempfile::tempdir().unwrap();
-        std::fs::write(outside.path().join("secret"), b"x").unwrap();
-        let base = tempfile::tempdir().unwrap();
-        std::fs::create_dir(base.path().join("d")).unwrap();
-        std::fs::write(base.path().join("d/f"), b"ok").unwrap();
+        let (outside, base) = outside_and_base();
         symlink(outside.path(), base.path().join("out")).unwrap();
         symlink("/etc/passwd", base.path().join("abs")).unwrap();
-        symlink("d/f", base.path().join("inside")).unwrap();
         let fd = open_dir_path(base.path()).unwrap();
 
         let ok = open_beneath(fd.as_fd(), &rp("inside"), libc::O_RDONLY, 0);
