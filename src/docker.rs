@@ -34,6 +34,9 @@ pub enum DockerError {
     NotFound(String),
     #[error("Docker refused the request: {0}")]
     Api(String),
+    /// The published port was free when picked but something bound it before Docker did.
+    #[error("the port was taken before Docker could publish it: {0}")]
+    PortTaken(String),
     #[error("building image {tag} failed: {message}")]
     Build { tag: String, message: String },
 }
@@ -408,7 +411,10 @@ impl Docker {
             .await
             .map_err(|e| self.map(e))?;
         if let Err(e) = client.start_container(&created.id, None).await {
-            let e = self.map(e);
+            let e = match self.map(e) {
+                DockerError::Api(m) if port_taken(&m) => DockerError::PortTaken(m),
+                other => other,
+            };
             let _ = self.remove(&created.id).await;
             return Err(e);
         }
@@ -559,5 +565,31 @@ impl Docker {
             out.push_str(&chunk.to_string());
         }
         out.trim().to_string()
+    }
+}
+
+/// Whether Docker failed to publish a port because something else holds it: docker-proxy's
+/// bind failing ("address already in use") or another container's binding ("port is already
+/// allocated"). A port is only free when picked; a client's outgoing connection or another
+/// program can take it before the container starts.
+fn port_taken(message: &str) -> bool {
+    message.contains("address already in use") || message.contains("port is already allocated")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::port_taken;
+
+    #[test]
+    fn both_ways_docker_says_a_port_is_taken_are_recognised() {
+        assert!(port_taken(
+            "driver failed programming external connectivity on endpoint sa-x (0a28): Error \
+             starting userland proxy: listen tcp4 127.0.0.1:37720: bind: address already in use"
+        ));
+        assert!(port_taken(
+            "driver failed programming external connectivity on endpoint sa-y (1b39): Bind for \
+             0.0.0.0:30001 failed: port is already allocated"
+        ));
+        assert!(!port_taken("No such image: localbase:bookworm-slim"));
     }
 }

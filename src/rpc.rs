@@ -24,7 +24,9 @@ impl From<SessionError> for Status {
     fn from(e: SessionError) -> Self {
         match e {
             SessionError::Invalid(m) => Status::invalid_argument(m),
-            SessionError::Exhausted(m) => Status::resource_exhausted(m),
+            SessionError::Exhausted(m) | SessionError::PortTaken(m) => {
+                Status::resource_exhausted(m)
+            }
             SessionError::NotFound(id) => Status::not_found(format!("no session {id}")),
             SessionError::Unavailable(m) => Status::unavailable(m),
             SessionError::Internal(m) => Status::internal(m),

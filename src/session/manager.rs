@@ -29,6 +29,9 @@ use crate::state::{State as Db, now_unix};
 use crate::tls::{Leaf, SessionCerts};
 use crate::volume::Volumes;
 
+/// How many ports a launch tries when each one is taken before Docker can publish it.
+const PORT_TRIES: u32 = 3;
+
 pub struct SessionManager {
     pub(super) cfg: AgentConfig,
     pub(super) node_id: String,
@@ -279,6 +282,23 @@ impl SessionManager {
         Ok(s)
     }
 
+    /// Gives an admitted session another port, under the admission lock like the first: the
+    /// one it had was free when picked but taken by someone else before Docker could bind it.
+    async fn move_port(&self, s: &mut Session) -> Result<()> {
+        let _guard = self.admission.lock().await;
+        let held = held_ports(&store::live(&self.db).await?);
+        let port = capacity::pick_port(self.cfg.port_range, self.cfg.public_addr, &held)
+            .ok_or_else(|| {
+                SessionError::Exhausted(format!(
+                    "no free port in {}-{}",
+                    self.cfg.port_range.0, self.cfg.port_range.1
+                ))
+            })?;
+        store::set_port(&self.db, s.id, port).await?;
+        s.port = Some(port);
+        Ok(())
+    }
+
     pub async fn create(&self, req: CreateRequest) -> Result<Created> {
         // In flight from the start: mounts made for it count it as their user, and a
         // reconcile meanwhile must not take them away.
@@ -334,10 +354,28 @@ impl SessionManager {
             }
         };
         let started = Instant::now();
-        match self
-            .start(&session, hash.as_deref(), leaf.as_ref(), &sources)
-            .await
-        {
+        let mut session = session;
+        let mut tries = 1;
+        let outcome = loop {
+            let outcome = self
+                .start(&session, hash.as_deref(), leaf.as_ref(), &sources)
+                .await;
+            match outcome {
+                Err(SessionError::PortTaken(why)) if tries < PORT_TRIES => {
+                    tracing::info!(
+                        port = session.port,
+                        why,
+                        "port taken before Docker could publish it: picking another"
+                    );
+                    if let Err(e) = self.move_port(&mut session).await {
+                        break Err(e);
+                    }
+                    tries += 1;
+                }
+                other => break other,
+            }
+        };
+        match outcome {
             Ok(s) => {
                 tracing::info!(ms = started.elapsed().as_millis() as u64, "session running");
                 self.publish_capacity().await;

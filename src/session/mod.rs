@@ -227,6 +227,10 @@ pub enum SessionError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// Docker could not publish the session's port: something took it after it was picked.
+    /// The launch picks another; this reaches a caller only when every try met one.
+    #[error("{0}")]
+    PortTaken(String),
 }
 
 impl From<crate::docker::DockerError> for SessionError {
@@ -235,6 +239,7 @@ impl From<crate::docker::DockerError> for SessionError {
             crate::docker::DockerError::Unavailable { .. } => {
                 SessionError::Unavailable(e.to_string())
             }
+            crate::docker::DockerError::PortTaken(_) => SessionError::PortTaken(e.to_string()),
             other => SessionError::Internal(other.to_string()),
         }
     }

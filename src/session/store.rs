@@ -111,6 +111,16 @@ pub async fn transition(
     Ok(q.execute(db.pool()).await?.rows_affected() == 1)
 }
 
+pub async fn set_port(db: &Db, id: Uuid, port: u16) -> Result<()> {
+    sqlx::query("UPDATE sessions SET port = ?, updated_at = ? WHERE id = ?")
+        .bind(i64::from(port))
+        .bind(now_unix())
+        .bind(id.to_string())
+        .execute(db.pool())
+        .await?;
+    Ok(())
+}
+
 pub async fn set_container(db: &Db, id: Uuid, container: &str) -> Result<()> {
     sqlx::query("UPDATE sessions SET container_id = ?, updated_at = ? WHERE id = ?")
         .bind(container)
