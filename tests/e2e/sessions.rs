@@ -7,7 +7,7 @@ use std::time::Instant;
 use storage_agent::pb;
 
 use crate::common::Daemon;
-use crate::common::agent::{ContainerGuard, keypair, mount, sftp_key, text};
+use crate::common::agent::{ContainerGuard, Rpc, keypair, mount, port_block, sftp_key, text};
 
 fn req(user: &uuid::Uuid, mounts: Vec<pb::Mount>, key: &str) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
@@ -349,6 +349,110 @@ async fn concurrent_creates_never_over_admit() {
     }
     assert_eq!(ok, 3, "exactly the per-user limit was admitted");
     assert_eq!(d.containers().len(), 3);
+}
+
+/// A port free when picked can be taken before Docker binds it (a client's outgoing connection
+/// in the ephemeral range, another program): the session moves to another free port instead of
+/// failing. The test takes the port itself the moment the session is admitted.
+#[tokio::test]
+async fn a_port_taken_before_docker_binds_it_moves_the_session() {
+    let (lo, hi) = port_block(3);
+    let d = Daemon::builder()
+        .agent()
+        .set("agent.port-range", format!("{lo}-{hi}"))
+        .start()
+        .await;
+    let _g = ContainerGuard(d.node_id());
+    let (keyfile, key) = keypair(d.dir.path(), "k");
+    let user = uuid::Uuid::new_v4();
+    let (vf, path) = d.user_vfolder(&user).await;
+    std::fs::write(path.join("hello.txt"), b"hi").unwrap();
+    let mut rpc = d.rpc().await;
+    let create = |rpc: &Rpc| {
+        let mut rpc = rpc.clone();
+        let r = req(&user, vec![mount("vol1", &vf, "data", false)], &key);
+        tokio::spawn(async move { rpc.create_session(r).await })
+    };
+    // Destroyed, and its port bindable again (Docker lets go of it a moment later).
+    let destroy = |rpc: &Rpc, s: pb::Session| {
+        let mut rpc = rpc.clone();
+        async move {
+            rpc.destroy_session(pb::DestroySessionRequest { id: s.id })
+                .await
+                .unwrap();
+            let port = s.endpoints[0].port as u16;
+            let end = Instant::now() + std::time::Duration::from_secs(120);
+            while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                assert!(
+                    Instant::now() < end,
+                    "port {port} still held 2 minutes after destroy"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    // The image is built by the first session: later ones start in a fraction of a second,
+    // which is still long enough for the test to get in between (tried a few times if not).
+    let warm = create(&rpc).await.unwrap().unwrap().into_inner();
+    destroy(&rpc, warm.session.unwrap()).await;
+    let mut watch = rpc
+        .watch_capacity(pb::WatchCapacityRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    for attempt in 1..=5 {
+        let creating = create(&rpc);
+        // Admitted: the capacity counts it as starting and its row holds its port.
+        let taken = loop {
+            let cap = tokio::time::timeout(std::time::Duration::from_secs(120), watch.message())
+                .await
+                .expect("a capacity update within 2 minutes")
+                .unwrap()
+                .unwrap();
+            if cap.starting == 0 {
+                continue;
+            }
+            let starting = rpc
+                .list_sessions(pb::ListSessionsRequest {
+                    state: pb::SessionState::Starting as i32,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .sessions;
+            let port = starting
+                .first()
+                .and_then(|s| s.endpoints.first())
+                .map(|e| e.port as u16);
+            break port.and_then(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok());
+        };
+        let s = creating
+            .await
+            .unwrap()
+            .expect("the session starts although its first port was taken")
+            .into_inner()
+            .session
+            .unwrap();
+        let Some(listener) = taken else {
+            // Docker was quicker this time: nothing was taken from it.
+            destroy(&rpc, s).await;
+            continue;
+        };
+        let held = listener.local_addr().unwrap().port();
+        let port = s.endpoints[0].port as u16;
+        assert_ne!(port, held, "attempt {attempt}: moved off the taken port");
+        assert!((lo..=hi).contains(&port), "{port} in {lo}-{hi}");
+        assert_eq!(s.state, pb::SessionState::Running as i32);
+        let out = sftp_key(&keyfile, "work", port, "get data/hello.txt /dev/null\n");
+        assert!(
+            out.status.success(),
+            "usable on its new port: {}",
+            text(&out)
+        );
+        return;
+    }
+    panic!("in 5 attempts Docker always bound the port before the test could take it");
 }
 
 #[tokio::test]
