@@ -282,9 +282,22 @@ impl SessionManager {
         Ok(s)
     }
 
-    /// Gives an admitted session another port, under the admission lock like the first: the
-    /// one it had was free when picked but taken by someone else before Docker could bind it.
+    /// Gives an admitted session another port, picked under the admission lock like the first:
+    /// the one it had was free when picked but taken by someone else before Docker could bind
+    /// it. The failed container is gone first, so the next try can use its name.
     async fn move_port(&self, s: &mut Session) -> Result<()> {
+        // The failed container keeps the session's name until Docker has removed it.
+        let name = self.container_of(s);
+        self.docker.remove(&name).await?;
+        let end = Instant::now() + Duration::from_secs(30);
+        while self.docker.inspect(&name).await?.is_some() {
+            if Instant::now() > end {
+                return Err(SessionError::Internal(format!(
+                    "container {name} still there 30 s after its removal"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let _guard = self.admission.lock().await;
         let held = held_ports(&store::live(&self.db).await?);
         let port = capacity::pick_port(self.cfg.port_range, self.cfg.public_addr, &held)
@@ -294,7 +307,11 @@ impl SessionManager {
                     self.cfg.port_range.0, self.cfg.port_range.1
                 ))
             })?;
-        store::set_port(&self.db, s.id, port).await?;
+        if !store::set_port(&self.db, s.id, port).await? {
+            return Err(SessionError::Internal(
+                "the session was destroyed while it started".into(),
+            ));
+        }
         s.port = Some(port);
         Ok(())
     }

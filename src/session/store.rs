@@ -111,14 +111,18 @@ pub async fn transition(
     Ok(q.execute(db.pool()).await?.rows_affected() == 1)
 }
 
-pub async fn set_port(db: &Db, id: Uuid, port: u16) -> Result<()> {
-    sqlx::query("UPDATE sessions SET port = ?, updated_at = ? WHERE id = ?")
-        .bind(i64::from(port))
-        .bind(now_unix())
-        .bind(id.to_string())
-        .execute(db.pool())
-        .await?;
-    Ok(())
+/// Moves a starting session to another port; false if it is no longer starting (destroyed
+/// meanwhile).
+pub async fn set_port(db: &Db, id: Uuid, port: u16) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE sessions SET port = ?, updated_at = ? WHERE id = ? AND state = 'starting'",
+    )
+    .bind(i64::from(port))
+    .bind(now_unix())
+    .bind(id.to_string())
+    .execute(db.pool())
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 pub async fn set_container(db: &Db, id: Uuid, container: &str) -> Result<()> {
