@@ -289,6 +289,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
     });
     bgtasks.recover().await?;
+    bgtasks.spawn_forgetter(shutdown.clone());
     spawn_upload_reaper(
         uploads,
         config.daemon.upload_reap_interval,

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -409,12 +410,38 @@ impl BgTasks {
         }))
     }
 
-    /// At start: resume interrupted deletes, roll back interrupted clones, drop old records.
-    pub async fn recover(self: &Arc<Self>) -> Result<(), StateError> {
-        sqlx::query("DELETE FROM bgtasks WHERE status != 'running' AND updated_at < ?")
+    /// Drops records of tasks that finished more than [`RETENTION_SECS`] ago.
+    async fn forget_old(&self) -> Result<u64, StateError> {
+        let done = sqlx::query("DELETE FROM bgtasks WHERE status != 'running' AND updated_at < ?")
             .bind(now_unix() - RETENTION_SECS)
             .execute(self.state.pool())
             .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Old records hourly, not only at start: a daemon that runs for months would otherwise
+    /// keep every clone and delete it ever ran.
+    pub fn spawn_forgetter(self: &Arc<Self>, shutdown: CancellationToken) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            tick.tick().await; // recover() has just done the first
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {
+                        if let Err(e) = this.forget_old().await {
+                            tracing::warn!(error = %e, "cannot drop old background task records");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// At start: resume interrupted deletes, roll back interrupted clones, drop old records.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), StateError> {
+        self.forget_old().await?;
         let rows = sqlx::query(
             "SELECT id, params, attempts, interrupted FROM bgtasks WHERE status = 'running'",
         )

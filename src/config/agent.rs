@@ -36,6 +36,8 @@ pub struct AgentConfig {
     pub max_session_ttl: Duration,
     pub idle_timeout: Duration,
     pub reap_interval: Duration,
+    /// How long an ended session stays visible to GetSession and ListSessions.
+    pub ended_retention: Duration,
     /// How often sessions' writable vfolders on object-store volumes are recounted against
     /// their quota (and made read-only when full).
     pub quota_check_interval: Duration,
@@ -175,6 +177,7 @@ pub(super) fn read(root: &Section, enabled_by_default: bool) -> AgentConfig {
         max_session_ttl: a.duration("max-session-ttl", Duration::from_secs(7 * 86400)),
         idle_timeout: a.duration("idle-timeout", Duration::from_secs(3600)),
         reap_interval: a.duration("reap-interval", Duration::from_secs(30)),
+        ended_retention: a.duration("ended-retention", Duration::from_secs(7 * 86400)),
         quota_check_interval: a.duration("quota-check-interval", Duration::from_secs(30)),
         start_timeout: a.duration("start-timeout", Duration::from_secs(120)),
         docker_socket: a.string("docker-socket", "/var/run/docker.sock"),

@@ -111,7 +111,8 @@ impl SessionManager {
 
     /// Ends sessions past their TTL or idle (no network traffic) for their idle timeout, and
     /// those whose shared mount died under them (running, but their vfolder is gone for good:
-    /// found by the soak when rclone was killed).
+    /// found by the soak when rclone was killed); forgets sessions ended longer ago than
+    /// `ended-retention`.
     pub async fn reap_once(&self) -> super::Result<()> {
         for v in self.volumes.iter() {
             for holder in v.dead_mount_holders().await {
@@ -160,6 +161,14 @@ impl SessionManager {
                 self.destroy(s.id, &format!("idle for {}s", s.spec.idle_timeout_secs))
                     .await?;
             }
+        }
+        let retention = i64::try_from(self.cfg.ended_retention.as_secs()).unwrap_or(i64::MAX);
+        let forgotten = store::forget_ended(&self.db, now.saturating_sub(retention)).await?;
+        if forgotten > 0 {
+            tracing::debug!(
+                sessions = forgotten,
+                "ended sessions past their retention forgotten"
+            );
         }
         Ok(())
     }

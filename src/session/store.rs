@@ -134,3 +134,16 @@ pub async fn set_container(db: &Db, id: Uuid, container: &str) -> Result<()> {
         .await?;
     Ok(())
 }
+
+/// Forgets sessions that ended (terminated or failed) before `before`: GetSession and
+/// ListSessions answer for them until then, and the state database stays bounded (the soak
+/// creates a thousand sessions an hour, and nothing else ever deleted their rows).
+pub async fn forget_ended(db: &Db, before: i64) -> Result<u64> {
+    let done = sqlx::query(
+        "DELETE FROM sessions WHERE state IN ('terminated', 'failed') AND updated_at < ?",
+    )
+    .bind(before)
+    .execute(db.pool())
+    .await?;
+    Ok(done.rows_affected())
+}

@@ -550,6 +550,73 @@ async fn ttl_and_idle_reaping() {
     assert!(d.containers().is_empty());
 }
 
+/// Ended sessions answer GetSession until `ended-retention`, then are forgotten (their rows
+/// are the state database's only record kind nothing else deletes); running ones stay.
+#[tokio::test]
+async fn ended_sessions_are_forgotten_after_their_retention() {
+    let d = Daemon::builder()
+        .agent()
+        .set("agent.ended-retention", "5s")
+        .start()
+        .await;
+    let _g = ContainerGuard(d.node_id());
+    let (_, key) = keypair(d.dir.path(), "k");
+    let mut rpc = d.rpc().await;
+    let user = uuid::Uuid::new_v4();
+    let (vf, _) = d.user_vfolder(&user).await;
+    let start = |mut rpc: Rpc| {
+        let mut r = req(&user, vec![mount("vol1", &vf, "data", false)], &key);
+        r.max_sessions_per_user = Some(5);
+        async move {
+            let s = rpc.create_session(r).await.expect("CreateSession");
+            s.into_inner().session.expect("a session")
+        }
+    };
+    let ended = start(rpc.clone()).await;
+    let kept = start(rpc.clone()).await;
+    let running = pb::SessionState::Running;
+    d.wait_session(&ended.id, running, "not started").await;
+    d.wait_session(&kept.id, running, "not started").await;
+    rpc.destroy_session(pb::DestroySessionRequest {
+        id: ended.id.clone(),
+    })
+    .await
+    .expect("DestroySession");
+    let seen = d.session(&ended.id).await;
+    assert_eq!(seen.state, pb::SessionState::Terminated as i32, "{seen:?}");
+    let deadline = Instant::now() + crate::common::OUTCOME;
+    loop {
+        let got = rpc
+            .get_session(pb::GetSessionRequest {
+                id: ended.id.clone(),
+            })
+            .await;
+        match got {
+            Err(s) if s.code() == tonic::Code::NotFound => break,
+            Err(s) => panic!("GetSession of an ended session: {s:?}"),
+            Ok(s) => assert!(
+                Instant::now() < deadline,
+                "still remembered long after its retention: {:?}",
+                s.into_inner()
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let listed = rpc
+        .list_sessions(pb::ListSessionsRequest::default())
+        .await
+        .expect("ListSessions")
+        .into_inner()
+        .sessions;
+    let ids: Vec<&str> = listed.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [kept.id.as_str()],
+        "only the running session is listed"
+    );
+    assert_eq!(d.session(&kept.id).await.state, running as i32);
+}
+
 #[tokio::test]
 async fn docker_unreachable_is_unavailable() {
     let d = Daemon::builder()
