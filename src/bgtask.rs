@@ -457,7 +457,8 @@ impl BgTasks {
                 serde_json::from_str::<TaskSpec>(&params),
             ) else {
                 tracing::error!(task_id = %id, "unreadable background task record; marking failed");
-                sqlx::query("UPDATE bgtasks SET status = 'failed', error = 'unreadable task record' WHERE id = ?")
+                sqlx::query("UPDATE bgtasks SET status = 'failed', error = 'unreadable task record', updated_at = ? WHERE id = ?")
+                    .bind(now_unix())
                     .bind(&id)
                     .execute(self.state.pool())
                     .await?;

@@ -231,6 +231,11 @@ pub(super) fn read(root: &Section, enabled_by_default: bool) -> AgentConfig {
             "reap-interval and heartbeat-interval above zero",
         );
     }
+    if cfg.ended_retention.is_zero() {
+        // Zero would forget a failed session, and why it failed, before anyone could ask.
+        a.problems()
+            .push(a.key_path("ended-retention"), "0", "above zero");
+    }
     if cfg.quota_check_interval.is_zero() {
         a.problems()
             .push(a.key_path("quota-check-interval"), "0", "above zero");

@@ -114,6 +114,16 @@ impl SessionManager {
     /// found by the soak when rclone was killed); forgets sessions ended longer ago than
     /// `ended-retention`.
     pub async fn reap_once(&self) -> super::Result<()> {
+        // First, so that a destroy failing below (Docker down) does not keep old rows.
+        let retention = i64::try_from(self.cfg.ended_retention.as_secs()).unwrap_or(i64::MAX);
+        let before = now_unix().saturating_sub(retention);
+        let forgotten = store::forget_ended(&self.db, before).await?;
+        if forgotten > 0 {
+            tracing::debug!(
+                sessions = forgotten,
+                "ended sessions past their retention forgotten"
+            );
+        }
         for v in self.volumes.iter() {
             for holder in v.dead_mount_holders().await {
                 let Ok(id) = Uuid::parse_str(&holder) else {
@@ -161,14 +171,6 @@ impl SessionManager {
                 self.destroy(s.id, &format!("idle for {}s", s.spec.idle_timeout_secs))
                     .await?;
             }
-        }
-        let retention = i64::try_from(self.cfg.ended_retention.as_secs()).unwrap_or(i64::MAX);
-        let forgotten = store::forget_ended(&self.db, now.saturating_sub(retention)).await?;
-        if forgotten > 0 {
-            tracing::debug!(
-                sessions = forgotten,
-                "ended sessions past their retention forgotten"
-            );
         }
         Ok(())
     }

@@ -577,14 +577,16 @@ async fn ended_sessions_are_forgotten_after_their_retention() {
     let running = pb::SessionState::Running;
     d.wait_session(&ended.id, running, "not started").await;
     d.wait_session(&kept.id, running, "not started").await;
-    rpc.destroy_session(pb::DestroySessionRequest {
-        id: ended.id.clone(),
-    })
-    .await
-    .expect("DestroySession");
-    let seen = d.session(&ended.id).await;
+    let seen = rpc
+        .destroy_session(pb::DestroySessionRequest {
+            id: ended.id.clone(),
+        })
+        .await
+        .expect("DestroySession")
+        .into_inner();
+    let destroyed = Instant::now();
     assert_eq!(seen.state, pb::SessionState::Terminated as i32, "{seen:?}");
-    let deadline = Instant::now() + crate::common::OUTCOME;
+    let deadline = destroyed + crate::common::OUTCOME;
     loop {
         let got = rpc
             .get_session(pb::GetSessionRequest {
@@ -592,7 +594,12 @@ async fn ended_sessions_are_forgotten_after_their_retention() {
             })
             .await;
         match got {
-            Err(s) if s.code() == tonic::Code::NotFound => break,
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                // Its end is kept in whole seconds: forgotten no sooner than 4 s after it.
+                let after = destroyed.elapsed();
+                assert!(after.as_secs() >= 4, "forgotten {after:?} after its end");
+                break;
+            }
             Err(s) => panic!("GetSession of an ended session: {s:?}"),
             Ok(s) => assert!(
                 Instant::now() < deadline,
