@@ -117,12 +117,14 @@ impl SessionManager {
         // First, so that a destroy failing below (Docker down) does not keep old rows.
         let retention = i64::try_from(self.cfg.ended_retention.as_secs()).unwrap_or(i64::MAX);
         let before = now_unix().saturating_sub(retention);
-        let forgotten = store::forget_ended(&self.db, before).await?;
-        if forgotten > 0 {
-            tracing::debug!(
-                sessions = forgotten,
+        match store::forget_ended(&self.db, before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(
+                sessions = n,
                 "ended sessions past their retention forgotten"
-            );
+            ),
+            // Not a reason to skip the reaping below.
+            Err(e) => tracing::warn!(error = %e, "cannot forget ended sessions"),
         }
         for v in self.volumes.iter() {
             for holder in v.dead_mount_holders().await {
