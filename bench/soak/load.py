@@ -157,8 +157,20 @@ class Uploader(Worker):
         if not r:
             return
         url = f"http://{node.client}/upload?token={json.loads(r[2])['token']}"
+        t_start = time.time()
+        acked, why = self.send(node, url, seed, size)
+        if why is not None:
+            self.give_up(node, url, why, t_start)
+            return
+        self.rec.op(f"upload {self.volume} complete", time.time() - t_start)
+        self.soak.completed.append((node, self.volume, vfid, relpath, seed, size))
+        self.soak.verify_queue.append((node, self.volume, vfid, relpath, seed, size))
+
+    def send(self, node, url, seed, size):
+        """PATCHes until the upload is complete. Returns (acked, None) then, or (acked, why) when
+        the upload is given up (`why` then says why; a violation was recorded if it is one)."""
         tus = {"Tus-Resumable": "1.0.0"}
-        acked, t_start = 0, time.time()
+        acked = 0
         # Once begun, an upload is finished even after the stop (nothing is left half-staged).
         while acked < size:
             n = min(CHUNK, size - acked)
@@ -176,52 +188,50 @@ class Uploader(Worker):
                     self.rec.violation(f"PATCH on {node.name}: {type(e).__name__}: {e} with no fault under way")
                 self.rec.op("tus PATCH", took, "unavailable (fault)")
                 if not self.resume_after(node, url, acked, e):
-                    return
-                acked = self.offset(node, url, acked)
-                if acked is None:
-                    return
+                    return acked, f"{node.name} did not answer again after {type(e).__name__}"
+                off, why = self.offset(node, url, acked)
+                if off is None:
+                    return acked, why
+                acked = off
                 continue
             if st == 204:
                 new = int(h.get("upload-offset", -1))
                 if new != acked + n:
                     self.rec.violation(f"PATCH on {node.name}: offset {new}, expected {acked + n}")
-                    return
+                    return acked, f"PATCH answered offset {new}"
                 acked = new
                 self.rec.op("tus PATCH", took)
                 continue
             p = problem(st, h, b)
             if p is None or " errno " in p:  # the client API answers problem+json only
                 self.rec.violation(f"PATCH on {node.name}: {st} without problem+json: {b[:200]!r}")
-                return
+                return acked, f"PATCH answered {st} without problem+json"
             self.rec.op("tus PATCH", took, p)
-            if st in (409,):  # offset mismatch after an interruption: ask where to go on
-                off = self.offset(node, url, acked)
+            if st in (409,) or (st in (503, 507, 500, 502, 504) and "quota-exceeded" not in p):
+                # An offset mismatch after an interruption, a full state disk, a dependency
+                # down: documented; a resumable client asks where to go on, and retries.
+                if st != 409:
+                    time.sleep(3)
+                off, why = self.offset(node, url, acked)
                 if off is None:
-                    return
-                acked = off
-                continue
-            if st in (503, 507, 500, 502, 504) and "quota-exceeded" not in p:
-                # Full state disk, a dependency down: documented; a resumable client retries.
-                time.sleep(3)
-                off = self.offset(node, url, acked)
-                if off is None:
-                    return
+                    return acked, why
                 acked = off
                 continue
             # Another documented refusal (over quota): the client gives the upload up, as a tus
-            # client does, with DELETE; nothing of it may stay staged.
-            try:
-                st, h, b = http("DELETE", url, None, tus, timeout=HANG)
-            except OSError as e:
-                st, b = None, str(e).encode()
-            if st != 204:
-                self.rec.violation(f"tus DELETE on {node.name} after {p}: {st} {b[:200]!r}")
-            self.rec.op("tus DELETE (gave up)", time.time() - t_start, "ok" if st == 204 else f"{st}")
-            return
-        if acked == size:
-            self.rec.op(f"upload {self.volume} complete", time.time() - t_start)
-            self.soak.completed.append((node, self.volume, vfid, relpath, seed, size))
-            self.soak.verify_queue.append((node, self.volume, vfid, relpath, seed, size))
+            # client does.
+            return acked, "refused: " + p
+        return acked, None
+
+    def give_up(self, node, url, why, t_start):
+        """As a tus client that gives an upload up: DELETE, so nothing of it stays staged."""
+        try:
+            st, h, b = http("DELETE", url, None, {"Tus-Resumable": "1.0.0"}, timeout=HANG)
+        except OSError as e:
+            st, b = None, str(e).encode()
+        if st != 204:
+            self.rec.violation(f"tus DELETE on {node.name} after giving up ({why}): {st} {b[:200]!r}")
+        outcome = "refused" if why.startswith("refused: ") else "given up"
+        self.rec.op(f"tus DELETE ({outcome})", time.time() - t_start, "ok" if st == 204 else f"{st}")
 
     def resume_after(self, node, url, acked, err):
         """Waits for the node to answer again (a fault had it down); False if it never does."""
@@ -235,19 +245,23 @@ class Uploader(Worker):
         return False
 
     def offset(self, node, url, acked):
-        """HEAD's Upload-Offset; a violation if it is behind what was acknowledged."""
+        """HEAD's Upload-Offset, or (None, why) (a violation if it is behind what was
+        acknowledged, or if the HEAD failed with no fault under way and no stop)."""
         r = self.call("tus HEAD", node, lambda: http("HEAD", url, None, {"Tus-Resumable": "1.0.0"}, timeout=HANG),
                       allowed=(404, 410))
         if not r:
-            return None
+            why = f"HEAD on {node.name} after an interruption failed"
+            if not self.stopping.is_set() and not self.rec.any_fault_active():
+                self.rec.violation(why + " with no fault under way (see the tus HEAD row)")
+            return None, why
         if r[0] in (404, 410):
             self.rec.violation(f"upload on {node.name} gone after an interruption ({r[0]}), {acked} bytes acknowledged")
-            return None
+            return None, f"HEAD answered {r[0]}"
         off = int(r[1].get("upload-offset", -1))
         if off < acked:
             self.rec.violation(f"acknowledged bytes lost on {node.name}: HEAD says {off}, {acked} were acknowledged")
-            return None
-        return off
+            return None, f"HEAD says {off} after {acked} were acknowledged"
+        return off, None
 
 
 class CtlUploader(Worker):

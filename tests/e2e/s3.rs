@@ -15,7 +15,7 @@ use crate::common::agent::{ContainerGuard, keypair, mount, sftp_key, sftp_req, t
 use crate::common::holdback::{Hold, Holdback};
 use crate::common::moto::Moto;
 use crate::common::redis::free_port;
-use crate::common::{Daemon, random_vfid, send};
+use crate::common::{Daemon, random_file, random_vfid, send, sha256_file};
 
 const MIB: u64 = 1 << 20;
 
@@ -237,6 +237,120 @@ async fn an_upload_killed_at_its_completion_is_in_place_when_its_head_says_compl
         };
         killed_at_completion_is_in_place(&mut d, &vfid, &proxy, &uploads, &sha256).await;
     }
+}
+
+/// Two things a crash (or a full state disk) inside the last steps of an upload can leave, each
+/// seen again on restart: an upload put in place whose done mark was lost (its record active at
+/// the full offset, its staging rows forgotten), and a buffer whose rows were forgotten but
+/// which was not removed. The first's HEAD says complete and its object stays whole (it was
+/// overwritten by an empty object before the fix); the second is removed at start, while the
+/// buffer of an upload still going stays and that upload completes (found by the soak: a
+/// buffer left on a node's state disk after its disk-full and kill -9 faults).
+#[tokio::test]
+async fn a_lost_done_mark_keeps_the_object_and_orphan_buffers_go_at_start() {
+    let moto = Moto::start();
+    let mut d = Daemon::builder()
+        .s3(&moto.endpoint(), "orph-")
+        .start()
+        .await;
+    let vfid = random_vfid();
+    create(&d, &vfid).await;
+    let bucket = bucket_of("orph-", &vfid);
+    let sha256 = |key: &str| {
+        moto.boto(&format!(
+            "print(hashlib.sha256(s3.get_object(Bucket='{bucket}', Key='{key}')['Body'].read()).hexdigest())"
+        ))
+        .trim()
+        .to_string()
+    };
+    let patch = |d: &Daemon, t: &str, at: u64, data: Vec<u8>| {
+        d.http
+            .patch(d.url("client", &format!("/upload?token={t}")))
+            .header("Tus-Resumable", "1.0.0")
+            .header("Content-Type", "application/offset+octet-stream")
+            .header("Upload-Offset", at.to_string())
+            .body(data)
+    };
+    // One upload done (in parts), one half way.
+    let src = d.dir.path().join("done.bin");
+    random_file(&src, 7 * MIB, 3);
+    let done_sha = sha256_file(&src);
+    let t_done = d
+        .token(
+            "/folder/file/upload",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "data/done.bin", "size": 7 * MIB}),
+        )
+        .await;
+    let r = send(patch(&d, &t_done, 0, std::fs::read(&src).unwrap())).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(sha256("data/done.bin"), done_sha);
+    let half = d.dir.path().join("half.bin");
+    random_file(&half, 2 * MIB, 4);
+    let half_bytes = std::fs::read(&half).unwrap();
+    let t_half = d
+        .token(
+            "/folder/file/upload",
+            json!({"volume": "vol1", "vfid": vfid, "relpath": "data/half.bin", "size": 2 * MIB}),
+        )
+        .await;
+    let r = send(patch(&d, &t_half, 0, half_bytes[..MIB as usize].to_vec())).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+
+    // The done upload as its done mark lost leaves it (SQLite takes a second writer).
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=60); \
+             print(c.execute(sys.argv[2]).rowcount); c.commit()",
+        ])
+        .arg(d.state_dir.join("state.db"))
+        .arg(r#"UPDATE uploads SET state = 'active', "offset" = size WHERE state = 'done'"#)
+        .output()
+        .expect("python3 runs");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{out:?}");
+    let head = send(
+        d.http
+            .head(d.url("client", &format!("/upload?token={t_done}")))
+            .header("Tus-Resumable", "1.0.0"),
+    )
+    .await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("upload-offset"), Some((7 * MIB).to_string()));
+    assert_eq!(sha256("data/done.bin"), done_sha, "the object stays whole");
+
+    // A buffer no row owns, as a crash inside the forgetting leaves it.
+    d.kill9();
+    let staging = d.state_dir.join("objects/vol1");
+    let live: Vec<_> = std::fs::read_dir(&staging)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(live.len(), 1, "the half-way upload's buffer: {live:?}");
+    let orphan = staging.join(format!("{}.{}", "ab".repeat(16), 5 * MIB));
+    std::fs::write(&orphan, vec![7u8; 4096]).unwrap();
+    d.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while orphan.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the orphan buffer is removed at start"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        live[0].exists(),
+        "the buffer of an upload still going stays"
+    );
+    let r = send(patch(&d, &t_half, MIB, half_bytes[MIB as usize..].to_vec())).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(sha256("data/half.bin"), sha256_file(&half));
+    let left: Vec<_> = std::fs::read_dir(&staging)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "nothing left staged: {left:?}");
 }
 
 /// A client that stops reading for longer than the request timeout, mid-download: the read

@@ -525,9 +525,12 @@ impl ObjectStaging {
         Ok(())
     }
 
-    /// Drops what we keep about an upload (rows and buffers), not the service's side.
+    /// Drops what we keep about an upload (rows and buffers), not the service's side. The rows
+    /// go together: an upload row left without its parts (a full disk failing the second
+    /// statement) could never complete again. Buffers go after them; any a crash leaves
+    /// behind belong to no row, and `sweep` removes those.
     pub(super) async fn forget(&self, session: &str) -> Result<()> {
-        let pool = self.shared.state.pool();
+        let mut tx = self.shared.state.pool().begin().await.map_err(db)?;
         for sql in [
             "DELETE FROM object_upload_parts WHERE volume = ? AND session = ?",
             "DELETE FROM object_uploads WHERE volume = ? AND session = ?",
@@ -535,12 +538,54 @@ impl ObjectStaging {
             sqlx::query(sql)
                 .bind(self.volume())
                 .bind(session)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await
                 .map_err(db)?;
         }
+        tx.commit().await.map_err(db)?;
         self.remove_buffers(session).await;
         Ok(())
+    }
+
+    /// Removes the buffers of uploads we keep no row for, whatever their age: a buffer is only
+    /// ever made after its upload's row, so one without a row is what a crash inside `forget`
+    /// left behind, and nothing will read it again. The directory is listed before the rows
+    /// are read, so an upload starting meanwhile is never taken for one.
+    async fn remove_orphan_buffers(&self) -> Result<usize> {
+        let mut listed = Vec::new();
+        if let Ok(mut dir) = tokio::fs::read_dir(&self.shared.local_dir).await {
+            while let Ok(Some(e)) = dir.next_entry().await {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some((session, base)) = name.rsplit_once('.')
+                    && !base.is_empty()
+                    && base.bytes().all(|b| b.is_ascii_digit())
+                {
+                    listed.push((session.to_string(), e.path()));
+                }
+            }
+        }
+        if listed.is_empty() {
+            return Ok(0);
+        }
+        let known: std::collections::HashSet<String> =
+            sqlx::query("SELECT session FROM object_uploads WHERE volume = ?")
+                .bind(self.volume())
+                .fetch_all(self.shared.state.pool())
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+        let mut removed = 0;
+        for (session, path) in listed {
+            if !known.contains(&session) {
+                tracing::info!(session, path = %path.display(), "removing the buffer of an upload we keep no row for");
+                if tokio::fs::remove_file(&path).await.is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     async fn remove_buffers(&self, session: &str) {
@@ -612,16 +657,15 @@ impl UploadStaging for ObjectStaging {
                 ),
             ));
         }
-        // The buffer the offset falls in is cut there; those after it go.
+        // The buffer the offset falls in is cut there; those after it go. A missing buffer
+        // (an upload whose every byte is stored as parts) is left to the next write to make.
         for (at, len) in buffers {
             let path = self.buffer(session, at);
             if at > up.base && at >= offset {
                 let _ = tokio::fs::remove_file(&path).await;
-            } else if offset < at + len || (at == up.base && len == 0) {
+            } else if offset < at + len {
                 let f = tokio::fs::OpenOptions::new()
                     .write(true)
-                    .create(true)
-                    .truncate(false)
                     .open(&path)
                     .await
                     .map_err(|e| local(&path, e))?;
@@ -784,13 +828,23 @@ impl UploadStaging for ObjectStaging {
 
     async fn finish(&self, vf: &VFolderId, session: &str, dst: &RelPath) -> Result<()> {
         let (loc, _) = self.shared.loc(vf).await?;
-        let mut up = match self.load(session).await? {
-            Some(u) => u,
-            // An empty upload that never wrote: an empty object.
-            None => {
-                self.create(session, &loc.client.name, &loc.key(dst), 0)
-                    .await?
-            }
+        let Some(mut up) = self.load(session).await? else {
+            // Every write records its upload first, so no row means it was put in place and
+            // forgotten before its done mark was recorded (a crash, a full state disk): the
+            // object says so. Never an empty object in its place.
+            let (svc, key) = (
+                format!("{} bucket {}", self.shared.service.kind(), loc.client.name),
+                loc.key(dst),
+            );
+            let path = parse_key(&key)?;
+            return match loc.client.store.head(&path).await {
+                Ok(_) => Ok(()),
+                Err(object_store::Error::NotFound { .. }) => Err(lost(
+                    session,
+                    "no multipart upload recorded and no object in place".into(),
+                )),
+                Err(e) => Err(super::service::store_err(&svc, &key, e)),
+            };
         };
         if up.key != loc.key(dst) {
             return Err(VolumeError::Internal(format!(
@@ -827,7 +881,8 @@ impl UploadStaging for ObjectStaging {
         for s in &stale {
             self.abort(s).await?;
         }
-        Ok(stale.len() + self.sweep_shared(cutoff).await?)
+        let orphans = self.remove_orphan_buffers().await?;
+        Ok(stale.len() + orphans + self.sweep_shared(cutoff).await?)
     }
 }
 
