@@ -51,6 +51,12 @@ class Recorder:
     def any_fault_active(self):
         return any(e is None for _, e, _ in self.faults)
 
+    def fault_recent(self, grace=30):
+        """A fault is under way or ended less than `grace` seconds ago (a call made during it
+        may fail just after it: a request timed out against a frozen dependency)."""
+        now = time.time() - self.t0
+        return any(e is None or now - e < grace for _, e, _ in self.faults)
+
 
 def problem(status, headers, body):
     """'problem+json <status> <type>' when the error is documented, else None."""
@@ -119,7 +125,7 @@ class Worker(threading.Thread):
                 return None
             self.rec.op(kind, took, p)
             # 5xx/503 during a fault: the service says it is unavailable; try again later.
-            if st >= 500 and (self.rec.any_fault_active() or st == 503) and not self.stopping.is_set() \
+            if st >= 500 and (self.rec.fault_recent() or st == 503) and not self.stopping.is_set() \
                     and time.time() < deadline + 600:
                 time.sleep(2)
                 continue
@@ -223,15 +229,14 @@ class Uploader(Worker):
         return acked, None
 
     def give_up(self, node, url, why, t_start):
-        """As a tus client that gives an upload up: DELETE, so nothing of it stays staged."""
-        try:
-            st, h, b = http("DELETE", url, None, {"Tus-Resumable": "1.0.0"}, timeout=HANG)
-        except OSError as e:
-            st, b = None, str(e).encode()
-        if st != 204:
-            self.rec.violation(f"tus DELETE on {node.name} after giving up ({why}): {st} {b[:200]!r}")
+        """As a tus client that gives an upload up: DELETE, so nothing of it stays staged (404
+        or 410: nothing is left to delete; a failure is recorded by `call`)."""
+        r = self.call("tus DELETE", node, lambda: http("DELETE", url, None, {"Tus-Resumable": "1.0.0"}, timeout=HANG),
+                      allowed=(404, 410))
         outcome = "refused" if why.startswith("refused: ") else "given up"
-        self.rec.op(f"tus DELETE ({outcome})", time.time() - t_start, "ok" if st == 204 else f"{st}")
+        self.rec.op(f"upload {self.volume} {outcome}", time.time() - t_start, why if outcome == "given up" else "ok")
+        if r is None:
+            log(f"upload on {node.name} {outcome} ({why}) and not deleted")
 
     def resume_after(self, node, url, acked, err):
         """Waits for the node to answer again (a fault had it down); False if it never does."""
@@ -251,7 +256,7 @@ class Uploader(Worker):
                       allowed=(404, 410))
         if not r:
             why = f"HEAD on {node.name} after an interruption failed"
-            if not self.stopping.is_set() and not self.rec.any_fault_active():
+            if not (self.stopping.is_set() or self.rec.fault_recent() or self.rec.node_unavailable(node.name)):
                 self.rec.violation(why + " with no fault under way (see the tus HEAD row)")
             return None, why
         if r[0] in (404, 410):

@@ -230,7 +230,9 @@ impl Uploads {
     /// asking again re-sends what it already sent.
     pub async fn complete(&self, rec: &UploadRecord, dst: &RelPath) -> Result<(), UploadError> {
         let v = self.volumes.get(&rec.volume)?;
-        v.staging().finish(&rec.vfid, &rec.session, dst).await?;
+        v.staging()
+            .finish(&rec.vfid, &rec.session, dst, rec.size)
+            .await?;
         self.record_done(rec).await
     }
 
@@ -296,6 +298,19 @@ impl Uploads {
     /// After a crash: every active upload's staging file is cut back to its acknowledged offset
     /// (bytes received but never acknowledged are dropped, as the tus client will resend them).
     pub async fn recover(&self) -> Result<(), UploadError> {
+        for v in self.volumes.iter() {
+            match v.staging().remove_orphans().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    volume = v.name(),
+                    files = n,
+                    "removed staging data no upload owns"
+                ),
+                Err(e) => {
+                    tracing::warn!(volume = v.name(), error = %e, "cannot look for staging data no upload owns")
+                }
+            }
+        }
         let rows = sqlx::query("SELECT * FROM uploads WHERE state = 'active'")
             .fetch_all(self.state.pool())
             .await?;
@@ -328,9 +343,29 @@ impl Uploads {
             {
                 let _ = self.commit_offset(&rec.session, rec.offset, held).await;
             }
-            let never_written = matches!(&truncated, Err(VolumeError::Io { source, .. })
-                if source.raw_os_error() == Some(libc::ENOENT))
-                && rec.offset == 0;
+            let staging_gone = matches!(&truncated, Err(VolumeError::Io { source, .. })
+                if source.raw_os_error() == Some(libc::ENOENT));
+            let never_written = staging_gone && rec.offset == 0;
+            // Put in place before a crash took its done mark (its staging already forgotten):
+            // done, where the volume can tell.
+            if staging_gone
+                && !never_written
+                && rec.concat == Concat::None
+                && v.staging()
+                    .finish(&rec.vfid, &rec.session, &rec.relpath, rec.size)
+                    .await
+                    .is_ok()
+            {
+                match self.record_done(&rec).await {
+                    Ok(()) => {
+                        tracing::info!(session = %rec.session, "upload found in place; recorded as done")
+                    }
+                    Err(e) => {
+                        tracing::warn!(session = %rec.session, error = %e, "upload found in place, not recorded as done")
+                    }
+                }
+                continue;
+            }
             if let Err(e) = truncated.as_ref()
                 && !never_written
             {

@@ -434,14 +434,22 @@ pub trait UploadStaging: Send + Sync {
         parts: &[(String, u64)],
         dst: &RelPath,
     ) -> Result<()>;
-    /// Moves the completed upload to `dst` in the vfolder (parents created, an existing file
-    /// replaced atomically), durably.
-    async fn finish(&self, vfid: &VFolderId, session: &str, dst: &RelPath) -> Result<()>;
+    /// Moves the completed upload of `size` bytes to `dst` in the vfolder (parents created, an
+    /// existing file replaced atomically), durably. Refused when it holds another size. Where
+    /// the backend can tell an upload already in place (a crash took its done mark after the
+    /// move), finishing it again succeeds.
+    async fn finish(&self, vfid: &VFolderId, session: &str, dst: &RelPath, size: u64)
+    -> Result<()>;
     async fn discard(&self, vfid: &VFolderId, session: &str) -> Result<()>;
     /// Removes staging data nobody can resume any more: last written before `older_than` (every
     /// token that could write it has expired). Uploads whose process died before recording them
     /// leave such data behind.
     async fn sweep(&self, older_than: SystemTime) -> Result<usize>;
+    /// At start, before any request: removes staging data no upload owns any more (a crash cut
+    /// its removal short). Where nothing can be orphaned this way, nothing to do.
+    async fn remove_orphans(&self) -> Result<usize> {
+        Ok(0)
+    }
 }
 
 #[async_trait]

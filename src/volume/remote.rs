@@ -491,9 +491,9 @@ impl UploadStaging for RemoteStaging {
         let l = self.shared.lease().await?;
         l.vol.staging().write(vf, session, body, plan).await
     }
-    async fn finish(&self, vf: &VFolderId, session: &str, dst: &RelPath) -> Result<()> {
+    async fn finish(&self, vf: &VFolderId, session: &str, dst: &RelPath, size: u64) -> Result<()> {
         let l = self.shared.lease().await?;
-        l.vol.staging().finish(vf, session, dst).await
+        l.vol.staging().finish(vf, session, dst, size).await
     }
     async fn discard(&self, vf: &VFolderId, session: &str) -> Result<()> {
         let l = self.shared.lease().await?;

@@ -547,10 +547,10 @@ impl ObjectStaging {
         Ok(())
     }
 
-    /// Removes the buffers of uploads we keep no row for, whatever their age: a buffer is only
-    /// ever made after its upload's row, so one without a row is what a crash inside `forget`
-    /// left behind, and nothing will read it again. The directory is listed before the rows
-    /// are read, so an upload starting meanwhile is never taken for one.
+    /// Removes the buffers of uploads we keep no row for: a buffer is only ever made after its
+    /// upload's row, so one without a row is what a crash inside `forget` left behind, and
+    /// nothing will read it again. Run at start, before any request: an upload made again
+    /// under the same session meanwhile would otherwise find its buffer unlinked.
     async fn remove_orphan_buffers(&self) -> Result<usize> {
         let mut listed = Vec::new();
         if let Ok(mut dir) = tokio::fs::read_dir(&self.shared.local_dir).await {
@@ -586,6 +586,18 @@ impl ObjectStaging {
             }
         }
         Ok(removed)
+    }
+
+    /// Before an upload is put in place: its stored parts and local buffers hold exactly its
+    /// `size` bytes (a buffer lost under it would otherwise complete a short object).
+    async fn check_whole(&self, session: &str, up: &Upload, size: u64) -> Result<()> {
+        let held = up.base + self.held(session, up).await;
+        if held != size {
+            return Err(VolumeError::Internal(format!(
+                "upload {session} holds {held} bytes, not the {size} it is complete at"
+            )));
+        }
+        Ok(())
     }
 
     async fn remove_buffers(&self, session: &str) {
@@ -817,6 +829,7 @@ impl UploadStaging for ObjectStaging {
         let finished =
             body_error.is_none() && plan.offset + written == plan.size && plan.finish_to.is_some();
         if finished {
+            self.check_whole(session, &up, plan.size).await?;
             self.complete(vf, session, &mut up).await?;
         }
         Ok(StagedWrite {
@@ -826,22 +839,22 @@ impl UploadStaging for ObjectStaging {
         })
     }
 
-    async fn finish(&self, vf: &VFolderId, session: &str, dst: &RelPath) -> Result<()> {
+    async fn finish(&self, vf: &VFolderId, session: &str, dst: &RelPath, size: u64) -> Result<()> {
         let (loc, _) = self.shared.loc(vf).await?;
         let Some(mut up) = self.load(session).await? else {
             // Every write records its upload first, so no row means it was put in place and
             // forgotten before its done mark was recorded (a crash, a full state disk): the
-            // object says so. Never an empty object in its place.
+            // object of its size says so. Never an empty object in its place.
             let (svc, key) = (
                 format!("{} bucket {}", self.shared.service.kind(), loc.client.name),
                 loc.key(dst),
             );
             let path = parse_key(&key)?;
             return match loc.client.store.head(&path).await {
-                Ok(_) => Ok(()),
-                Err(object_store::Error::NotFound { .. }) => Err(lost(
+                Ok(m) if m.size == size => Ok(()),
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => Err(lost(
                     session,
-                    "no multipart upload recorded and no object in place".into(),
+                    format!("no multipart upload recorded and no object of {size} bytes in place"),
                 )),
                 Err(e) => Err(super::service::store_err(&svc, &key, e)),
             };
@@ -853,6 +866,7 @@ impl UploadStaging for ObjectStaging {
                 loc.key(dst)
             )));
         }
+        self.check_whole(session, &up, size).await?;
         self.complete(vf, session, &mut up).await
     }
 
@@ -881,8 +895,11 @@ impl UploadStaging for ObjectStaging {
         for s in &stale {
             self.abort(s).await?;
         }
-        let orphans = self.remove_orphan_buffers().await?;
-        Ok(stale.len() + orphans + self.sweep_shared(cutoff).await?)
+        Ok(stale.len() + self.sweep_shared(cutoff).await?)
+    }
+
+    async fn remove_orphans(&self) -> Result<usize> {
+        self.remove_orphan_buffers().await
     }
 }
 

@@ -368,11 +368,24 @@ impl UploadStaging for VfsStaging {
             .await
     }
 
-    async fn finish(&self, vf: &VFolderId, session: &str, dst: &RelPath) -> Result<()> {
+    async fn finish(&self, vf: &VFolderId, session: &str, dst: &RelPath, size: u64) -> Result<()> {
         let root = self.root_fd.clone();
         let owner = self.owner;
         let (vf, session, dst) = (*vf, session.to_string(), dst.clone());
-        blocking(move || finish_at(root.as_fd(), owner, &vf, &session, &dst)).await
+        blocking(move || {
+            let sdir = fsops::open_dir_beneath(root.as_fd(), &staging_dir(&vf))
+                .map_err(|e| io_err(".upload", e))?;
+            let held = fsops::lstat_at(sdir.as_fd(), &session)
+                .map_err(|e| io_err(&session, e))?
+                .st_size as u64;
+            if held != size {
+                return Err(VolumeError::Internal(format!(
+                    "upload {session} holds {held} bytes, not the {size} it is complete at"
+                )));
+            }
+            finish_at(root.as_fd(), owner, &vf, &session, &dst)
+        })
+        .await
     }
 
     async fn sweep(&self, older_than: SystemTime) -> Result<usize> {
