@@ -230,13 +230,14 @@ class Uploader(Worker):
 
     def give_up(self, node, url, why, t_start):
         """As a tus client that gives an upload up: DELETE, so nothing of it stays staged (404
-        or 410: nothing is left to delete; a failure is recorded by `call`)."""
+        or 410: nothing is left to delete)."""
         r = self.call("tus DELETE", node, lambda: http("DELETE", url, None, {"Tus-Resumable": "1.0.0"}, timeout=HANG),
                       allowed=(404, 410))
         outcome = "refused" if why.startswith("refused: ") else "given up"
-        self.rec.op(f"upload {self.volume} {outcome}", time.time() - t_start, why if outcome == "given up" else "ok")
-        if r is None:
-            log(f"upload on {node.name} {outcome} ({why}) and not deleted")
+        self.rec.op(f"upload {self.volume} {outcome}", time.time() - t_start, "deleted" if r else "not deleted")
+        log(f"upload on {node.name} {outcome}: {why}")
+        if r is None and not (self.stopping.is_set() or self.rec.fault_recent() or self.rec.node_unavailable(node.name)):
+            self.rec.violation(f"tus DELETE on {node.name} after giving up ({why}) failed with no fault under way")
 
     def resume_after(self, node, url, acked, err):
         """Waits for the node to answer again (a fault had it down); False if it never does."""

@@ -27,6 +27,11 @@ use crate::ids::VFolderId;
 use crate::state::{State, StateError, now_unix};
 use crate::volume::{RelPath, Volume, VolumeError, Volumes};
 
+/// How long the start waits, per upload, to learn from its volume whether an upload whose
+/// staging is gone is in place (an object store's HEAD); past it, the upload is dropped as one
+/// whose staging was lost.
+const IN_PLACE_CHECK: Duration = Duration::from_secs(10);
+
 /// Expired uploads are remembered this long so clients get 410 rather than 404.
 const TOMBSTONE_SECS: i64 = 86400;
 
@@ -297,6 +302,8 @@ impl Uploads {
 
     /// After a crash: every active upload's staging file is cut back to its acknowledged offset
     /// (bytes received but never acknowledged are dropped, as the tus client will resend them).
+    /// Staging data no upload owns goes first; an upload whose staging is gone because it was
+    /// put in place is recorded as done, any other is dropped.
     pub async fn recover(&self) -> Result<(), UploadError> {
         for v in self.volumes.iter() {
             match v.staging().remove_orphans().await {
@@ -347,14 +354,19 @@ impl Uploads {
                 if source.raw_os_error() == Some(libc::ENOENT));
             let never_written = staging_gone && rec.offset == 0;
             // Put in place before a crash took its done mark (its staging already forgotten):
-            // done, where the volume can tell.
+            // done, where the volume can tell. Bounded: the start waits for it.
             if staging_gone
                 && !never_written
                 && rec.concat == Concat::None
-                && v.staging()
-                    .finish(&rec.vfid, &rec.session, &rec.relpath, rec.size)
-                    .await
-                    .is_ok()
+                && matches!(
+                    tokio::time::timeout(
+                        IN_PLACE_CHECK,
+                        v.staging()
+                            .finish(&rec.vfid, &rec.session, &rec.relpath, rec.size)
+                    )
+                    .await,
+                    Ok(Ok(()))
+                )
             {
                 match self.record_done(&rec).await {
                     Ok(()) => {
