@@ -5,6 +5,7 @@
 //! APIs; nothing is mounted for them.
 
 mod azure;
+mod buffers;
 mod files;
 mod join;
 mod registry;
