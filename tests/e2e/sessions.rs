@@ -357,7 +357,9 @@ async fn concurrent_creates_never_over_admit() {
 /// bind published ports itself: its userland proxy, the default, or Docker 28+ without it.)
 #[tokio::test]
 async fn a_port_taken_before_docker_binds_it_moves_the_session() {
-    let (lo, hi) = port_block(3);
+    // Room to move: the block lies in the ephemeral range, where other tests' connections take
+    // ports too (with 3, a fresh-clone run found none free to move to).
+    let (lo, hi) = port_block(16);
     let d = Daemon::builder()
         .agent()
         .set("agent.port-range", format!("{lo}-{hi}"))
