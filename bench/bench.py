@@ -663,15 +663,46 @@ class Bench:
             "storage-agent": (sa_tls.download_url(vf_tls, "dl.bin"), sa_tls.pid),
             "nginx (OpenSSL)": (nginx_tls.url("dl.bin"), nginx_tls.pid),
         }, src, f"download {size >> 20} MiB over HTTPS")
-        # 1000 random 64 KiB ranges over one connection.
+        self.random_ranges(urls, size)
+
+    def random_ranges(self, urls, size):
+        """1000 random 64 KiB ranges over one connection, each URL in turn within a round (the
+        order alternating), warm: the rate and the server's CPU time per request."""
         n = 50 if self.smoke else 1000
         rates = {k: [] for k in urls}
-        for _ in range(self.rounds):
-            for name, (url, _) in urls.items():
+        cpu = {k: [] for k in urls}
+        for r in range(self.rounds):
+            for name, (url, pid) in (list(urls.items()) if r % 2 == 0 else list(urls.items())[::-1]):
+                c0 = cpu_seconds(pid)
                 out = self.bench("ranges", "--url", url, "--size", size, "--n", n, "--len", 65536)
+                cpu[name].append((cpu_seconds(pid) - c0) / n * 1e6)
                 rates[name].append(self.field(out, "rate"))
         for name in urls:
             self.results.add(f"{n} random 64 KiB ranges", name, "req/s", rates[name])
+        for name in urls:
+            self.results.add(f"{n} random 64 KiB ranges: server CPU", name, "µs/req", cpu[name], better="lower")
+
+    def ranges(self):
+        """Random ranges alone: ours, the build given as --baseline-bin, and nginx."""
+        size = (64 << 20) if self.smoke else self.big
+        src = self.work / "rsrc.bin"
+        random_file(src, size)
+        root = self.work / "www"
+        root.mkdir(exist_ok=True)
+        shutil.copy(src, root / "dl.bin")
+        bins = [("storage-agent", self.sa_bin)] + ([("storage-agent baseline", self.baseline_bin)]
+                                                    if self.baseline_bin else [])
+        urls = {}
+        for i, (name, b) in enumerate(bins):
+            sa = self.start(StorageAgent(self.work / f"ranges-{i}", b))
+            vfid = sa.new_vfolder()
+            shutil.copy(src, sa.vfolder_path(vfid) / "dl.bin")
+            warm(sa.vfolder_path(vfid) / "dl.bin")
+            urls[name] = (sa.download_url(vfid, "dl.bin"), sa.pid)
+        nginx = self.start(Nginx(self.work, root))
+        urls["nginx sendfile"] = (nginx.url("dl.bin"), nginx.pid)
+        warm(root / "dl.bin")
+        self.random_ranges(urls, size)
 
     def whole_downloads(self, urls, src, label):
         """Each URL's whole file, warm and cold, interleaved per round: speed and server CPU."""
@@ -1123,24 +1154,35 @@ class Bench:
         container = run(["docker", "ps", "-q", "--filter",
                          f"label=ai.backend.storage-agent.node=bench-{os.getpid()}"]).split()[0]
         gcm = "aes128-gcm@openssh.com"
-        # (row name, port, user, remote dir, address, cipher, CPUs of the session container)
+        # What a get reads is warmed from the host first, for both: a file just written through
+        # a session is partly out of the page cache, because cgroup v1 charges the pages a
+        # container writes to its memory limit (1 GiB by default, sshd included) and reclaims
+        # them there. One row shows that case: a get right after its put.
+        in_vfolder = sa.vfolder_path(vfid)
+        # (row name, port, user, remote dir, its host path, address, cipher, session CPUs, warm)
         systems = [
-            ("storage-agent", sport, "work", "data", "127.0.0.1", None, 1),
-            ("storage-agent, node address", sport, "work", "data", node, None, 1),
-            (f"storage-agent, node address, {gcm.split('@')[0]}", sport, "work", "data", node, gcm, 1),
-            ("storage-agent, node address, 2 CPUs", sport, "work", "data", node, None, 2),
-            ("host sshd", host.port, "root", hostdir, "127.0.0.1", None, None),
-            ("host sshd, node address", host.port, "root", hostdir, node, None, None),
-            (f"host sshd, node address, {gcm.split('@')[0]}", host.port, "root", hostdir, node, gcm, None),
+            ("storage-agent", sport, "work", "data", in_vfolder, "127.0.0.1", None, 1, True),
+            ("storage-agent, node address", sport, "work", "data", in_vfolder, node, None, 1, True),
+            (f"storage-agent, node address, {gcm.split('@')[0]}", sport, "work", "data", in_vfolder, node, gcm, 1,
+             True),
+            ("storage-agent, node address, 2 CPUs", sport, "work", "data", in_vfolder, node, None, 2, True),
+            ("storage-agent, node address, read back at once", sport, "work", "data", in_vfolder, node, None, 1,
+             False),
+            ("host sshd", host.port, "root", hostdir, hostdir, "127.0.0.1", None, None, True),
+            ("host sshd, node address", host.port, "root", hostdir, hostdir, node, None, None, True),
+            (f"host sshd, node address, {gcm.split('@')[0]}", host.port, "root", hostdir, hostdir, node, gcm, None,
+             True),
         ]
         res = {}
         for _ in range(self.rounds):
-            for name, port, user, rdir, addr, cipher, cpus in systems:
+            for name, port, user, rdir, on_host, addr, cipher, cpus, warm_first in systems:
                 if cpus:
                     run(["docker", "update", "--cpus", str(cpus), container])
+                warm(src)
                 res.setdefault(("put", name), []).append(
                     sftp(port, user, f"put {src} {rdir}/s.bin\n", addr, cipher))
-                warm(src)
+                if warm_first:
+                    warm(on_host / "s.bin")
                 res.setdefault(("get", name), []).append(
                     sftp(port, user, f"get {rdir}/s.bin /dev/null\n", addr, cipher))
         for (op, name), v in sorted(res.items(), key=lambda kv: kv[0][0] != "put"):
@@ -1200,10 +1242,10 @@ def main():
     ap.add_argument("--sa-bin", default=str(ROOT / "target/release/storage-agent"))
     ap.add_argument("--bench-bin", default=str(ROOT / "target/release/examples/bench"))
     ap.add_argument("--baseline-bin", help="another storage-agent build measured beside ours in "
-                    "object_uploads (e.g. the commit before a change)")
+                    "object_uploads and ranges (e.g. the commit before a change)")
     ap.add_argument("--skip-sessions", action="store_true", help="without Docker")
     ap.add_argument("--only", help="one scenario (uploads, downloads, small_files, manager_api, "
-                    "archive, usage, quota, cephfs_usage, s3, object_uploads, streams, concurrent, sessions); results are printed, RESULTS.md untouched")
+                    "archive, usage, quota, cephfs_usage, s3, object_uploads, streams, concurrent, sessions, ranges); results are printed, RESULTS.md untouched")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (drop_caches, sshd, Docker)")
@@ -1212,7 +1254,7 @@ def main():
     try:
         # Scenarios that start their own systems need none of the shared ones.
         standalone = {"quota": b.quota, "cephfs_usage": b.cephfs_usage, "s3": b.s3, "object_uploads": b.object_uploads,
-                      "streams": b.streams, "sessions": b.sessions}
+                      "streams": b.streams, "sessions": b.sessions, "ranges": b.ranges}
         if args.only in standalone:
             standalone[args.only]()
             return

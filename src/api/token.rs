@@ -2,6 +2,9 @@
 //! claim names. The manager never holds the key; it asks the manager API to mint one and hands it
 //! to the user, and the client API checks signature, expiry and claims.
 
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -75,7 +78,45 @@ pub enum TokenError {
 pub struct Tokens {
     enc: EncodingKey,
     dec: DecodingKey,
+    verified: Arc<Verified>,
     pub ttl: Duration,
+}
+
+/// Tokens already verified, with their claims: a player fetching a file in hundreds of ranges
+/// sends the same token each time, and checking its HMAC and parsing its JSON again was a tenth
+/// of a range's CPU (bench/ANALYSIS.md). Only byte-identical tokens hit, so a hit is exactly as
+/// genuine as the first check; the expiry is checked again on every use.
+#[derive(Default)]
+struct Verified {
+    entries: Mutex<HashMap<Box<str>, Remembered>>,
+}
+
+/// A verified token's expiry and its claims (of whichever type it was decoded as).
+type Remembered = (i64, Arc<dyn Any + Send + Sync>);
+
+/// Tokens remembered at most: a few hundred bytes each. Past it, the expired go first, and if
+/// none had, all of them (a token is only re-verified, never refused, by being forgotten).
+const VERIFIED_CAP: usize = 4096;
+
+impl Verified {
+    fn get<T: Clone + 'static>(&self, token: &str, now: i64) -> Option<T> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        match entries.get(token) {
+            Some((exp, claims)) if *exp > now => claims.downcast_ref::<T>().cloned(),
+            _ => None,
+        }
+    }
+
+    fn put<T: Send + Sync + 'static>(&self, token: &str, exp: i64, claims: T, now: i64) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= VERIFIED_CAP {
+            entries.retain(|_, (exp, _)| *exp > now);
+            if entries.len() >= VERIFIED_CAP {
+                entries.clear();
+            }
+        }
+        entries.insert(token.into(), (exp, Arc::new(claims)));
+    }
 }
 
 impl Tokens {
@@ -83,6 +124,7 @@ impl Tokens {
         Tokens {
             enc: EncodingKey::from_secret(secret.as_bytes()),
             dec: DecodingKey::from_secret(secret.as_bytes()),
+            verified: Arc::default(),
             ttl,
         }
     }
@@ -97,8 +139,22 @@ impl Tokens {
     }
 
     /// Verifies the signature, then the expiry (checked here so an expired but genuine token can
-    /// be told apart from a forged one), then the claims' shape.
-    pub fn decode<T: DeserializeOwned>(&self, token: &str) -> Result<T, TokenError> {
+    /// be told apart from a forged one), then the claims' shape; a token verified before as the
+    /// same claims and not expired since is answered from memory.
+    pub fn decode<T>(&self, token: &str) -> Result<T, TokenError>
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let now = crate::state::now_unix();
+        if let Some(claims) = self.verified.get::<T>(token, now) {
+            return Ok(claims);
+        }
+        let (exp, claims) = self.verify::<T>(token, now)?;
+        self.verified.put(token, exp, claims.clone(), now);
+        Ok(claims)
+    }
+
+    fn verify<T: DeserializeOwned>(&self, token: &str, now: i64) -> Result<(i64, T), TokenError> {
         let mut v = Validation::new(Algorithm::HS256);
         v.validate_exp = false;
         v.required_spec_claims.clear();
@@ -110,15 +166,14 @@ impl Tokens {
                 _ => TokenError::Malformed(e.to_string()),
             })?;
         let claims = data.claims;
-        let exp = claims.get("exp").and_then(serde_json::Value::as_i64);
-        match exp {
+        let exp = match claims.get("exp").and_then(serde_json::Value::as_i64) {
             None => return Err(TokenError::Claims("exp is required".into())),
-            Some(exp) if exp <= crate::state::now_unix() => {
-                return Err(TokenError::Expired(claims));
-            }
-            Some(_) => {}
-        }
-        serde_json::from_value(claims).map_err(|e| TokenError::Claims(e.to_string()))
+            Some(exp) if exp <= now => return Err(TokenError::Expired(claims)),
+            Some(exp) => exp,
+        };
+        let claims =
+            serde_json::from_value(claims).map_err(|e| TokenError::Claims(e.to_string()))?;
+        Ok((exp, claims))
     }
 }
 
@@ -194,10 +249,41 @@ mod tests {
             t.decode::<UploadClaims>("garbage"),
             Err(TokenError::Malformed(_))
         ));
+        // Verified once, then answered from memory: still refused as another kind of token.
+        assert_eq!(t.verified.entries.lock().unwrap().len(), 1);
+        let again: UploadClaims = t.decode(&tok).unwrap();
+        assert_eq!(again.session, back.session);
+        assert!(matches!(
+            t.decode::<DownloadClaims>(&tok),
+            Err(TokenError::Claims(_))
+        ));
         // The wire claim names are Backend.AI's.
         let payload: serde_json::Value = serde_json::to_value(claims(1)).unwrap();
         for k in ["op", "volume", "vfid", "relpath", "size", "session", "exp"] {
             assert!(payload.get(k).is_some(), "{k}");
         }
+    }
+
+    #[test]
+    fn remembered_tokens_expire_and_stay_bounded() {
+        let v = Verified::default();
+        v.put("a", 100, 7u32, 50);
+        assert_eq!(v.get::<u32>("a", 99), Some(7));
+        assert_eq!(v.get::<u32>("a", 100), None, "expired at exp");
+        assert_eq!(v.get::<u64>("a", 50), None, "another claims type");
+        assert_eq!(v.get::<u32>("b", 50), None);
+        // Full: the expired go first, the live stay.
+        for i in 0..VERIFIED_CAP - 1 {
+            v.put(&format!("old{i}"), 60, 0u32, 50);
+        }
+        v.put("new", 200, 1u32, 70);
+        assert_eq!(v.entries.lock().unwrap().len(), 2);
+        assert_eq!(v.get::<u32>("a", 70), Some(7));
+        // Full of live ones: all are forgotten (verified again at their next use).
+        for i in 0..VERIFIED_CAP {
+            v.put(&format!("live{i}"), 300, 0u32, 70);
+        }
+        assert!(v.entries.lock().unwrap().len() <= VERIFIED_CAP);
+        assert_eq!(v.get::<u32>("live4095", 70), Some(0));
     }
 }

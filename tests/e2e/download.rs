@@ -216,6 +216,38 @@ async fn ranges_and_conditionals_with_curl() {
     assert_eq!(r.body, b"changed");
 }
 
+/// Tokens are remembered once verified (a player's many ranges pay the HMAC once), but never
+/// past their expiry: the token that served ranges is refused as expired once its time is up.
+#[tokio::test]
+async fn a_remembered_token_still_expires() {
+    let d = Daemon::builder()
+        .set("storage-proxy.session-expire", "10s")
+        .start()
+        .await;
+    let (vfid, path) = d.create_vfolder().await;
+    std::fs::write(path.join("r.bin"), vec![5u8; 4096]).unwrap();
+    let t = dl_token(&d, &vfid, "r.bin").await;
+    let url = d.url("client", &format!("/download?token={t}"));
+    for range in ["0-9", "100-199", "4000-"] {
+        assert_eq!(curl(&url, &["-r", range]).status, 206, "{range}");
+    }
+    // Expiry is in whole seconds: wait for the refusal, generously bounded.
+    let refused = (0..400).find_map(|_| {
+        let r = curl(&url, &["-r", "0-9"]);
+        if r.status == 206 {
+            std::thread::sleep(Duration::from_millis(100));
+            None
+        } else {
+            Some(r)
+        }
+    });
+    let r = refused.expect("the token was still accepted 40 s after it was minted to live 10 s");
+    // /download refuses an expired token as a bad parameter, as Backend.AI does.
+    assert_eq!(r.status, 400);
+    let body = String::from_utf8_lossy(&r.body).to_string();
+    assert!(body.contains("expired"), "{body}");
+}
+
 #[tokio::test]
 async fn names_errors_and_cors() {
     let d = Daemon::start().await;

@@ -4,8 +4,6 @@
 
 use std::path::PathBuf;
 
-use sqlx::Row;
-
 use super::staging::{ObjectStaging, Upload, db};
 use crate::volume::{Result, VolumeError};
 
@@ -69,13 +67,12 @@ impl ObjectStaging {
             return Ok(0);
         }
         let known: std::collections::HashSet<String> =
-            sqlx::query("SELECT session FROM object_uploads WHERE volume = ?")
+            sqlx::query_scalar("SELECT session FROM object_uploads WHERE volume = ?")
                 .bind(self.volume())
                 .fetch_all(self.shared.state.pool())
                 .await
                 .map_err(db)?
-                .iter()
-                .map(|r| r.get(0))
+                .into_iter()
                 .collect();
         let mut removed = 0;
         for (session, path) in listed {

@@ -253,7 +253,7 @@ impl ObjectStaging {
 
     /// Shared multipart uploads no partial wrote to since `cutoff` (unix seconds): aborted.
     pub(super) async fn sweep_shared(&self, cutoff: i64) -> Result<usize> {
-        let stale: Vec<String> = sqlx::query(
+        let stale: Vec<String> = sqlx::query_scalar(
             "SELECT parent FROM object_shared_uploads s WHERE volume = ? AND updated_at < ?
              AND NOT EXISTS (SELECT 1 FROM object_uploads u WHERE u.volume = s.volume
                              AND u.shared = 1 AND u.updated_at >= ? AND u.session LIKE s.parent || '-%')",
@@ -263,10 +263,7 @@ impl ObjectStaging {
         .bind(cutoff)
         .fetch_all(self.shared.state.pool())
         .await
-        .map_err(db)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map_err(db)?;
         for p in &stale {
             self.abort_shared(p).await?;
         }

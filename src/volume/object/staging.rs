@@ -779,16 +779,14 @@ impl UploadStaging for ObjectStaging {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        let stale: Vec<String> =
-            sqlx::query("SELECT session FROM object_uploads WHERE volume = ? AND updated_at < ?")
-                .bind(self.volume())
-                .bind(cutoff)
-                .fetch_all(self.shared.state.pool())
-                .await
-                .map_err(db)?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+        let stale: Vec<String> = sqlx::query_scalar(
+            "SELECT session FROM object_uploads WHERE volume = ? AND updated_at < ?",
+        )
+        .bind(self.volume())
+        .bind(cutoff)
+        .fetch_all(self.shared.state.pool())
+        .await
+        .map_err(db)?;
         for s in &stale {
             self.abort(s).await?;
         }
