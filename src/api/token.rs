@@ -94,9 +94,15 @@ struct Verified {
 /// A verified token's expiry and its claims (of whichever type it was decoded as).
 type Remembered = (i64, Arc<dyn Any + Send + Sync>);
 
-/// Tokens remembered at most: a few hundred bytes each. Past it, the expired go first, and if
-/// none had, all of them (a token is only re-verified, never refused, by being forgotten).
+/// Tokens remembered at most. Past it, the expired go first, and if that frees less than a
+/// quarter, all of them (a token is only verified again, never refused, by being forgotten;
+/// and a full map of live tokens is not scanned again for every new one).
 const VERIFIED_CAP: usize = 4096;
+
+/// Longer tokens are verified every time and never remembered: with the claims they carry,
+/// 4096 entries then stay under ~16 MiB. Download and upload tokens are a few hundred bytes;
+/// an archive token can list thousands of files and is used once anyway.
+const VERIFIED_MAX_LEN: usize = 2048;
 
 impl Verified {
     fn get<T: Clone + 'static>(&self, token: &str, now: i64) -> Option<T> {
@@ -108,10 +114,13 @@ impl Verified {
     }
 
     fn put<T: Send + Sync + 'static>(&self, token: &str, exp: i64, claims: T, now: i64) {
+        if token.len() > VERIFIED_MAX_LEN {
+            return;
+        }
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if entries.len() >= VERIFIED_CAP {
             entries.retain(|_, (exp, _)| *exp > now);
-            if entries.len() >= VERIFIED_CAP {
+            if entries.len() > VERIFIED_CAP / 4 * 3 {
                 entries.clear();
             }
         }
@@ -283,7 +292,13 @@ mod tests {
         for i in 0..VERIFIED_CAP {
             v.put(&format!("live{i}"), 300, 0u32, 70);
         }
-        assert!(v.entries.lock().unwrap().len() <= VERIFIED_CAP);
+        // Cleared when live4094 came (the map held a, new and live0..=live4093).
+        assert_eq!(v.entries.lock().unwrap().len(), 2);
+        assert_eq!(v.get::<u32>("a", 70), None);
+        assert_eq!(v.get::<u32>("live4093", 70), None);
         assert_eq!(v.get::<u32>("live4095", 70), Some(0));
+        // Long tokens are never remembered.
+        v.put(&"x".repeat(VERIFIED_MAX_LEN + 1), 300, 0u32, 70);
+        assert_eq!(v.entries.lock().unwrap().len(), 2);
     }
 }

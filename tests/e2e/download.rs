@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use storage_agent::api::token::{ArchiveClaims, DownloadOp, Tokens};
+use storage_agent::api::token::{ArchiveClaims, DownloadClaims, DownloadOp, Tokens};
 
 use crate::common::tools::require;
 use crate::common::{Daemon, JWT_SECRET, run};
@@ -221,27 +221,34 @@ async fn ranges_and_conditionals_with_curl() {
 #[tokio::test]
 async fn a_remembered_token_still_expires() {
     let d = Daemon::builder()
-        .set("storage-proxy.session-expire", "10s")
+        .set("storage-proxy.session-expire", "15s")
         .start()
         .await;
     let (vfid, path) = d.create_vfolder().await;
     std::fs::write(path.join("r.bin"), vec![5u8; 4096]).unwrap();
     let t = dl_token(&d, &vfid, "r.bin").await;
+    let exp = Tokens::new(JWT_SECRET, Duration::from_secs(60))
+        .decode::<DownloadClaims>(&t)
+        .unwrap()
+        .exp;
     let url = d.url("client", &format!("/download?token={t}"));
     for range in ["0-9", "100-199", "4000-"] {
         assert_eq!(curl(&url, &["-r", range]).status, 206, "{range}");
     }
     // Expiry is in whole seconds: wait for the refusal, generously bounded.
     let refused = (0..400).find_map(|_| {
+        let started = storage_agent::state::now_unix();
         let r = curl(&url, &["-r", "0-9"]);
         if r.status == 206 {
+            // Accepted only while the whole second it was asked in is before the expiry.
+            assert!(started < exp, "accepted at {started}, expired at {exp}");
             std::thread::sleep(Duration::from_millis(100));
             None
         } else {
             Some(r)
         }
     });
-    let r = refused.expect("the token was still accepted 40 s after it was minted to live 10 s");
+    let r = refused.expect("the token was still accepted 40 s after it was minted to live 15 s");
     // /download refuses an expired token as a bad parameter, as Backend.AI does.
     assert_eq!(r.status, 400);
     let body = String::from_utf8_lossy(&r.body).to_string();
